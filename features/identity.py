@@ -1,0 +1,92 @@
+"""Identity resolution: the single customer view that maps every source system's id to one customer_id."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from features.schema import CUSTOMER_ID, SOURCE_ID, SOURCE_SYSTEM, TIMESTAMP_COL
+
+UNLINKED_SEPARATOR = ":"
+"""An unlinked source id becomes its own customer ``<source_system>:<source_id>``, so its events stay usable
+(for session-based results) and are never silently dropped."""
+
+
+def resolve_identities(events: pl.LazyFrame, identities: pl.LazyFrame) -> pl.LazyFrame:
+    """Replace source-system ids in events by the canonical customer_id.
+
+    Events whose ``source_system`` is null already carry the canonical id. Events from another system are looked
+    up in ``identities`` by (source_system, source_id); a linked id becomes its customer_id (and ``source_system``
+    becomes null), an unlinked one becomes ``<system>:<id>`` with its ``source_system`` kept.
+
+    Args:
+        events: rows of the events table.
+        identities: rows of the identities table.
+
+    Returns:
+        the events with the same columns, ids resolved.
+    """
+    links = identities.filter(pl.col(CUSTOMER_ID).is_not_null()).select(
+        pl.col(SOURCE_SYSTEM).alias("__sys"),
+        pl.col(SOURCE_ID).alias("__sid"),
+        pl.col(CUSTOMER_ID).alias("__canonical"),
+    )
+    columns = events.collect_schema().names()
+    if SOURCE_SYSTEM not in columns:
+        return events
+    joined = events.join(
+        links,
+        left_on=[SOURCE_SYSTEM, CUSTOMER_ID],
+        right_on=["__sys", "__sid"],
+        how="left",
+        maintain_order="left",
+    )
+    from_source = pl.col(SOURCE_SYSTEM).is_not_null()
+    linked = pl.col("__canonical").is_not_null()
+    return joined.with_columns(
+        pl.when(from_source & linked)
+        .then(pl.col("__canonical"))
+        .when(from_source)
+        .then(pl.concat_str([pl.col(SOURCE_SYSTEM), pl.lit(UNLINKED_SEPARATOR), pl.col(CUSTOMER_ID)]))
+        .otherwise(pl.col(CUSTOMER_ID))
+        .alias(CUSTOMER_ID),
+        pl.when(from_source & ~linked).then(pl.col(SOURCE_SYSTEM)).otherwise(None).alias(SOURCE_SYSTEM),
+    ).select(columns)
+
+
+def unlinked_report(events: pl.LazyFrame, identities: pl.LazyFrame) -> pl.LazyFrame:
+    """The source ids seen in events that no identity links to a customer.
+
+    Returns:
+        ``source_system, source_id, events, first_seen, last_seen``, most active first.
+    """
+    if SOURCE_SYSTEM not in events.collect_schema().names():
+        return pl.LazyFrame(
+            schema={
+                SOURCE_SYSTEM: pl.String,
+                SOURCE_ID: pl.String,
+                "events": pl.UInt32,
+                "first_seen": pl.Datetime("us"),
+                "last_seen": pl.Datetime("us"),
+            }
+        )
+    links = identities.filter(pl.col(CUSTOMER_ID).is_not_null()).select(SOURCE_SYSTEM, SOURCE_ID)
+    return (
+        events.filter(pl.col(SOURCE_SYSTEM).is_not_null())
+        .select(SOURCE_SYSTEM, pl.col(CUSTOMER_ID).alias(SOURCE_ID), TIMESTAMP_COL)
+        .join(links, on=[SOURCE_SYSTEM, SOURCE_ID], how="anti")
+        .group_by(SOURCE_SYSTEM, SOURCE_ID)
+        .agg(
+            pl.len().alias("events"),
+            pl.col(TIMESTAMP_COL).min().alias("first_seen"),
+            pl.col(TIMESTAMP_COL).max().alias("last_seen"),
+        )
+        .sort(["events", SOURCE_SYSTEM, SOURCE_ID], descending=[True, False, False])
+    )
+
+
+def linked_ids(identities: pl.LazyFrame, customer_id: str) -> list[str]:
+    """Every id that denotes ``customer_id``: the id itself and each source id linked to it."""
+    sources = (
+        identities.filter(pl.col(CUSTOMER_ID) == customer_id).select(SOURCE_ID).collect()[SOURCE_ID].to_list()
+    )
+    return sorted({customer_id, *sources})

@@ -1,0 +1,247 @@
+"""The feature pipeline: raw tables → clean events → interaction matrix, profiles, splits and a manifest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from features.dataset import Dataset, write_json_atomic, write_parquet_atomic
+from features.identity import resolve_identities, unlinked_report
+from features.interactions import InteractionConfig, build_interactions, interaction_weights
+from features.privacy import (
+    apply_retention,
+    consent_state,
+    erased_digests,
+    exclude_erased,
+    filter_consented,
+)
+from features.profiles import ProfileConfig, build_profiles, value_tier_thresholds
+from features.schema import CONSENT_PURPOSES, CUSTOMER_ID, DEFAULT_EVENT_TYPES, TIMESTAMP_COL
+from features.splits import SplitError, default_cutoffs
+
+PROFILES_FILE = "profiles.parquet"
+UNLINKED_FILE = "unlinked_identities.parquet"
+CONSENT_FILE = "consent_state.parquet"
+MANIFEST_VERSION = 1
+
+
+class FeatureConfig(BaseModel):
+    """Everything that decides what the feature build produces. Round-trips through JSON.
+
+    Attributes:
+        interactions: event weights and time decay of the interaction matrix.
+        profiles: profile definitions.
+        retention_days: events older than this before ``as_of`` are left out.
+        as_of: the reference time ("now" of the data); default the latest event in the dataset.
+        validation_start: first day of the validation period; default ``test_start - validation_days``.
+        test_start: first day of the test period; default ``last day + 1 - test_days``.
+        validation_days: length of the default validation period.
+        test_days: length of the default test period.
+        consent_default: consent assumed for a purpose a customer has no record for. ``True`` suits data
+            exported from a system that only holds consenting customers (Complete Journey has no consent table);
+            set ``False`` where absence of a record must mean no.
+        event_types: accepted event types (imports validate against them).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    interactions: InteractionConfig = Field(default_factory=InteractionConfig)
+    profiles: ProfileConfig = Field(default_factory=ProfileConfig)
+    retention_days: int = Field(365, gt=0)
+    as_of: datetime | None = None
+    validation_start: datetime | None = None
+    test_start: datetime | None = None
+    validation_days: int = Field(14, gt=0)
+    test_days: int = Field(14, gt=0)
+    consent_default: bool = True
+    event_types: list[str] = Field(default_factory=lambda: list(DEFAULT_EVENT_TYPES))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureConfig:
+        """Read a config from JSON; a clear error names the file and the field."""
+        return cls.model_validate_json(Path(path).read_text())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+def resolved_events(ds: Dataset) -> pl.LazyFrame:
+    """All events with canonical customer ids, erased customers left out."""
+    events = resolve_identities(ds.scan("events"), ds.scan("identities", required=False))
+    return exclude_erased(events, erased_digests(ds))
+
+
+def data_as_of(events: pl.LazyFrame) -> datetime:
+    latest = events.select(pl.col(TIMESTAMP_COL).max()).collect().item()
+    if latest is None:
+        raise ValueError("the dataset has no events")
+    return latest
+
+
+def clean_events(
+    ds: Dataset, config: FeatureConfig, *, purpose: str = "personalisation", as_of: datetime | None = None
+) -> pl.LazyFrame:
+    """Events fit for ``purpose``: identity-resolved, erased ids excluded, within retention, consented.
+
+    Args:
+        ds: the dataset.
+        config: the feature config (retention, consent default).
+        purpose: the consent purpose the events are used for (personalisation for training recommenders,
+            profiling for profiles).
+        as_of: reference time; default ``config.as_of`` or the latest event.
+    """
+    events = resolved_events(ds)
+    as_of = as_of or config.as_of or data_as_of(events)
+    events = apply_retention(events, as_of=as_of, days=config.retention_days)
+    events = events.filter(pl.col(TIMESTAMP_COL) <= as_of)
+    state = consent_state(ds.scan("consent", required=False), as_of=as_of)
+    return filter_consented(events, state, purpose, default=config.consent_default)
+
+
+def code_version() -> str:
+    """The installed nextbest version and, in a git checkout, the commit."""
+    try:
+        version = metadata.version("nextbest")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def _inputs(ds: Dataset) -> list[dict[str, Any]]:
+    out = []
+    for f in sorted(ds.raw_dir.glob("*.parquet")):
+        st = f.stat()
+        out.append({"path": str(f.relative_to(ds.root)), "bytes": st.st_size, "modified": st.st_mtime})
+    return out
+
+
+def _cutoffs(events: pl.LazyFrame, config: FeatureConfig) -> tuple[datetime, datetime]:
+    if config.validation_start and config.test_start:
+        return config.validation_start, config.test_start
+    auto_val, auto_test = default_cutoffs(
+        events, validation_days=config.validation_days, test_days=config.test_days
+    )
+    return config.validation_start or auto_val, config.test_start or auto_test
+
+
+def build_features(
+    ds: Dataset, config: FeatureConfig | None = None, *, progress: bool = False
+) -> dict[str, Any]:
+    """Build every feature output of ``ds`` into ``ds.features_dir`` and return the manifest.
+
+    Steps: resolve identities and leave out erased ids; apply retention; build the interaction matrix from
+    personalisation-consented events; build profiles from profiling-consented events; choose split cut-offs;
+    report unlinked ids; write ``manifest.json``.
+    """
+    config = config or FeatureConfig()
+    ds.require()
+    started = time.perf_counter()
+    steps = tqdm(total=6, desc="features", disable=not progress, unit="step")
+    out_dir = ds.features_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    steps.set_postfix_str("resolving identities")
+    identities = ds.scan("identities", required=False)
+    raw_events = ds.scan("events")
+    events = resolved_events(ds)
+    as_of = config.as_of or data_as_of(events)
+    retained = apply_retention(events, as_of=as_of, days=config.retention_days).filter(
+        pl.col(TIMESTAMP_COL) <= as_of
+    )
+    # Materialise the retained events once: every later step reads them, and re-reading the parquet files
+    # per step costs more than holding the few columns in memory.
+    retained_df = retained.collect()
+    retained = retained_df.lazy()
+    steps.update()
+
+    steps.set_postfix_str("consent")
+    state = consent_state(ds.scan("consent", required=False), as_of=as_of).collect()
+    write_parquet_atomic(state, out_dir / CONSENT_FILE)
+    personal = filter_consented(retained, state.lazy(), "personalisation", default=config.consent_default)
+    profiling = filter_consented(retained, state.lazy(), "profiling", default=config.consent_default)
+    steps.update()
+
+    steps.set_postfix_str("interaction matrix")
+    weights = interaction_weights(personal, config.interactions, as_of=as_of).collect()
+    interactions = build_interactions(weights)
+    interactions.save(out_dir)
+    steps.update()
+
+    steps.set_postfix_str("profiles")
+    items = ds.scan("items", required=False)
+    customers = ds.scan("customers", required=False)
+    profiles = build_profiles(profiling, items, customers, as_of=as_of, config=config.profiles).collect()
+    write_parquet_atomic(profiles, out_dir / PROFILES_FILE)
+    steps.update()
+
+    steps.set_postfix_str("splits")
+    warnings: list[str] = []
+    splits: dict[str, str] | None = None
+    try:
+        validation_start, test_start = _cutoffs(retained, config)
+        splits = {"validation_start": validation_start.isoformat(), "test_start": test_start.isoformat()}
+    except SplitError as exc:
+        # Features are still useful (profiles, a full matrix); training says what is missing.
+        warnings.append(f"no train/validation/test split: {exc}")
+    steps.update()
+
+    steps.set_postfix_str("identity report")
+    unlinked = unlinked_report(raw_events, identities).collect()
+    write_parquet_atomic(unlinked, out_dir / UNLINKED_FILE)
+    steps.update()
+    steps.close()
+
+    n_customers_retained = retained_df[CUSTOMER_ID].n_unique()
+    consent_counts = {
+        p: int(state.filter(pl.col(p) == False).height)  # noqa: E712
+        for p in CONSENT_PURPOSES
+    }
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "dataset": str(ds.root),
+        "built_at": datetime.now().isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "as_of": as_of.isoformat(),
+        "inputs": _inputs(ds),
+        "row_counts": {
+            "raw_events": raw_events.select(pl.len()).collect().item(),
+            "retained_events": retained_df.height,
+            "personalisation_events": personal.select(pl.len()).collect().item(),
+            "profiling_events": profiling.select(pl.len()).collect().item(),
+            "customers_retained": n_customers_retained,
+            "customers_declined": consent_counts,
+            "interaction_customers": len(interactions.customers),
+            "interaction_items": len(interactions.items),
+            "interaction_nonzeros": int(interactions.matrix.nnz),
+            "profiles": profiles.height,
+            "unlinked_ids": unlinked.height,
+        },
+        "config": json.loads(config.model_dump_json()),
+        "splits": splits,
+        "warnings": warnings,
+        "value_tier_thresholds": list(value_tier_thresholds(profiles)),
+        "outputs": sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != "manifest.json"),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json_atomic(manifest, ds.manifest_path)
+    return manifest

@@ -1,0 +1,295 @@
+"""Customer profiles: preferred attributes, RFM, journey phase, segments and churn risk — offline and online.
+
+The same functions compute the whole customer base in the pipeline and one customer's profile in the service
+from that customer's recent events, so training and serving cannot drift apart.
+
+Journey phase (at ``as_of``, from behaviour; ``recent`` = the last ``recent_days``, default 7):
+
+* ``purchase``    — an add-to-cart in the recent window not followed by a purchase (an open cart), or a purchase
+  in the last ``purchase_days`` (default 2): the customer is buying now.
+* ``orientation`` — no open cart, but ``orientation_items`` (default 3) or more distinct items viewed or clicked
+  recently: comparing options.
+* ``need``        — one or two items viewed recently: a need is forming. Also customers with no recent
+  activity who never bought (a latent need).
+* ``use``         — no recent browsing; bought within the last ``use_days`` (default 30): using what they bought.
+* ``evaluation``  — no recent browsing; last purchase longer ago than ``use_days``: judging it, and deciding
+  whether to come back.
+
+Segments: ``age_band`` (18-24 … 65+, ``unknown``), ``region`` (``unknown`` if absent), ``value_tier`` (monetary
+tertiles among buyers: ``low``/``mid``/``high``; ``none`` without purchases) and ``lifecycle`` (``new`` if first
+seen within ``new_days``; ``prospect`` if never bought; ``active`` if bought within ``active_days``; ``lapsing``
+within ``lapsed_days``; else ``lapsed``).
+
+Churn risk: days since the last purchase divided by the customer's usual interval between purchases (needs two or
+more orders); ``churn_risk_flag`` when that ratio exceeds ``churn_factor`` (default 2), or, for single-order
+customers, when the last purchase is older than ``lapsed_days``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+from features.interactions import WEIGHT, InteractionConfig, interaction_weights
+from features.schema import (
+    CUSTOMER_ID,
+    EVENT_TYPE,
+    ITEM_ID,
+    PRICE,
+    QUANTITY,
+    SESSION_ID,
+    TIMESTAMP_COL,
+)
+
+JOURNEY_PHASES: tuple[str, ...] = ("need", "orientation", "purchase", "use", "evaluation")
+AGE_BANDS: tuple[tuple[int, int, str], ...] = (
+    (0, 17, "under-18"),
+    (18, 24, "18-24"),
+    (25, 34, "25-34"),
+    (35, 44, "35-44"),
+    (45, 54, "45-54"),
+    (55, 64, "55-64"),
+    (65, 200, "65+"),
+)
+SEGMENT_COLUMNS: tuple[str, ...] = ("age_band", "region", "value_tier", "lifecycle", "journey_phase")
+NOT_ATTRIBUTES = {ITEM_ID, PRICE, "name", "title", "description"}
+
+
+class ProfileConfig(BaseModel):
+    """Knobs of the profile definitions (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attributes: list[str] | None = None
+    """Item attributes to derive ``preferred_<attr>`` for; default every text column of the items table."""
+    weights: dict[str, float] = Field(default_factory=lambda: InteractionConfig().weights)
+    purchase_event: str = "purchase"
+    browse_events: list[str] = Field(default_factory=lambda: ["view", "click"])
+    cart_event: str = "add_to_cart"
+    recent_days: int = 7
+    purchase_days: int = 2
+    orientation_items: int = 3
+    use_days: int = 30
+    new_days: int = 30
+    active_days: int = 60
+    lapsed_days: int = 120
+    churn_factor: float = 2.0
+
+
+def item_attributes(items: pl.LazyFrame, config: ProfileConfig) -> list[str]:
+    """The item attribute columns profiles are built for."""
+    if config.attributes is not None:
+        return list(config.attributes)
+    schema = items.collect_schema()
+    return [n for n, t in schema.items() if t == pl.String and n not in NOT_ATTRIBUTES]
+
+
+def preferred_attributes(
+    weights: pl.LazyFrame, items: pl.LazyFrame, attributes: Sequence[str]
+) -> pl.LazyFrame:
+    """For each attribute A, the value with the largest summed interaction weight and its share of the total.
+
+    Args:
+        weights: ``customer_id, item_id, weight`` (from :func:`interaction_weights`).
+        items: the items table.
+        attributes: attribute columns of ``items``.
+
+    Returns:
+        ``customer_id, preferred_<A>, preferred_<A>_share`` for each A. Ties go to the alphabetically first value.
+    """
+    joined = weights.join(items.select(ITEM_ID, *attributes), on=ITEM_ID, how="inner")
+    out = weights.select(CUSTOMER_ID).unique()
+    for a in attributes:
+        per_value = (
+            joined.filter(pl.col(a).is_not_null())
+            .group_by(CUSTOMER_ID, a)
+            .agg(pl.col(WEIGHT).sum().alias("__w"))
+        )
+        best = (
+            per_value.sort([CUSTOMER_ID, "__w", a], descending=[False, True, False])
+            .group_by(CUSTOMER_ID, maintain_order=True)
+            .agg(
+                pl.col(a).first().alias(f"preferred_{a}"),
+                (pl.col("__w").first() / pl.col("__w").sum()).cast(pl.Float32).alias(f"preferred_{a}_share"),
+            )
+        )
+        out = out.join(best, on=CUSTOMER_ID, how="left")
+    return out
+
+
+def activity_summary(
+    events: pl.LazyFrame, items: pl.LazyFrame, *, as_of: datetime, config: ProfileConfig
+) -> pl.LazyFrame:
+    """Per customer: RFM, usual purchase interval, recent browsing and cart state."""
+    ts = pl.col(TIMESTAMP_COL)
+    is_purchase = pl.col(EVENT_TYPE) == config.purchase_event
+    recent = ts >= pl.lit(as_of) - pl.duration(days=config.recent_days)
+    browse = pl.col(EVENT_TYPE).is_in(config.browse_events)
+    day = 86_400.0
+    schema = events.collect_schema().names()
+    qty = pl.col(QUANTITY).fill_null(1) if QUANTITY in schema else pl.lit(1)
+    # An order is a purchase session; without a session id, a purchase day.
+    order_key = ts.dt.date().cast(pl.String)
+    if SESSION_ID in schema:
+        order_key = pl.coalesce(pl.col(SESSION_ID), order_key)
+    price = pl.col(PRICE)
+    if PRICE in items.collect_schema().names():
+        events = events.join(
+            items.select(ITEM_ID, pl.col(PRICE).alias("__item_price")), on=ITEM_ID, how="left"
+        )
+        price = (
+            pl.coalesce(pl.col(PRICE), pl.col("__item_price")) if PRICE in schema else pl.col("__item_price")
+        )
+    elif PRICE not in schema:
+        price = pl.lit(None, dtype=pl.Float64)
+    agg = events.group_by(CUSTOMER_ID).agg(
+        pl.len().alias("n_events"),
+        ts.min().alias("first_seen"),
+        ts.max().alias("last_seen"),
+        ts.filter(is_purchase).min().alias("first_purchase"),
+        ts.filter(is_purchase).max().alias("last_purchase"),
+        order_key.filter(is_purchase).n_unique().cast(pl.Int32).alias("frequency"),
+        (price * qty).filter(is_purchase).sum().fill_null(0.0).cast(pl.Float64).alias("monetary"),
+        pl.col(ITEM_ID).filter(recent & browse).n_unique().cast(pl.Int32).alias("recent_items_viewed"),
+        ts.filter(recent & (pl.col(EVENT_TYPE) == config.cart_event)).max().alias("__last_cart"),
+    )
+    since = lambda c: (pl.lit(as_of) - pl.col(c)).dt.total_seconds() / day  # noqa: E731
+    return agg.with_columns(
+        since("last_purchase").cast(pl.Float32).alias("recency_days"),
+        pl.when(pl.col("frequency") >= 2)
+        .then(
+            (pl.col("last_purchase") - pl.col("first_purchase")).dt.total_seconds()
+            / day
+            / (pl.col("frequency") - 1)
+        )
+        .cast(pl.Float32)
+        .alias("usual_interval_days"),
+        (
+            pl.col("__last_cart").is_not_null()
+            & (pl.col("last_purchase").is_null() | (pl.col("__last_cart") > pl.col("last_purchase")))
+        ).alias("open_cart"),
+    ).drop("__last_cart")
+
+
+def journey_phase(config: ProfileConfig) -> pl.Expr:
+    """The journey phase of an :func:`activity_summary` row (see the module docstring)."""
+    r = pl.col("recency_days")
+    bought = pl.col("last_purchase").is_not_null()
+    return (
+        pl.when(pl.col("open_cart") | (bought & (r <= config.purchase_days)))
+        .then(pl.lit("purchase"))
+        .when(pl.col("recent_items_viewed") >= config.orientation_items)
+        .then(pl.lit("orientation"))
+        .when(pl.col("recent_items_viewed") >= 1)
+        .then(pl.lit("need"))
+        .when(bought & (r <= config.use_days))
+        .then(pl.lit("use"))
+        .when(bought)
+        .then(pl.lit("evaluation"))
+        .otherwise(pl.lit("need"))
+    )
+
+
+def age_band(age: pl.Expr) -> pl.Expr:
+    """The age band of an age column (``unknown`` when null)."""
+    expr = pl.when(age.is_null()).then(pl.lit("unknown"))
+    for lo, hi, name in AGE_BANDS:
+        expr = expr.when((age >= lo) & (age <= hi)).then(pl.lit(name))
+    return expr.otherwise(pl.lit("unknown"))
+
+
+def value_tier_thresholds(profiles: pl.DataFrame) -> tuple[float, float]:
+    """Monetary tertile boundaries among buyers (kept in the manifest so one customer can be tiered online)."""
+    buyers = profiles.filter(pl.col("frequency") > 0)["monetary"]
+    if buyers.is_empty():
+        return (0.0, 0.0)
+    return (float(buyers.quantile(1 / 3)), float(buyers.quantile(2 / 3)))
+
+
+def value_tier(thresholds: tuple[float, float]) -> pl.Expr:
+    lo, hi = thresholds
+    m = pl.col("monetary")
+    return (
+        pl.when(pl.col("frequency") == 0)
+        .then(pl.lit("none"))
+        .when(m <= lo)
+        .then(pl.lit("low"))
+        .when(m <= hi)
+        .then(pl.lit("mid"))
+        .otherwise(pl.lit("high"))
+    )
+
+
+def lifecycle(as_of: datetime, config: ProfileConfig) -> pl.Expr:
+    first_age = (pl.lit(as_of) - pl.col("first_seen")).dt.total_seconds() / 86_400.0
+    r = pl.col("recency_days")
+    return (
+        pl.when(first_age <= config.new_days)
+        .then(pl.lit("new"))
+        .when(pl.col("frequency") == 0)
+        .then(pl.lit("prospect"))
+        .when(r <= config.active_days)
+        .then(pl.lit("active"))
+        .when(r <= config.lapsed_days)
+        .then(pl.lit("lapsing"))
+        .otherwise(pl.lit("lapsed"))
+    )
+
+
+def build_profiles(
+    events: pl.LazyFrame,
+    items: pl.LazyFrame,
+    customers: pl.LazyFrame,
+    *,
+    as_of: datetime,
+    config: ProfileConfig | None = None,
+    value_thresholds: tuple[float, float] | None = None,
+) -> pl.LazyFrame:
+    """One profile row per customer with events.
+
+    Args:
+        events: events of customers who consented to profiling (identity-resolved, retention-filtered).
+        items: the items table (attribute columns).
+        customers: the customers table (demographics; may be empty).
+        as_of: the time the profile describes.
+        config: profile definitions.
+        value_thresholds: monetary tier boundaries; computed from these customers when None (offline), given
+            from the manifest when profiling one customer online.
+
+    Returns:
+        the profile frame (columns documented in the module docstring).
+    """
+    config = config or ProfileConfig()
+    attributes = item_attributes(items, config)
+    weights = interaction_weights(events, InteractionConfig(weights=config.weights))
+    prefs = preferred_attributes(weights, items, attributes)
+    activity = activity_summary(events, items, as_of=as_of, config=config)
+    cust_cols = customers.collect_schema().names()
+    demo = customers.select(
+        CUSTOMER_ID,
+        *(pl.col(c) for c in ("age", "gender", "region") if c in cust_cols),
+    )
+    prof = activity.join(prefs, on=CUSTOMER_ID, how="left").join(demo, on=CUSTOMER_ID, how="left")
+    names = prof.collect_schema().names()
+    prof = prof.with_columns(
+        journey_phase(config).alias("journey_phase"),
+        age_band(pl.col("age") if "age" in names else pl.lit(None, dtype=pl.Int32)).alias("age_band"),
+        (pl.col("region") if "region" in names else pl.lit(None, dtype=pl.String))
+        .fill_null("unknown")
+        .alias("region"),
+        lifecycle(as_of, config).alias("lifecycle"),
+        (pl.col("recency_days") / pl.col("usual_interval_days")).cast(pl.Float32).alias("churn_risk"),
+    ).with_columns(
+        pl.when(pl.col("churn_risk").is_not_null())
+        .then(pl.col("churn_risk") > config.churn_factor)
+        .otherwise(pl.col("recency_days").fill_null(0) > config.lapsed_days)
+        .alias("churn_risk_flag")
+    )
+    if value_thresholds is None:
+        frame = prof.collect()
+        value_thresholds = value_tier_thresholds(frame)
+        prof = frame.lazy()
+    return prof.with_columns(value_tier(value_thresholds).alias("value_tier")).sort(CUSTOMER_ID)

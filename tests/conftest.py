@@ -1,0 +1,139 @@
+"""Shared fixtures: a tiny hand-built dataset whose every number can be worked out by hand."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from features.dataset import Dataset
+from features.schema import validate
+
+T0 = datetime(2026, 1, 1)
+
+EVENT_COLUMNS = [
+    "customer_id",
+    "item_id",
+    "event_type",
+    "timestamp",
+    "session_id",
+    "channel",
+    "quantity",
+    "price",
+    "source_system",
+]
+
+
+def events_frame(rows: list[tuple]) -> pl.DataFrame:
+    """Events from (customer, item, type, day, [source_system]) tuples; day may be fractional."""
+    full = []
+    for k, r in enumerate(rows):
+        cust, item, etype, day = r[:4]
+        system = r[4] if len(r) > 4 else None
+        full.append(
+            (
+                cust,
+                item,
+                etype,
+                T0 + timedelta(days=day),
+                f"s{k}",
+                "web",
+                1 if etype == "purchase" else None,
+                10.0 if etype == "purchase" else None,
+                system,
+            )
+        )
+    df = pl.DataFrame(full, schema=EVENT_COLUMNS, orient="row", infer_schema_length=None)
+    result = validate(df, "events", source="fixture")
+    assert result.rows_quarantined == 0, result.quarantined
+    return result.accepted
+
+
+def write(ds: Dataset, table: str, df: pl.DataFrame) -> None:
+    result = validate(df, table, source=f"{table}.fixture")
+    assert result.rows_quarantined == 0, result.quarantined
+    ds.write_table(table, result.accepted)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Dataset:
+    """Four customers, four items, a cookie linked to C1 and one unlinked, consent and demographics.
+
+    - C1 views I1 twice and buys I1; a linked cookie W1 (→ C1) views I2.
+    - C2 buys I2 and I3, adds I4 to cart.
+    - C3 declined personalisation (latest record), views I3.
+    - C4 declined profiling, buys I4.
+    - W9 is an unlinked web cookie that views I1.
+    """
+    ds = Dataset.at(tmp_path / "tiny").ensure()
+    rows = [
+        ("C1", "I1", "view", 1),
+        ("C1", "I1", "view", 2),
+        ("C1", "I1", "purchase", 3),
+        ("W1", "I2", "view", 4, "web"),
+        ("C2", "I2", "purchase", 5),
+        ("C2", "I3", "purchase", 6),
+        ("C2", "I4", "add_to_cart", 59),
+        ("C3", "I3", "view", 7),
+        ("C4", "I4", "purchase", 8),
+        ("W9", "I1", "view", 9, "web"),
+        ("C1", "I2", "view", 60),
+    ]
+    ds.write_table("events", events_frame(rows))
+    write(
+        ds,
+        "items",
+        pl.DataFrame(
+            {
+                "item_id": ["I1", "I2", "I3", "I4"],
+                "colour": ["red", "blue", "red", "green"],
+                "sport": ["running", "running", "cycling", "cycling"],
+                "price": [10.0, 20.0, 30.0, 40.0],
+            }
+        ),
+    )
+    write(
+        ds,
+        "customers",
+        pl.DataFrame(
+            {
+                "customer_id": ["C1", "C2", "C3", "C4"],
+                "age": [22, 37, 70, None],
+                "region": ["north", "south", None, "east"],
+            }
+        ),
+    )
+    write(
+        ds,
+        "identities",
+        pl.DataFrame(
+            {
+                "source_system": ["crm", "crm", "web", "email"],
+                "source_id": ["C1", "C2", "W1", "E1"],
+                "customer_id": ["C1", "C2", "C1", "C1"],
+            }
+        ),
+    )
+    write(
+        ds,
+        "consent",
+        pl.DataFrame(
+            {
+                "customer_id": ["C3", "C3", "C4"],
+                "purpose": ["personalisation", "personalisation", "profiling"],
+                "granted": [True, False, False],
+                "timestamp": [T0, T0 + timedelta(days=1), T0],
+            }
+        ),
+    )
+    return ds

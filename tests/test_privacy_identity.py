@@ -1,0 +1,119 @@
+"""Single customer view and privacy: identity resolution, consent, retention and erasure."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import polars as pl
+import pytest
+
+from features.identity import linked_ids, resolve_identities, unlinked_report
+from features.pipeline import FeatureConfig, build_features, clean_events
+from features.privacy import ConsentError, apply_retention, consent_state, filter_consented, forget
+from tests.conftest import T0, events_frame
+
+
+def test_identities_resolve_linked_cookies_and_keep_unlinked_ones(tiny_dataset):
+    ds = tiny_dataset
+    resolved = resolve_identities(ds.scan("events"), ds.scan("identities")).collect()
+    assert resolved.height == ds.read("events").height  # nothing dropped
+    c1_items = resolved.filter(pl.col("customer_id") == "C1")["item_id"].to_list()
+    assert sorted(c1_items) == ["I1", "I1", "I1", "I2", "I2"]  # W1's view now belongs to C1
+    assert "web:W9" in resolved["customer_id"].to_list()
+    assert resolved.filter(pl.col("customer_id") == "C1")["source_system"].null_count() == 5
+    report = unlinked_report(ds.scan("events"), ds.scan("identities")).collect()
+    assert report.select("source_system", "source_id", "events").rows() == [("web", "W9", 1)]
+    assert linked_ids(ds.scan("identities"), "C1") == ["C1", "E1", "W1"]
+
+
+def test_latest_consent_record_wins_and_filters_by_purpose(tiny_dataset):
+    ds = tiny_dataset
+    state = consent_state(ds.scan("consent")).collect().sort("customer_id")
+    assert state.rows() == [("C3", False, None, None), ("C4", None, False, None)]
+    # Before C3's withdrawal on day 1, the earlier grant is in force.
+    early = consent_state(ds.scan("consent"), as_of=T0).collect().sort("customer_id")
+    assert early.filter(pl.col("customer_id") == "C3")["personalisation"][0] is True
+
+    events = resolve_identities(ds.scan("events"), ds.scan("identities"))
+    personal = filter_consented(events, state.lazy(), "personalisation", default=True).collect()
+    assert "C3" not in personal["customer_id"].to_list()
+    assert "C4" in personal["customer_id"].to_list()
+    assert "web:W9" in personal["customer_id"].to_list()  # anonymous sessions may still be personalised
+    profiling = filter_consented(events, state.lazy(), "profiling", default=True).collect()
+    assert "C4" not in profiling["customer_id"].to_list()
+    assert "web:W9" not in profiling["customer_id"].to_list()  # never profile an unknown person
+    strict = filter_consented(events, state.lazy(), "personalisation", default=False).collect()
+    assert strict["customer_id"].unique().to_list() == []
+    with pytest.raises(ConsentError, match="purpose 'sales'"):
+        filter_consented(events, state.lazy(), "sales", default=True)
+
+
+def test_retention_drops_events_older_than_the_window():
+    ev = events_frame([("A", "x", "view", d) for d in (0, 5, 10, 20)])
+    kept = apply_retention(ev.lazy(), as_of=T0 + timedelta(days=20), days=10).collect()
+    assert sorted(kept["timestamp"].to_list()) == [T0 + timedelta(days=10), T0 + timedelta(days=20)]
+    with pytest.raises(ValueError, match="retention days must be > 0"):
+        apply_retention(ev.lazy(), as_of=T0, days=0)
+
+
+def test_pipeline_enforces_consent_and_retention(tiny_dataset):
+    ds = tiny_dataset
+    manifest = build_features(ds, FeatureConfig(retention_days=30, validation_days=3, test_days=3))
+    profiles = pl.read_parquet(ds.features_dir / "profiles.parquet")
+    customers = pl.read_parquet(ds.features_dir / "customers.parquet")["customer_id"].to_list()
+    # As of day 60, a 30-day window keeps only C2's cart (day 59) and C1's view (day 60).
+    assert manifest["row_counts"]["retained_events"] == 2
+    assert sorted(customers) == ["C1", "C2"]
+    assert sorted(profiles["customer_id"].to_list()) == ["C1", "C2"]
+    full = build_features(ds, FeatureConfig(validation_days=3, test_days=3))
+    customers = pl.read_parquet(ds.features_dir / "customers.parquet")["customer_id"].to_list()
+    profiles = pl.read_parquet(ds.features_dir / "profiles.parquet")["customer_id"].to_list()
+    assert "C3" not in customers and "C4" in customers  # C3 declined personalisation
+    assert "C4" not in profiles and "C3" in profiles  # C4 declined profiling
+    assert full["row_counts"]["customers_declined"] == {"personalisation": 1, "profiling": 1, "marketing": 0}
+    assert set(clean_events(ds, FeatureConfig(), purpose="profiling").collect()["customer_id"]) == {
+        "C1",
+        "C2",
+        "C3",
+    }
+
+
+def _all_text(ds) -> str:
+    """Every string value in every parquet file, and every other file's bytes, under the dataset."""
+    chunks = []
+    for f in sorted(ds.root.rglob("*")):
+        if not f.is_file():
+            continue
+        if f.suffix == ".parquet":
+            df = pl.read_parquet(f)
+            for name, dtype in df.schema.items():
+                if dtype == pl.String:
+                    chunks.extend(v for v in df[name].to_list() if v is not None)
+        else:
+            chunks.append(f.read_bytes().decode("latin-1"))
+    return "\n".join(chunks)
+
+
+def test_forget_leaves_no_trace_of_the_customer_or_linked_ids(tiny_dataset):
+    ds = tiny_dataset
+    # A quarantined row of C1 exists too: erasure must reach it.
+    ds.write_quarantine("events", [pl.DataFrame({"customer_id": ["C1"], "reason": ["x row 1: bad"]})])
+    build_features(ds, FeatureConfig(validation_days=3, test_days=3))
+    before = _all_text(ds)
+    assert "C1" in before and "W1" in before and "E1" in before
+    report = forget(ds, "C1")
+    assert report["ids_erased"] == 6  # C1, E1, W1 and their unlinked forms crm:C1, email:E1, web:W1
+    build_features(ds, FeatureConfig(validation_days=3, test_days=3))
+    after = _all_text(ds)
+    for token in ("C1", "W1", "E1"):
+        assert token not in after
+    # Other customers are untouched.
+    assert "C2" in after and "web:W9" in after
+    # The erasure log holds digests only, and keeps a re-imported copy of C1's rows out of features.
+    log = (ds.root / "erasure_log.jsonl").read_text()
+    assert "C1" not in log and len(log.splitlines()) == 6
+    ds.write_table("events", pl.concat([ds.read("events"), events_frame([("C1", "I1", "purchase", 30)])]))
+    build_features(ds, FeatureConfig(validation_days=3, test_days=3))
+    assert "C1" not in pl.read_parquet(ds.features_dir / "customers.parquet")["customer_id"].to_list()
+    assert json.loads(ds.manifest_path.read_text())["row_counts"]["raw_events"] == ds.read("events").height

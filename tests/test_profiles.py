@@ -1,0 +1,82 @@
+"""Profiles on the hand-built fixture: preferences, RFM, journey phase, segments, churn; online equals offline."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import polars as pl
+import pytest
+
+from features.identity import resolve_identities
+from features.profiles import ProfileConfig, build_profiles, journey_phase
+from tests.conftest import T0
+
+AS_OF = T0 + timedelta(days=60)
+
+
+@pytest.fixture
+def profiles(tiny_dataset):
+    ds = tiny_dataset
+    events = resolve_identities(ds.scan("events"), ds.scan("identities"))
+    return build_profiles(events, ds.scan("items"), ds.scan("customers"), as_of=AS_OF).collect()
+
+
+def _row(profiles: pl.DataFrame, cid: str) -> dict:
+    return profiles.filter(pl.col("customer_id") == cid).to_dicts()[0]
+
+
+def test_preferred_attributes_are_the_heaviest_weighted_values(profiles):
+    c1 = _row(profiles, "C1")  # I1 (red, running) 1+1+5 = 7; I2 (blue, running) 1+1 = 2
+    assert c1["preferred_colour"] == "red"
+    assert c1["preferred_colour_share"] == pytest.approx(7 / 9)
+    assert c1["preferred_sport"] == "running" and c1["preferred_sport_share"] == pytest.approx(1.0)
+    c2 = _row(profiles, "C2")  # blue 5, red 5, green 3: the tie goes to the alphabetically first value
+    assert c2["preferred_colour"] == "blue" and c2["preferred_colour_share"] == pytest.approx(5 / 13)
+    assert c2["preferred_sport"] == "cycling" and c2["preferred_sport_share"] == pytest.approx(8 / 13)
+
+
+def test_rfm_and_churn(profiles):
+    c1, c2 = _row(profiles, "C1"), _row(profiles, "C2")
+    assert c1["recency_days"] == pytest.approx(57) and c1["frequency"] == 1 and c1["monetary"] == 10
+    assert c1["usual_interval_days"] is None and c1["churn_risk"] is None and c1["churn_risk_flag"] is False
+    assert c2["frequency"] == 2 and c2["monetary"] == 20 and c2["usual_interval_days"] == pytest.approx(1)
+    assert c2["churn_risk"] == pytest.approx(54) and c2["churn_risk_flag"] is True
+    c3 = _row(profiles, "C3")
+    assert c3["frequency"] == 0 and c3["recency_days"] is None and c3["monetary"] == 0
+
+
+def test_phases_and_segments(profiles):
+    c1, c2, c3 = (_row(profiles, c) for c in ("C1", "C2", "C3"))
+    assert (c1["journey_phase"], c2["journey_phase"], c3["journey_phase"]) == ("need", "purchase", "need")
+    assert (c1["age_band"], c2["age_band"], c3["age_band"]) == ("18-24", "35-44", "65+")
+    assert (c1["region"], c3["region"]) == ("north", "unknown")
+    assert (c1["lifecycle"], c2["lifecycle"], c3["lifecycle"]) == ("active", "active", "prospect")
+    assert (c1["value_tier"], c2["value_tier"], c3["value_tier"]) == ("low", "high", "none")
+
+
+def test_journey_phase_rules_one_row_each():
+    rows = pl.DataFrame(
+        {
+            "open_cart": [True, False, False, False, False, False, False],
+            "recent_items_viewed": [0, 0, 5, 1, 0, 0, 0],
+            "recency_days": [50.0, 1.0, 50.0, None, 10.0, 90.0, None],
+            "last_purchase": [T0, T0, T0, None, T0, T0, None],
+        }
+    )
+    phases = rows.select(journey_phase(ProfileConfig()))["literal"].to_list()
+    assert phases == ["purchase", "purchase", "orientation", "need", "use", "evaluation", "need"]
+
+
+def test_online_profile_of_one_customer_equals_the_offline_row(tiny_dataset, profiles):
+    ds = tiny_dataset
+    thresholds = (10.0, 10.0)
+    events = resolve_identities(ds.scan("events"), ds.scan("identities"))
+    one = build_profiles(
+        events.filter(pl.col("customer_id") == "C2"),
+        ds.scan("items"),
+        ds.scan("customers"),
+        as_of=AS_OF,
+        value_thresholds=thresholds,
+    ).collect()
+    assert one.height == 1
+    assert one.to_dicts()[0] == _row(profiles, "C2")
