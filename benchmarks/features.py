@@ -1,0 +1,122 @@
+"""Feature-build benchmark: the full pipeline against a bare Polars group_by count on the same events.
+
+Usage::
+
+    .venv/bin/python benchmarks/features.py [--events 10_000_000] [--data benchmarks/out/world10m]
+
+Generates (once, then reuses) a world with about ``--events`` events, then runs, each in a fresh process so
+that peak memory is its own: (1) the baseline, a bare ``group_by(customer_id, item_id).len()`` over the raw
+event files; (2) ``nextbest features build``. Prints events/s, wall time, peak RSS and the ratio full/baseline.
+Targets (issue 2): ratio ≤ 3, peak memory < 4 GiB at 10M events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BASELINE = """
+import sys, time, polars as pl
+from features.dataset import Dataset
+ds = Dataset.at(sys.argv[1])
+t = time.perf_counter()
+n = pl.scan_parquet(ds.table_files("events")).group_by("customer_id", "item_id").len().collect().height
+import resource
+print(time.perf_counter() - t, n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+FULL = """
+import sys, time
+from features.dataset import Dataset
+from features.pipeline import build_features
+t = time.perf_counter()
+m = build_features(Dataset.at(sys.argv[1]))
+import resource
+print(time.perf_counter() - t, m["row_counts"]["interaction_nonzeros"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _run(code: str, data: Path) -> tuple[float, int, float]:
+    """Run ``code`` in a fresh interpreter; return (seconds, result count, its own peak RSS in GiB)."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(data)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    ).stdout.split()
+    return float(out[0]), int(out[1]), int(out[2]) / 2**20
+
+
+def _ensure_world(data: Path, events: int) -> int:
+    from features.dataset import Dataset
+    from features.generate import WorldConfig, generate_world
+
+    ds = Dataset.at(data)
+    if ds.has_table("events"):
+        import polars as pl
+
+        return pl.scan_parquet(ds.table_files("events")).select(pl.len()).collect().item()
+    pilot = Dataset.at(data.parent / (data.name + "-pilot"))
+    summary = generate_world(WorldConfig(customers=2000, seed=7), pilot)
+    per_customer = _events_in(summary) / 2000
+    customers = max(2000, int(events / per_customer))
+    print(f"generating {customers:,} customers (~{per_customer:.1f} events each) in {data}", file=sys.stderr)
+    t = time.perf_counter()
+    summary = generate_world(WorldConfig(customers=customers, seed=7), ds, progress=True)
+    n = _events_in(summary)
+    print(f"generated {n:,} events in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    return n
+
+
+def _events_in(summary: dict) -> int:
+    tables = summary.get("tables", summary.get("counts", {}))
+    ev = tables["events"]
+    return int(
+        ev["rows"]
+        if isinstance(ev, dict) and "rows" in ev
+        else ev.get("rows_accepted", ev)
+        if isinstance(ev, dict)
+        else ev
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--data", type=Path, default=Path("benchmarks/out/world10m"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    n_events = _ensure_world(args.data, args.events)
+    base_s, pairs, base_mem = _run(BASELINE, args.data)
+    full_s, nnz, full_mem = _run(FULL, args.data)
+    result = {
+        "events": n_events,
+        "baseline_groupby_s": round(base_s, 2),
+        "baseline_pairs": pairs,
+        "baseline_peak_gib": round(base_mem, 2),
+        "full_build_s": round(full_s, 2),
+        "full_build_events_per_s": round(n_events / full_s),
+        "full_build_peak_gib": round(full_mem, 2),
+        "interaction_nonzeros": nnz,
+        "ratio_full_to_baseline": round(full_s / base_s, 2),
+    }
+    print(f"events:                      {n_events:,}")
+    print(f"baseline group_by count:     {base_s:.2f} s ({pairs:,} pairs, peak {base_mem:.2f} GiB)")
+    print(
+        f"full feature build:          {full_s:.2f} s ({n_events / full_s:,.0f} events/s, peak {full_mem:.2f} GiB)"
+    )
+    print(f"ratio full / baseline:       {full_s / base_s:.2f}  (target ≤ 3)")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

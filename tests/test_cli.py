@@ -1,0 +1,76 @@
+"""The command line: --json summaries as the last line, one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from serving.cli import main
+
+
+def _last_json(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def test_features_build_json_summary(tiny_dataset, capsys):
+    config = tiny_dataset.root / "f.json"
+    config.write_text(json.dumps({"validation_days": 3, "test_days": 3}))
+    assert (
+        main(
+            [
+                "features",
+                "build",
+                "--data",
+                str(tiny_dataset.root),
+                "--config",
+                str(config),
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    summary = _last_json(capsys)
+    assert summary["command"] == "features build"
+    assert summary["row_counts"]["interaction_customers"] == 4  # C1, C2, C4 and the unlinked web:W9
+    assert summary["splits"]["test_start"] == "2026-02-28T00:00:00"  # last event 2026-03-02; three test days
+
+
+def test_forget_json_summary(tiny_dataset, capsys):
+    assert main(["forget", "C2", "--data", str(tiny_dataset.root), "--json", "--quiet"]) == 0
+    summary = _last_json(capsys)
+    assert summary["ids_erased"] == 2  # C2 and crm:C2
+    assert summary["rows_removed"]["raw/events.parquet"] == 3
+    assert "C2" not in tiny_dataset.read("events")["customer_id"].to_list()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["features", "build", "--data", "{root}/nowhere"], "is not a nextbest dataset (no raw/ folder)"),
+        (["features", "build", "--data", "{root}", "--config", "{root}/missing.json"], "config file"),
+        (["features", "build", "--data", "{root}", "--config", "{root}/bad.json"], "retention_days"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_2(tiny_dataset, capsys, argv, message):
+    (tiny_dataset.root / "bad.json").write_text(json.dumps({"retention_days": -3}))
+    argv = [a.format(root=tiny_dataset.root) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nextbest: error: ") and message in err[0]
+
+
+def test_console_script_runs_as_a_program(tiny_dataset):
+    proc = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "features", "build", "--data", str(tiny_dataset.root / "nope")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "is not a nextbest dataset" in proc.stderr
