@@ -38,9 +38,8 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_data_generate(args: argparse.Namespace) -> None:
-    from features.generate import WorldConfig, generate_world
-
     from features.dataset import Dataset
+    from features.generate import WorldConfig, generate_world
 
     fields: dict[str, Any] = {"customers": args.customers, "days": args.days, "seed": args.seed}
     if args.items is not None:
@@ -73,9 +72,8 @@ def _count_lines(counts: dict[str, Any]) -> list[str]:
 
 
 def cmd_data_import_cj(args: argparse.Namespace) -> None:
-    from features.importers import import_completejourney
-
     from features.dataset import Dataset
+    from features.importers import import_completejourney
 
     ds = Dataset.at(args.out)
     summary = import_completejourney(ds, progress=_progress(args))
@@ -86,9 +84,8 @@ def cmd_data_import_cj(args: argparse.Namespace) -> None:
 
 
 def cmd_data_import_events(args: argparse.Namespace) -> None:
-    from features.importers import EventImportConfig, import_events, parse_mapping
-
     from features.dataset import Dataset
+    from features.importers import EventImportConfig, import_events, parse_mapping
 
     fields: dict[str, Any] = {"mapping": parse_mapping(args.map)}
     for name in ("delimiter", "event_type", "value_column", "threshold", "timestamp_unit"):
@@ -190,9 +187,8 @@ def cmd_forget(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     """Generate the embedded world if missing, then build its features (later stages extend this)."""
-    from features.generate import WorldConfig, generate_world
-
     from features.dataset import Dataset
+    from features.generate import WorldConfig, generate_world
     from features.pipeline import build_features
 
     ds = Dataset.at(args.data)
