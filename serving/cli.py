@@ -94,6 +94,9 @@ def cmd_data_import_events(args: argparse.Namespace) -> None:
             fields[name] = value
     if args.no_header:
         fields["header"] = False
+    if args.event_type_map:
+        # The same key=value syntax as --map, read as source value → contract event type.
+        fields["event_type_map"] = parse_mapping(args.event_type_map)
     if args.extra_event_types:
         fields["extra_event_types"] = [t.strip() for t in args.extra_event_types.split(",") if t.strip()]
     config = EventImportConfig(**fields)
@@ -276,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-header", action="store_true", help="files have no header row: map by 1-based position"
     )
     ev.add_argument("--event-type", help="one implicit event type for every row (e.g. purchase)")
+    ev.add_argument("--event-type-map", help="rename event types, e.g. pv=view,buy=purchase")
     ev.add_argument("--value-column", help="with --event-type: a value column such as a rating")
     ev.add_argument("--threshold", type=float, help="with --value-column: keep rows with value >= threshold")
     ev.add_argument(

