@@ -3,11 +3,8 @@ the call that sent them returns, and replayed on start-up."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +12,7 @@ from typing import Any
 import polars as pl
 
 from features.schema import CUSTOMER_ID, DEFAULT_EVENT_TYPES, TIMESTAMP_COL, empty_frame, validate
+from serving.jsonl import JsonLinesFile
 
 _ROW = re.compile(r"^events row (\d+):")
 
@@ -42,8 +40,7 @@ class EventLog:
     def __init__(self, path: Path, *, event_types: Sequence[str] = DEFAULT_EVENT_TYPES):
         self.path = path
         self.event_types = tuple(event_types)
-        self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = JsonLinesFile(path)
 
     def validate(self, events: list[dict[str, Any]]) -> pl.DataFrame:
         """Validate a batch against the events contract (all or nothing).
@@ -81,51 +78,23 @@ class EventLog:
     def append(self, events: list[dict[str, Any]]) -> pl.DataFrame:
         """Validate, append and fsync; return the accepted events as contract rows."""
         accepted = self.validate(events)
-        lines = [
-            json.dumps({k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()})
-            for row in accepted.iter_rows(named=True)
-        ]
-        with self._lock, self.path.open("a", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        self._file.append_many(
+            [
+                {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+                for row in accepted.iter_rows(named=True)
+            ]
+        )
         return accepted
 
     def replay(self) -> pl.DataFrame:
         """Every logged event, in order (an empty contract frame when there are none)."""
-        rows = list(self._rows())
+        rows = self._file.read()
         if not rows:
             return empty_frame("events")
-        return validate(
-            pl.DataFrame(rows, infer_schema_length=None),
-            "events",
-            source=str(self.path),
-            event_types=self.event_types,
-        ).accepted
-
-    def _rows(self) -> Iterator[dict[str, Any]]:
-        if not self.path.exists():
-            return
-        with self.path.open(encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    # A torn last line from a crash mid-write was never acknowledged: skip it.
-                    continue
+        frame = pl.DataFrame(rows, infer_schema_length=None)
+        return validate(frame, "events", source=str(self.path), event_types=self.event_types).accepted
 
     def forget(self, ids: Sequence[str]) -> int:
         """Rewrite the log without the events of ``ids``; return how many were removed."""
-        with self._lock:
-            rows = list(self._rows())
-            kept = [r for r in rows if r.get(CUSTOMER_ID) not in set(ids)]
-            tmp = self.path.with_suffix(".tmp")
-            with tmp.open("w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in kept)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        return len(rows) - len(kept)
+        erased = set(ids)
+        return self._file.rewrite(lambda r: r.get(CUSTOMER_ID) not in erased)

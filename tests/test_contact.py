@@ -1,0 +1,178 @@
+"""The contact ledger: caps per channel and period, suppression after rejections, durability and erasure."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from serving.contact import ContactLedger
+from serving.policy import PolicyError, policy_from_dict
+
+T0 = datetime(2026, 1, 1)
+
+
+def day(d: float) -> datetime:
+    return T0 + timedelta(days=d)
+
+
+POLICY = policy_from_dict(
+    {
+        "version": "c1",
+        "defaults": {"contact": {"max_contacts": 2, "period_days": 7}},
+        "channel_caps": {"email": {"max_contacts": 3, "period_days": 7}},
+        "actions": {
+            "offer": {"value": 1, "contact": {"max_rejections": 2, "suppress_days": 30}},
+            "other": {"value": 1},
+            "third": {"value": 1},
+            "no_action": {"kind": "none", "value": 1},
+        },
+    }
+)
+
+
+@pytest.fixture
+def ledger(tmp_path) -> ContactLedger:
+    return ContactLedger(tmp_path / "contacts.jsonl", POLICY)
+
+
+def test_cap_per_action_per_channel_per_period(ledger):
+    ledger.record_contact("C1", "offer", "web", day(0))
+    ledger.record_contact("C1", "offer", "web", day(1))
+    assert ledger.allowed("C1", "offer", "web", day(2)) == (
+        False,
+        "contact cap: 2 contacts with offer on web in the last 7 days (max 2)",
+    )
+    # Other channels, other actions and other customers are counted apart.
+    assert ledger.allowed("C1", "offer", "app", day(2)) == (True, "within contact limits")
+    assert ledger.allowed("C1", "other", "web", day(2))[0]
+    assert ledger.allowed("C2", "offer", "web", day(2))[0]
+    # The contact of day 0 leaves the window at day 7 exactly (the window is (now − 7 days, now]).
+    assert not ledger.allowed("C1", "offer", "web", day(6.99))[0]
+    assert ledger.allowed("C1", "offer", "web", day(7))[0]
+
+
+def test_cap_per_channel_across_actions(ledger):
+    ledger.record_contact("C1", "offer", "email", day(0))
+    ledger.record_contact("C1", "other", "email", day(1))
+    assert ledger.allowed("C1", "third", "email", day(2))[0]
+    ledger.record_contact("C1", "third", "email", day(2))
+    assert ledger.allowed("C1", "third", "email", day(3)) == (
+        False,
+        "channel cap: 3 contacts on email in the last 7 days (max 3)",
+    )
+    assert ledger.allowed("C1", "third", "web", day(3))[0]
+    assert ledger.allowed("C1", "third", "email", day(7.5))[0]  # the day-0 contact has expired
+
+
+def test_suppression_after_r_rejections_and_its_expiry(ledger):
+    ledger.record_response("C1", "offer", False, day(1))
+    assert ledger.allowed("C1", "offer", "web", day(2))[0]  # one rejection is not enough
+    ledger.record_response("C1", "offer", False, day(3))
+    assert ledger.allowed("C1", "offer", "web", day(4)) == (
+        False,
+        "suppressed until 2026-02-03 00:00 after 2 rejections",
+    )
+    assert ledger.suppressed_until("C1", "offer") == (day(33), 2)
+    assert ledger.allowed("C1", "other", "web", day(4))[0]  # suppression is per action
+    assert not ledger.allowed("C1", "offer", "web", day(32.9))[0]
+    assert ledger.allowed("C1", "offer", "web", day(33))[0]  # D = 30 days after the 2nd rejection
+    # After the suppression the count starts again: one new rejection does not suppress, two do.
+    ledger.record_response("C1", "offer", False, day(40))
+    assert ledger.allowed("C1", "offer", "web", day(41))[0]
+    ledger.record_response("C1", "offer", False, day(42))
+    assert ledger.suppressed_until("C1", "offer") == (day(72), 2)
+    assert not ledger.allowed("C1", "offer", "web", day(43))[0]
+
+
+def test_an_acceptance_resets_the_rejection_count(ledger):
+    ledger.record_response("C1", "offer", False, day(1))
+    ledger.record_response("C1", "offer", True, day(2))
+    ledger.record_response("C1", "offer", False, day(3))
+    assert ledger.allowed("C1", "offer", "web", day(4))[0]
+    assert ledger.suppressed_until("C1", "offer") == (None, 0)
+    ledger.record_response("C1", "offer", False, day(3.5))
+    assert ledger.suppressed_until("C1", "offer") == (day(33.5), 2)
+
+
+def test_responses_count_in_time_order_not_in_arrival_order(ledger):
+    ledger.record_response("C1", "offer", False, day(1))
+    ledger.record_response("C1", "offer", False, day(3))
+    assert ledger.suppressed_until("C1", "offer") == (day(33), 2)
+    ledger.record_response("C1", "offer", True, day(2))  # arrives late, happened in between
+    assert ledger.suppressed_until("C1", "offer") == (None, 0)
+    assert [e.at for e in ledger.entries("C1")] == [day(1), day(2), day(3)]
+
+
+def test_actions_without_suppression_and_no_action(ledger):
+    for d in range(5):
+        ledger.record_response("C1", "other", False, day(d))
+    assert ledger.allowed("C1", "other", "web", day(6))[0]
+    assert ledger.suppressed_until("C1", "other") == (None, 0)
+    assert ledger.allowed("C1", "no_action", "web", day(6)) == (True, "no contact")
+    with pytest.raises(PolicyError, match="unknown action 'ghost'"):
+        ledger.allowed("C1", "ghost", "web", day(6))
+
+
+def test_timezone_aware_times_are_stored_as_naive_utc(ledger):
+    plus_two = timezone(timedelta(hours=2))
+    entry = ledger.record_contact("C1", "offer", "web", datetime(2026, 1, 1, 12, 0, tzinfo=plus_two))
+    assert entry.at == datetime(2026, 1, 1, 10, 0)
+    ledger.record_contact("C1", "offer", "web", datetime(2026, 1, 1, 11, 0))
+    assert not ledger.allowed("C1", "offer", "web", datetime(2026, 1, 1, 13, 0, tzinfo=UTC))[0]
+
+
+def test_the_ledger_survives_a_restart(tmp_path):
+    path = tmp_path / "state" / "contacts.jsonl"
+    first = ContactLedger(path, POLICY)
+    first.record_contact("C1", "other", "web", day(0))
+    first.record_contact("C1", "other", "web", day(1))
+    first.record_response("C1", "offer", False, day(1))
+    first.record_response("C1", "offer", False, day(2))
+    before = first.entries("C1")
+    # No close(): a crashed process never gets to; every append was already fsynced.
+    second = ContactLedger(path, POLICY)
+    assert second.entries("C1") == before
+    assert second.allowed("C1", "offer", "app", day(3))[1].startswith("suppressed until")
+    assert second.allowed("C1", "other", "web", day(3))[1].startswith("contact cap: 2 contacts")
+    assert second.allowed("C1", "other", "app", day(3))[0]
+    assert len(path.read_text().splitlines()) == 4
+
+
+def test_a_torn_last_line_is_dropped_on_reload(tmp_path):
+    path = tmp_path / "contacts.jsonl"
+    ledger = ContactLedger(path, POLICY)
+    ledger.record_contact("C1", "offer", "web", day(0))
+    ledger.close()
+    with open(path, "a") as f:
+        f.write('{"type": "contact", "customer_id": "C1", "act')  # a crash mid-write
+    reloaded = ContactLedger(path, POLICY)
+    assert len(reloaded.entries("C1")) == 1
+    reloaded.record_contact("C1", "offer", "web", day(1))
+    assert len(ContactLedger(path, POLICY).entries("C1")) == 2
+
+
+def test_forget_removes_a_customer_from_memory_and_disk(tmp_path):
+    path = tmp_path / "contacts.jsonl"
+    ledger = ContactLedger(path, POLICY)
+    ledger.record_contact("C1", "offer", "web", day(0))
+    ledger.record_response("C1", "offer", False, day(1))
+    ledger.record_contact("C10", "offer", "web", day(0))
+    assert ledger.forget("C1") == 2
+    assert ledger.entries("C1") == []
+    assert '"C1"' not in path.read_text()
+    assert len(ledger.entries("C10")) == 1
+    assert ledger.forget("C1") == 0
+    # Appends after the rewrite go to the new file, and a reload sees no trace of C1.
+    ledger.record_contact("C10", "other", "web", day(2))
+    reloaded = ContactLedger(path, POLICY)
+    assert reloaded.entries("C1") == []
+    assert [e.action_id for e in reloaded.entries("C10")] == ["offer", "other"]
+
+
+def test_an_in_memory_ledger_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ledger = ContactLedger(None, POLICY)
+    ledger.record_contact("C1", "offer", "web", day(0))
+    assert ledger.forget("C1") == 1
+    assert list(tmp_path.iterdir()) == []

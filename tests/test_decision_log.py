@@ -1,0 +1,183 @@
+"""The decision log: durable appends, erasure, torn tails, and the acceptance summary by arm and action."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import polars as pl
+import pytest
+
+from serving.decision_log import (
+    ALL_ACTIONS,
+    DecisionLog,
+    DecisionRecord,
+    read_decisions,
+    summarise_decisions,
+)
+from serving.decisions import ActionCandidate, arbitrate
+from serving.jsonl import JsonLinesFile, LogError
+from serving.policy import policy_from_dict
+
+T0 = datetime(2026, 3, 1, 9, 0)
+POLICY = policy_from_dict(
+    {
+        "version": "p7",
+        "actions": {
+            "a": {"value": 10},
+            "b": {"value": 4, "eligibility": {"adult": "age >= 18"}},
+            "no_action": {"kind": "none", "value": 1},
+        },
+    }
+)
+
+
+def decide(customer: str, pa: float, pb: float, pn: float, age: int = 30):
+    return arbitrate(
+        [ActionCandidate("a", pa), ActionCandidate("b", pb), ActionCandidate("no_action", pn)],
+        POLICY,
+        {"customer_id": customer, "age": age},
+        {"channel": "web"},
+        {"personalisation": True, "marketing": True},
+        None,
+        2,
+    )
+
+
+def record(customer: str, arm: str, chosen: str, at: datetime, *, decision_id: str | None = None):
+    probs = {"a": (0.5, 0.1, 0.01), "b": (0.01, 0.9, 0.01), "no_action": (0.01, 0.01, 0.9)}[chosen]
+    d = decide(customer, *probs)
+    assert d.chosen.action_id == chosen
+    return DecisionRecord.from_decision(
+        d,
+        arm=arm,
+        latency_ms=2.5,
+        model_versions={"propensity": "3", "recommender": "7"},
+        decision_id=decision_id or f"{customer}-{at:%d%H}",
+        timestamp=at,
+    )
+
+
+def test_a_record_carries_every_candidate_and_the_choice():
+    d = decide("C1", 0.5, 0.9, 0.1, age=16)  # a: 5.0, no_action: 0.1, b filtered (a minor)
+    r = DecisionRecord.from_decision(d, arm="challenger", latency_ms=3.25, model_versions={"propensity": "3"})
+    assert (r.customer_id, r.arm, r.chosen, r.chosen_kind, r.policy_version) == (
+        "C1",
+        "challenger",
+        "a",
+        "offer",
+        "p7",
+    )
+    assert r.channel == "web" and r.personalised and r.latency_ms == 3.25
+    assert len(r.decision_id) == 32
+    assert [(c.action_id, c.propensity, c.value, c.lever, c.score, c.offered) for c in r.candidates] == [
+        ("a", 0.5, 10.0, 1.0, 5.0, True),
+        ("no_action", 0.1, 1.0, 1.0, pytest.approx(0.1), True),
+        ("b", 0.9, 4.0, 1.0, pytest.approx(3.6), False),
+    ]
+    assert r.candidates[2].reason == "eligibility rule adult (age >= 18) failed: age = 16"
+
+
+def test_appends_are_durable_and_reload(tmp_path):
+    path = tmp_path / "logs" / "decisions.jsonl"
+    log = DecisionLog(path)
+    first = record("C1", "champion", "a", T0)
+    second = record("C2", "challenger", "no_action", T0 + timedelta(hours=1))
+    log.append(first)
+    log.append(second)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["decision_id"] == first.decision_id
+    # A fresh reader (as after a restart) sees both, equal field for field.
+    assert DecisionLog(path).records() == [first, second]
+
+
+def test_forget_removes_a_customers_decisions(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path)
+    for i, c in enumerate(["C1", "C2", "C1", "C12"]):
+        log.append(record(c, "champion", "a", T0 + timedelta(hours=i)))
+    assert log.forget("C1") == 2
+    assert '"C1"' not in path.read_text()
+    assert [r.customer_id for r in log.records()] == ["C2", "C12"]
+    log.append(record("C3", "champion", "a", T0))
+    assert [r.customer_id for r in DecisionLog(path).records()] == ["C2", "C12", "C3"]
+    assert log.forget("nobody") == 0
+
+
+def test_json_lines_file_cuts_a_torn_tail_and_rejects_corruption(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3, "trunc')
+    f = JsonLinesFile(path)
+    assert f.read() == [{"n": 1}, {"n": 2}]
+    f.append_many([{"n": 4}, {"n": 5}])
+    assert [r["n"] for r in JsonLinesFile(path).read()] == [1, 2, 4, 5]
+    # A file that is nothing but a torn line becomes empty.
+    only = tmp_path / "only.jsonl"
+    only.write_bytes(b'{"n": 1')
+    assert JsonLinesFile(only).read() == [] and only.read_bytes() == b""
+    # Damage before the last line is not a crash artefact: it is reported, with the line.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"n": 1}\nnot json\n{"n": 3}\n')
+    with pytest.raises(LogError, match=f"{bad} line 2: not valid JSON"):
+        JsonLinesFile(bad).read()
+
+
+def test_summarise_decisions_by_arm_and_action(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path, fsync=False)
+    day = timedelta(days=1)
+    log.append(record("C1", "champion", "a", T0))  # accepted on day 2
+    log.append(record("C2", "champion", "a", T0))  # response on day 10: outside the 7-day window
+    log.append(record("C3", "champion", "b", T0))  # response before the decision: does not count
+    log.append(record("C4", "challenger", "b", T0))  # responded = false
+    log.append(record("C5", "challenger", "b", T0))  # accepted on day 1, twice: counted once
+    log.append(record("C6", "challenger", "no_action", T0))  # no offer
+    log.append(record("C7", "challenger", "a", T0))  # responded to b, not to the chosen a
+    events = pl.DataFrame(
+        {
+            "customer_id": ["C1", "C2", "C3", "C4", "C5", "C5", "C7"],
+            "action_id": ["a", "a", "b", "b", "b", "b", "b"],
+            "timestamp": [T0 + 2 * day, T0 + 10 * day, T0 - day, T0 + day, T0 + day, T0 + 2 * day, T0 + day],
+            "responded": [True, True, True, False, True, True, True],
+        }
+    )
+    out = summarise_decisions(path, events, window_days=7)
+    assert out.columns == ["arm", "action_id", "decisions", "offers", "accepted", "acceptance_rate"]
+    assert out.rows() == [
+        ("challenger", "a", 1, 1, 0, 0.0),
+        ("challenger", "b", 2, 2, 1, 0.5),
+        ("challenger", "no_action", 1, 0, 0, None),
+        ("challenger", ALL_ACTIONS, 4, 3, 1, pytest.approx(1 / 3)),
+        ("champion", "a", 2, 2, 1, 0.5),
+        ("champion", "b", 1, 1, 0, 0.0),
+        ("champion", ALL_ACTIONS, 3, 3, 1, pytest.approx(1 / 3)),
+    ]
+    # A line being written while the report reads the log is left out, not an error.
+    with open(path, "a") as f:
+        f.write('{"decision_id": "half", "timestamp": "2026-03-0')
+    assert summarise_decisions(path, events, window_days=7).equals(out)
+    # A longer window takes in C2's late response; no responded column means every row is a response.
+    wide = summarise_decisions(path, events.drop("responded").lazy(), window_days=30)
+    assert wide.filter(pl.col("action_id") == ALL_ACTIONS)["accepted"].to_list() == [2, 2]
+
+
+def test_a_damaged_log_is_reported_with_its_line(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path)
+    log.append(record("C1", "champion", "a", T0))
+    with open(path, "a") as f:
+        f.write("{oops\n")
+    log.append(record("C2", "champion", "a", T0))
+    with pytest.raises(LogError, match=f"{path} line 2: not valid JSON"):
+        read_decisions(path)
+
+
+def test_summarise_needs_the_response_columns(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    DecisionLog(path).append(record("C1", "champion", "a", T0))
+    with pytest.raises(ValueError, match="events need column\\(s\\) action_id; found customer_id, timestamp"):
+        summarise_decisions(path, pl.DataFrame({"customer_id": ["C1"], "timestamp": [T0]}))
+    empty = summarise_decisions(
+        tmp_path / "none.jsonl", pl.DataFrame({"customer_id": ["C1"], "action_id": ["a"], "timestamp": [T0]})
+    )
+    assert empty.height == 0
