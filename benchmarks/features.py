@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the features package.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 BASELINE = """
 import sys, time, polars as pl
 from features.dataset import Dataset

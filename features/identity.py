@@ -23,7 +23,7 @@ def resolve_identities(events: pl.LazyFrame, identities: pl.LazyFrame) -> pl.Laz
         identities: rows of the identities table.
 
     Returns:
-        the events with the same columns, ids resolved.
+        the events with the same columns, ids resolved (canonical events first, then resolved ones).
     """
     links = identities.filter(pl.col(CUSTOMER_ID).is_not_null()).select(
         pl.col(SOURCE_SYSTEM).alias("__sys"),
@@ -33,24 +33,20 @@ def resolve_identities(events: pl.LazyFrame, identities: pl.LazyFrame) -> pl.Laz
     columns = events.collect_schema().names()
     if SOURCE_SYSTEM not in columns:
         return events
-    joined = events.join(
-        links,
-        left_on=[SOURCE_SYSTEM, CUSTOMER_ID],
-        right_on=["__sys", "__sid"],
-        how="left",
-        maintain_order="left",
+    # Only events logged under another system's id need the join; most carry the canonical id already.
+    canonical = events.filter(pl.col(SOURCE_SYSTEM).is_null())
+    sourced = events.filter(pl.col(SOURCE_SYSTEM).is_not_null()).join(
+        links, left_on=[SOURCE_SYSTEM, CUSTOMER_ID], right_on=["__sys", "__sid"], how="left"
     )
-    from_source = pl.col(SOURCE_SYSTEM).is_not_null()
     linked = pl.col("__canonical").is_not_null()
-    return joined.with_columns(
-        pl.when(from_source & linked)
+    resolved = sourced.with_columns(
+        pl.when(linked)
         .then(pl.col("__canonical"))
-        .when(from_source)
-        .then(pl.concat_str([pl.col(SOURCE_SYSTEM), pl.lit(UNLINKED_SEPARATOR), pl.col(CUSTOMER_ID)]))
-        .otherwise(pl.col(CUSTOMER_ID))
+        .otherwise(pl.concat_str([pl.col(SOURCE_SYSTEM), pl.lit(UNLINKED_SEPARATOR), pl.col(CUSTOMER_ID)]))
         .alias(CUSTOMER_ID),
-        pl.when(from_source & ~linked).then(pl.col(SOURCE_SYSTEM)).otherwise(None).alias(SOURCE_SYSTEM),
+        pl.when(linked).then(None).otherwise(pl.col(SOURCE_SYSTEM)).alias(SOURCE_SYSTEM),
     ).select(columns)
+    return pl.concat([canonical, resolved])
 
 
 def unlinked_report(events: pl.LazyFrame, identities: pl.LazyFrame) -> pl.LazyFrame:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -65,19 +66,29 @@ def interaction_weights(
     Returns:
         ``customer_id, item_id, weight`` (Float32), one row per pair with a positive weight.
     """
-    weighted = {k: w for k, w in config.weights.items() if w > 0}
-    w = pl.col(EVENT_TYPE).replace_strict(weighted, default=0.0, return_dtype=pl.Float64)
+    weighted = [k for k, w in config.weights.items() if w > 0]
+    w = event_weight(config.weights)
     if config.half_life_days is not None:
         if as_of is None:
             raise ValueError("as_of is required when half_life_days is set")
         age_days = (pl.lit(as_of) - pl.col(TIMESTAMP_COL)).dt.total_seconds() / 86_400.0
         w = w * (0.5 ** (age_days.clip(lower_bound=0) / config.half_life_days))
     return (
-        events.filter(pl.col(EVENT_TYPE).is_in(list(weighted)))
+        events.filter(pl.col(EVENT_TYPE).is_in(weighted))
         .group_by(CUSTOMER_ID, ITEM_ID)
         .agg(w.sum().cast(pl.Float32).alias(WEIGHT))
         .filter(pl.col(WEIGHT) > 0)
     )
+
+
+def event_weight(weights: dict[str, float]) -> pl.Expr:
+    """Each event's weight by its type (0 for types not listed)."""
+    # A when-chain over a handful of types is several times faster than replace_strict on a string column.
+    expr: Any = pl
+    for event_type, w in weights.items():
+        if w > 0:
+            expr = expr.when(pl.col(EVENT_TYPE) == event_type).then(pl.lit(float(w)))
+    return pl.lit(0.0) if expr is pl else expr.otherwise(pl.lit(0.0))
 
 
 @dataclass(frozen=True)

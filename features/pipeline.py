@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from features.dataset import Dataset, write_json_atomic, write_parquet_atomic
 from features.identity import resolve_identities, unlinked_report
-from features.interactions import InteractionConfig, build_interactions, interaction_weights
+from features.interactions import WEIGHT, InteractionConfig, build_interactions
 from features.privacy import (
     apply_retention,
     consent_state,
@@ -24,8 +24,14 @@ from features.privacy import (
     exclude_erased,
     filter_consented,
 )
-from features.profiles import ProfileConfig, build_profiles, value_tier_thresholds
-from features.schema import CONSENT_PURPOSES, CUSTOMER_ID, DEFAULT_EVENT_TYPES, TIMESTAMP_COL
+from features.profiles import (
+    ProfileConfig,
+    order_counts,
+    pair_summary,
+    profiles_from_summary,
+    value_tier_thresholds,
+)
+from features.schema import CONSENT_PURPOSES, CUSTOMER_ID, DEFAULT_EVENT_TYPES, ITEM_ID, TIMESTAMP_COL
 from features.splits import SplitError, default_cutoffs
 
 PROFILES_FILE = "profiles.parquet"
@@ -135,13 +141,41 @@ def _inputs(ds: Dataset) -> list[dict[str, Any]]:
     return out
 
 
-def _cutoffs(events: pl.LazyFrame, config: FeatureConfig) -> tuple[datetime, datetime]:
+def _cutoffs(config: FeatureConfig, pairs: pl.DataFrame) -> tuple[datetime, datetime]:
     if config.validation_start and config.test_start:
         return config.validation_start, config.test_start
+    # Each pair carries its first and last event, so their extremes are the events' time range.
+    span = pl.concat(
+        [
+            pairs.select(pl.col("first_seen").alias(TIMESTAMP_COL)),
+            pairs.select(pl.col("last_seen").alias(TIMESTAMP_COL)),
+        ]
+    )
     auto_val, auto_test = default_cutoffs(
-        events, validation_days=config.validation_days, test_days=config.test_days
+        span.lazy(), validation_days=config.validation_days, test_days=config.test_days
     )
     return config.validation_start or auto_val, config.test_start or auto_test
+
+
+class _Steps:
+    """A progress bar over named steps that also records how long each took (kept in the manifest)."""
+
+    def __init__(self, total: int, progress: bool):
+        self.bar = tqdm(total=total, desc="features", disable=not progress, unit="step")
+        self.seconds: dict[str, float] = {}
+        self._name = ""
+        self._t = time.perf_counter()
+
+    def start(self, name: str) -> None:
+        self._name, self._t = name, time.perf_counter()
+        self.bar.set_postfix_str(name)
+
+    def done(self) -> None:
+        self.seconds[self._name] = round(time.perf_counter() - self._t, 3)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def build_features(
@@ -156,62 +190,74 @@ def build_features(
     config = config or FeatureConfig()
     ds.require()
     started = time.perf_counter()
-    steps = tqdm(total=6, desc="features", disable=not progress, unit="step")
+    steps = _Steps(6, progress)
     out_dir = ds.features_dir
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    steps.set_postfix_str("resolving identities")
+    steps.start("resolving identities")
     identities = ds.scan("identities", required=False)
     raw_events = ds.scan("events")
     events = resolved_events(ds)
-    as_of = config.as_of or data_as_of(events)
+    # Identity resolution never changes timestamps: the raw files' statistics give the latest event cheaply.
+    as_of = config.as_of or data_as_of(raw_events)
     retained = apply_retention(events, as_of=as_of, days=config.retention_days).filter(
         pl.col(TIMESTAMP_COL) <= as_of
     )
-    # Materialise the retained events once: every later step reads them, and re-reading the parquet files
-    # per step costs more than holding the few columns in memory.
-    retained_df = retained.collect()
-    retained = retained_df.lazy()
-    steps.update()
+    # One pass over the events: every later step works on (customer, item) pairs, which are far fewer.
+    pairs = pair_summary(
+        retained, as_of=as_of, config=config.profiles, interactions=config.interactions
+    ).collect()
+    orders = order_counts(retained, config=config.profiles).collect()
+    steps.done()
 
-    steps.set_postfix_str("consent")
+    steps.start("consent")
     state = consent_state(ds.scan("consent", required=False), as_of=as_of).collect()
     write_parquet_atomic(state, out_dir / CONSENT_FILE)
-    personal = filter_consented(retained, state.lazy(), "personalisation", default=config.consent_default)
-    profiling = filter_consented(retained, state.lazy(), "profiling", default=config.consent_default)
-    steps.update()
+    personal = filter_consented(
+        pairs.lazy(), state.lazy(), "personalisation", default=config.consent_default
+    ).collect()
+    profiling = filter_consented(
+        pairs.lazy(), state.lazy(), "profiling", default=config.consent_default
+    ).collect()
+    steps.done()
 
-    steps.set_postfix_str("interaction matrix")
-    weights = interaction_weights(personal, config.interactions, as_of=as_of).collect()
-    interactions = build_interactions(weights)
+    steps.start("interaction matrix")
+    interactions = build_interactions(
+        personal.filter(pl.col(WEIGHT) > 0).select(CUSTOMER_ID, ITEM_ID, WEIGHT)
+    )
     interactions.save(out_dir)
-    steps.update()
+    steps.done()
 
-    steps.set_postfix_str("profiles")
-    items = ds.scan("items", required=False)
-    customers = ds.scan("customers", required=False)
-    profiles = build_profiles(profiling, items, customers, as_of=as_of, config=config.profiles).collect()
+    steps.start("profiles")
+    profiles = profiles_from_summary(
+        profiling,
+        orders.join(profiling.select(CUSTOMER_ID).unique(), on=CUSTOMER_ID, how="semi"),
+        ds.scan("items", required=False),
+        ds.scan("customers", required=False),
+        as_of=as_of,
+        config=config.profiles,
+    )
     write_parquet_atomic(profiles, out_dir / PROFILES_FILE)
-    steps.update()
+    steps.done()
 
-    steps.set_postfix_str("splits")
+    steps.start("splits")
     warnings: list[str] = []
     splits: dict[str, str] | None = None
     try:
-        validation_start, test_start = _cutoffs(retained, config)
+        validation_start, test_start = _cutoffs(config, pairs)
         splits = {"validation_start": validation_start.isoformat(), "test_start": test_start.isoformat()}
     except SplitError as exc:
         # Features are still useful (profiles, a full matrix); training says what is missing.
         warnings.append(f"no train/validation/test split: {exc}")
-    steps.update()
+    steps.done()
 
-    steps.set_postfix_str("identity report")
+    steps.start("identity report")
     unlinked = unlinked_report(raw_events, identities).collect()
     write_parquet_atomic(unlinked, out_dir / UNLINKED_FILE)
-    steps.update()
+    steps.done()
     steps.close()
 
-    n_customers_retained = retained_df[CUSTOMER_ID].n_unique()
+    n_customers_retained = pairs[CUSTOMER_ID].n_unique()
     consent_counts = {
         p: int(state.filter(pl.col(p) == False).height)  # noqa: E712
         for p in CONSENT_PURPOSES
@@ -225,9 +271,9 @@ def build_features(
         "inputs": _inputs(ds),
         "row_counts": {
             "raw_events": raw_events.select(pl.len()).collect().item(),
-            "retained_events": retained_df.height,
-            "personalisation_events": personal.select(pl.len()).collect().item(),
-            "profiling_events": profiling.select(pl.len()).collect().item(),
+            "retained_events": int(pairs["n_events"].sum()),
+            "personalisation_events": int(personal["n_events"].sum()),
+            "profiling_events": int(profiling["n_events"].sum()),
             "customers_retained": n_customers_retained,
             "customers_declined": consent_counts,
             "interaction_customers": len(interactions.customers),
@@ -242,6 +288,7 @@ def build_features(
         "value_tier_thresholds": list(value_tier_thresholds(profiles)),
         "outputs": sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != "manifest.json"),
         "seconds": round(time.perf_counter() - started, 3),
+        "step_seconds": steps.seconds,
     }
     write_json_atomic(manifest, ds.manifest_path)
     return manifest

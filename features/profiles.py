@@ -30,10 +30,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+import numpy as np
 import polars as pl
+import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
-from features.interactions import WEIGHT, InteractionConfig, interaction_weights
+from features.interactions import WEIGHT, InteractionConfig, build_interactions, event_weight
 from features.schema import (
     CUSTOMER_ID,
     EVENT_TYPE,
@@ -79,7 +81,7 @@ class ProfileConfig(BaseModel):
     churn_factor: float = 2.0
 
 
-def item_attributes(items: pl.LazyFrame, config: ProfileConfig) -> list[str]:
+def item_attributes(items: pl.LazyFrame | pl.DataFrame, config: ProfileConfig) -> list[str]:
     """The item attribute columns profiles are built for."""
     if config.attributes is not None:
         return list(config.attributes)
@@ -87,76 +89,144 @@ def item_attributes(items: pl.LazyFrame, config: ProfileConfig) -> list[str]:
     return [n for n, t in schema.items() if t == pl.String and n not in NOT_ATTRIBUTES]
 
 
-def preferred_attributes(
-    weights: pl.LazyFrame, items: pl.LazyFrame, attributes: Sequence[str]
+def pair_summary(
+    events: pl.LazyFrame,
+    *,
+    as_of: datetime,
+    config: ProfileConfig,
+    interactions: InteractionConfig | None = None,
 ) -> pl.LazyFrame:
-    """For each attribute A, the value with the largest summed interaction weight and its share of the total.
+    """One pass over the events: everything profiles and the interaction matrix need, per (customer, item).
 
-    Args:
-        weights: ``customer_id, item_id, weight`` (from :func:`interaction_weights`).
-        items: the items table.
-        attributes: attribute columns of ``items``.
+    Aggregating once to pairs (far fewer rows than events) lets consent filters, the interaction matrix,
+    preferences and activity all work on the small table.
 
     Returns:
-        ``customer_id, preferred_<A>, preferred_<A>_share`` for each A. Ties go to the alphabetically first value.
+        ``customer_id, item_id, weight`` (interaction weight, decayed if configured), ``profile_weight``,
+        ``n_events, first_seen, last_seen, first_purchase, last_purchase``, ``spend_known`` (price × quantity of
+        purchases with a price), ``qty_unpriced`` (quantity of purchases without one), ``recent_browse`` (viewed
+        or clicked within ``recent_days``) and ``last_cart`` (latest add-to-cart within ``recent_days``).
     """
-    joined = weights.join(items.select(ITEM_ID, *attributes), on=ITEM_ID, how="inner")
-    out = weights.select(CUSTOMER_ID).unique()
-    for a in attributes:
-        per_value = (
-            joined.filter(pl.col(a).is_not_null())
-            .group_by(CUSTOMER_ID, a)
-            .agg(pl.col(WEIGHT).sum().alias("__w"))
-        )
-        best = (
-            per_value.sort([CUSTOMER_ID, "__w", a], descending=[False, True, False])
-            .group_by(CUSTOMER_ID, maintain_order=True)
-            .agg(
-                pl.col(a).first().alias(f"preferred_{a}"),
-                (pl.col("__w").first() / pl.col("__w").sum()).cast(pl.Float32).alias(f"preferred_{a}_share"),
-            )
-        )
-        out = out.join(best, on=CUSTOMER_ID, how="left")
-    return out
-
-
-def activity_summary(
-    events: pl.LazyFrame, items: pl.LazyFrame, *, as_of: datetime, config: ProfileConfig
-) -> pl.LazyFrame:
-    """Per customer: RFM, usual purchase interval, recent browsing and cart state."""
+    interactions = interactions or InteractionConfig(weights=config.weights)
     ts = pl.col(TIMESTAMP_COL)
+    schema = events.collect_schema().names()
     is_purchase = pl.col(EVENT_TYPE) == config.purchase_event
     recent = ts >= pl.lit(as_of) - pl.duration(days=config.recent_days)
-    browse = pl.col(EVENT_TYPE).is_in(config.browse_events)
-    day = 86_400.0
-    schema = events.collect_schema().names()
-    qty = pl.col(QUANTITY).fill_null(1) if QUANTITY in schema else pl.lit(1)
-    # An order is a purchase session; without a session id, a purchase day.
-    order_key = ts.dt.date().cast(pl.String)
-    if SESSION_ID in schema:
-        order_key = pl.coalesce(pl.col(SESSION_ID), order_key)
-    price = pl.col(PRICE)
-    if PRICE in items.collect_schema().names():
-        events = events.join(
-            items.select(ITEM_ID, pl.col(PRICE).alias("__item_price")), on=ITEM_ID, how="left"
-        )
-        price = (
-            pl.coalesce(pl.col(PRICE), pl.col("__item_price")) if PRICE in schema else pl.col("__item_price")
-        )
-    elif PRICE not in schema:
-        price = pl.lit(None, dtype=pl.Float64)
-    agg = events.group_by(CUSTOMER_ID).agg(
-        pl.len().alias("n_events"),
+    qty = pl.col(QUANTITY).fill_null(1).cast(pl.Float64) if QUANTITY in schema else pl.lit(1.0)
+    price = pl.col(PRICE) if PRICE in schema else pl.lit(None, dtype=pl.Float64)
+    weight = event_weight(interactions.weights)
+    if interactions.half_life_days is not None:
+        age_days = (pl.lit(as_of) - ts).dt.total_seconds() / 86_400.0
+        weight = weight * (0.5 ** (age_days.clip(lower_bound=0) / interactions.half_life_days))
+    return events.group_by(CUSTOMER_ID, ITEM_ID).agg(
+        weight.sum().cast(pl.Float32).alias(WEIGHT),
+        event_weight(config.weights).sum().cast(pl.Float32).alias("profile_weight"),
+        pl.len().cast(pl.UInt32).alias("n_events"),
         ts.min().alias("first_seen"),
         ts.max().alias("last_seen"),
         ts.filter(is_purchase).min().alias("first_purchase"),
         ts.filter(is_purchase).max().alias("last_purchase"),
-        order_key.filter(is_purchase).n_unique().cast(pl.Int32).alias("frequency"),
-        (price * qty).filter(is_purchase).sum().fill_null(0.0).cast(pl.Float64).alias("monetary"),
-        pl.col(ITEM_ID).filter(recent & browse).n_unique().cast(pl.Int32).alias("recent_items_viewed"),
-        ts.filter(recent & (pl.col(EVENT_TYPE) == config.cart_event)).max().alias("__last_cart"),
+        (price * qty).filter(is_purchase).sum().alias("spend_known"),
+        qty.filter(is_purchase & price.is_null()).sum().alias("qty_unpriced"),
+        (recent & pl.col(EVENT_TYPE).is_in(config.browse_events)).any().alias("recent_browse"),
+        ts.filter(recent & (pl.col(EVENT_TYPE) == config.cart_event)).max().alias("last_cart"),
     )
-    since = lambda c: (pl.lit(as_of) - pl.col(c)).dt.total_seconds() / day  # noqa: E731
+
+
+def order_counts(events: pl.LazyFrame, *, config: ProfileConfig) -> pl.LazyFrame:
+    """Orders per customer: distinct purchase sessions (a purchase day where there is no session id)."""
+    schema = events.collect_schema().names()
+    order_key = pl.col(TIMESTAMP_COL).dt.date().cast(pl.String)
+    if SESSION_ID in schema:
+        order_key = pl.coalesce(pl.col(SESSION_ID), order_key)
+    return (
+        events.filter(pl.col(EVENT_TYPE) == config.purchase_event)
+        .group_by(CUSTOMER_ID)
+        .agg(order_key.n_unique().cast(pl.Int32).alias("frequency"))
+    )
+
+
+def preferred_attributes(
+    pairs: pl.DataFrame, items: pl.DataFrame, attributes: Sequence[str], *, weight: str = "profile_weight"
+) -> pl.DataFrame:
+    """For each attribute A, the value with the largest summed weight and its share of the customer's total.
+
+    Computed as a sparse product (customers × items) · (items × values of A), so it costs one pass over the
+    pairs per attribute. Items without a value of A do not count towards A's total.
+
+    Args:
+        pairs: ``customer_id, item_id`` and the ``weight`` column.
+        items: the items table.
+        attributes: attribute columns of ``items``.
+
+    Returns:
+        ``customer_id, preferred_<A>, preferred_<A>_share`` for each A; ties go to the alphabetically first
+        value; null where the customer has no weight on any item with a value of A.
+    """
+    pairs = pairs.filter(pl.col(weight) > 0)
+    inter = build_interactions(pairs.select(CUSTOMER_ID, ITEM_ID, pl.col(weight).alias(WEIGHT)))
+    out: dict[str, pl.Series] = {CUSTOMER_ID: pl.Series(CUSTOMER_ID, inter.customers.ids, dtype=pl.String)}
+    aligned = pl.DataFrame({ITEM_ID: list(inter.items.ids)}, schema={ITEM_ID: pl.String}).join(
+        items.select(ITEM_ID, *attributes), on=ITEM_ID, how="left", maintain_order="left"
+    )
+    n_customers = len(inter.customers)
+    for a in attributes:
+        column = aligned[a].cast(pl.String)
+        levels = column.drop_nulls().unique().sort()
+        if levels.is_empty() or n_customers == 0:
+            out[f"preferred_{a}"] = pl.Series(f"preferred_{a}", [None] * n_customers, dtype=pl.String)
+            out[f"preferred_{a}_share"] = pl.Series(
+                f"preferred_{a}_share", [None] * n_customers, dtype=pl.Float32
+            )
+            continue
+        codes = column.replace_strict(
+            levels, pl.Series(range(len(levels))), default=-1, return_dtype=pl.Int64
+        )
+        codes_np = codes.to_numpy()
+        has = codes_np >= 0
+        onehot = sp.csr_matrix(
+            (np.ones(int(has.sum()), dtype=np.float32), (np.flatnonzero(has), codes_np[has])),
+            shape=(len(inter.items), len(levels)),
+        )
+        per_value = np.asarray((inter.matrix @ onehot).todense())
+        best = per_value.argmax(axis=1)
+        total = per_value.sum(axis=1)
+        top = per_value[np.arange(n_customers), best]
+        valid = total > 0
+        values = np.asarray(levels.to_list(), dtype=object)[best]
+        out[f"preferred_{a}"] = pl.Series(f"preferred_{a}", np.where(valid, values, None), dtype=pl.String)
+        share = np.divide(top, total, out=np.zeros_like(top), where=valid).astype(np.float32)
+        out[f"preferred_{a}_share"] = pl.Series(f"preferred_{a}_share", share).set(pl.Series(~valid), None)
+    return pl.DataFrame(out)
+
+
+def customer_activity(
+    pairs: pl.LazyFrame, orders: pl.LazyFrame, items: pl.LazyFrame, *, as_of: datetime
+) -> pl.LazyFrame:
+    """Per customer: RFM, usual purchase interval, recent browsing and cart state (from :func:`pair_summary`)."""
+    day = 86_400.0
+    if PRICE in items.collect_schema().names():
+        pairs = pairs.join(items.select(ITEM_ID, pl.col(PRICE).alias("__item_price")), on=ITEM_ID, how="left")
+        spend = pl.col("spend_known").fill_null(0) + pl.col("qty_unpriced").fill_null(0) * pl.col(
+            "__item_price"
+        ).fill_null(0)
+    else:
+        spend = pl.col("spend_known").fill_null(0)
+    agg = pairs.group_by(CUSTOMER_ID).agg(
+        pl.col("n_events").sum().cast(pl.UInt32),
+        pl.col("first_seen").min(),
+        pl.col("last_seen").max(),
+        pl.col("first_purchase").min(),
+        pl.col("last_purchase").max(),
+        spend.sum().cast(pl.Float64).alias("monetary"),
+        pl.col("recent_browse").sum().cast(pl.Int32).alias("recent_items_viewed"),
+        pl.col("last_cart").max().alias("__last_cart"),
+    )
+    agg = agg.join(orders, on=CUSTOMER_ID, how="left").with_columns(pl.col("frequency").fill_null(0))
+
+    def since(c: str) -> pl.Expr:
+        return (pl.lit(as_of) - pl.col(c)).dt.total_seconds() / day
+
     return agg.with_columns(
         since("last_purchase").cast(pl.Float32).alias("recency_days"),
         pl.when(pl.col("frequency") >= 2)
@@ -239,6 +309,48 @@ def lifecycle(as_of: datetime, config: ProfileConfig) -> pl.Expr:
     )
 
 
+def profiles_from_summary(
+    pairs: pl.DataFrame,
+    orders: pl.DataFrame,
+    items: pl.LazyFrame,
+    customers: pl.LazyFrame,
+    *,
+    as_of: datetime,
+    config: ProfileConfig | None = None,
+    value_thresholds: tuple[float, float] | None = None,
+) -> pl.DataFrame:
+    """Profiles from :func:`pair_summary` and :func:`order_counts` (the pipeline shares them with the matrix)."""
+    config = config or ProfileConfig()
+    items_df = items.collect() if isinstance(items, pl.LazyFrame) else items
+    attributes = item_attributes(items_df, config)
+    prefs = preferred_attributes(pairs, items_df, attributes)
+    activity = customer_activity(pairs.lazy(), orders.lazy(), items_df.lazy(), as_of=as_of)
+    cust_cols = customers.collect_schema().names()
+    demo = customers.select(CUSTOMER_ID, *(pl.col(c) for c in ("age", "gender", "region") if c in cust_cols))
+    prof = activity.join(prefs.lazy(), on=CUSTOMER_ID, how="left").join(demo, on=CUSTOMER_ID, how="left")
+    names = prof.collect_schema().names()
+    age = pl.col("age") if "age" in names else pl.lit(None, dtype=pl.Int32)
+    region = pl.col("region") if "region" in names else pl.lit(None, dtype=pl.String)
+    frame = (
+        prof.with_columns(
+            journey_phase(config).alias("journey_phase"),
+            age_band(age).alias("age_band"),
+            region.fill_null("unknown").alias("region"),
+            lifecycle(as_of, config).alias("lifecycle"),
+            (pl.col("recency_days") / pl.col("usual_interval_days")).cast(pl.Float32).alias("churn_risk"),
+        )
+        .with_columns(
+            pl.when(pl.col("churn_risk").is_not_null())
+            .then(pl.col("churn_risk") > config.churn_factor)
+            .otherwise(pl.col("recency_days").fill_null(0) > config.lapsed_days)
+            .alias("churn_risk_flag")
+        )
+        .collect()
+    )
+    thresholds = value_thresholds if value_thresholds is not None else value_tier_thresholds(frame)
+    return frame.with_columns(value_tier(thresholds).alias("value_tier")).sort(CUSTOMER_ID)
+
+
 def build_profiles(
     events: pl.LazyFrame,
     items: pl.LazyFrame,
@@ -248,7 +360,7 @@ def build_profiles(
     config: ProfileConfig | None = None,
     value_thresholds: tuple[float, float] | None = None,
 ) -> pl.LazyFrame:
-    """One profile row per customer with events.
+    """One profile row per customer with events — the whole base offline, or one customer online.
 
     Args:
         events: events of customers who consented to profiling (identity-resolved, retention-filtered).
@@ -263,33 +375,8 @@ def build_profiles(
         the profile frame (columns documented in the module docstring).
     """
     config = config or ProfileConfig()
-    attributes = item_attributes(items, config)
-    weights = interaction_weights(events, InteractionConfig(weights=config.weights))
-    prefs = preferred_attributes(weights, items, attributes)
-    activity = activity_summary(events, items, as_of=as_of, config=config)
-    cust_cols = customers.collect_schema().names()
-    demo = customers.select(
-        CUSTOMER_ID,
-        *(pl.col(c) for c in ("age", "gender", "region") if c in cust_cols),
-    )
-    prof = activity.join(prefs, on=CUSTOMER_ID, how="left").join(demo, on=CUSTOMER_ID, how="left")
-    names = prof.collect_schema().names()
-    prof = prof.with_columns(
-        journey_phase(config).alias("journey_phase"),
-        age_band(pl.col("age") if "age" in names else pl.lit(None, dtype=pl.Int32)).alias("age_band"),
-        (pl.col("region") if "region" in names else pl.lit(None, dtype=pl.String))
-        .fill_null("unknown")
-        .alias("region"),
-        lifecycle(as_of, config).alias("lifecycle"),
-        (pl.col("recency_days") / pl.col("usual_interval_days")).cast(pl.Float32).alias("churn_risk"),
-    ).with_columns(
-        pl.when(pl.col("churn_risk").is_not_null())
-        .then(pl.col("churn_risk") > config.churn_factor)
-        .otherwise(pl.col("recency_days").fill_null(0) > config.lapsed_days)
-        .alias("churn_risk_flag")
-    )
-    if value_thresholds is None:
-        frame = prof.collect()
-        value_thresholds = value_tier_thresholds(frame)
-        prof = frame.lazy()
-    return prof.with_columns(value_tier(value_thresholds).alias("value_tier")).sort(CUSTOMER_ID)
+    pairs = pair_summary(events, as_of=as_of, config=config).collect()
+    orders = order_counts(events, config=config).collect()
+    return profiles_from_summary(
+        pairs, orders, items, customers, as_of=as_of, config=config, value_thresholds=value_thresholds
+    ).lazy()
