@@ -44,10 +44,8 @@ def consent_state(consent: pl.LazyFrame, *, as_of: datetime | None = None) -> pl
     """
     if as_of is not None:
         consent = consent.filter(pl.col(TIMESTAMP_COL) <= as_of)
-    latest = (
-        consent.sort(TIMESTAMP_COL, maintain_order=True)
-        .group_by(CUSTOMER_ID, PURPOSE)
-        .agg(pl.col(GRANTED).last())
+    latest = consent.group_by(CUSTOMER_ID, PURPOSE).agg(
+        pl.col(GRANTED).sort_by(TIMESTAMP_COL, maintain_order=True).last()
     )
     return latest.group_by(CUSTOMER_ID).agg(
         [pl.col(GRANTED).filter(pl.col(PURPOSE) == p).first().alias(p) for p in CONSENT_PURPOSES]
