@@ -26,8 +26,8 @@ from features.privacy import (
 )
 from features.profiles import (
     ProfileConfig,
-    order_counts,
-    pair_summary,
+    customer_summary,
+    pair_weights,
     profiles_from_summary,
     value_tier_thresholds,
 )
@@ -141,14 +141,14 @@ def _inputs(ds: Dataset) -> list[dict[str, Any]]:
     return out
 
 
-def _cutoffs(config: FeatureConfig, pairs: pl.DataFrame) -> tuple[datetime, datetime]:
+def _cutoffs(config: FeatureConfig, summary: pl.DataFrame) -> tuple[datetime, datetime]:
     if config.validation_start and config.test_start:
         return config.validation_start, config.test_start
-    # Each pair carries its first and last event, so their extremes are the events' time range.
+    # Each customer's first and last event: their extremes are the events' time range.
     span = pl.concat(
         [
-            pairs.select(pl.col("first_seen").alias(TIMESTAMP_COL)),
-            pairs.select(pl.col("last_seen").alias(TIMESTAMP_COL)),
+            summary.select(pl.col("first_seen").alias(TIMESTAMP_COL)),
+            summary.select(pl.col("last_seen").alias(TIMESTAMP_COL)),
         ]
     )
     auto_val, auto_test = default_cutoffs(
@@ -203,36 +203,54 @@ def build_features(
     retained = apply_retention(events, as_of=as_of, days=config.retention_days).filter(
         pl.col(TIMESTAMP_COL) <= as_of
     )
-    # One pass over the events: every later step works on (customer, item) pairs, which are far fewer.
-    pairs = pair_summary(
+    items = ds.scan("items", required=False)
+    # Two passes over the events (per pair, per customer); everything after works on those far smaller tables.
+    pairs = pair_weights(
         retained, as_of=as_of, config=config.profiles, interactions=config.interactions
     ).collect()
-    orders = order_counts(retained, config=config.profiles).collect()
+    summary = customer_summary(retained, items, as_of=as_of, config=config.profiles).collect()
+    steps.done()
+
+    steps.start("interaction matrix")
+    positive = pairs.filter(pl.col(WEIGHT) > 0)
+    everyone = build_interactions(positive.select(CUSTOMER_ID, ITEM_ID, WEIGHT))
+    if pairs.select((pl.col(WEIGHT) == pl.col("profile_weight")).all()).item():
+        profile_matrix = everyone
+    else:
+        profile_matrix = build_interactions(
+            pairs.filter(pl.col("profile_weight") > 0).select(
+                CUSTOMER_ID, ITEM_ID, pl.col("profile_weight").alias(WEIGHT)
+            ),
+            customers=everyone.customers,
+            items=everyone.items,
+        )
     steps.done()
 
     steps.start("consent")
     state = consent_state(ds.scan("consent", required=False), as_of=as_of).collect()
     write_parquet_atomic(state, out_dir / CONSENT_FILE)
-    personal = filter_consented(
-        pairs.lazy(), state.lazy(), "personalisation", default=config.consent_default
-    ).collect()
-    profiling = filter_consented(
-        pairs.lazy(), state.lazy(), "profiling", default=config.consent_default
-    ).collect()
-    steps.done()
-
-    steps.start("interaction matrix")
-    interactions = build_interactions(
-        personal.filter(pl.col(WEIGHT) > 0).select(CUSTOMER_ID, ITEM_ID, WEIGHT)
+    # Consent is per customer, so it filters the customer vocabulary (rows), never the events themselves.
+    customer_ids = pl.DataFrame({CUSTOMER_ID: list(everyone.customers.ids)}, schema={CUSTOMER_ID: pl.String})
+    allowed = {
+        purpose: filter_consented(
+            customer_ids.lazy(), state.lazy(), purpose, default=config.consent_default
+        ).collect()[CUSTOMER_ID]
+        for purpose in ("personalisation", "profiling")
+    }
+    interactions = everyone.select_customers(
+        customer_ids[CUSTOMER_ID].is_in(allowed["personalisation"].implode()).to_numpy()
     )
     interactions.save(out_dir)
+    profiling_ids = filter_consented(
+        summary.select(CUSTOMER_ID).lazy(), state.lazy(), "profiling", default=config.consent_default
+    ).collect()[CUSTOMER_ID]
     steps.done()
 
     steps.start("profiles")
     profiles = profiles_from_summary(
-        profiling,
-        orders.join(profiling.select(CUSTOMER_ID).unique(), on=CUSTOMER_ID, how="semi"),
-        ds.scan("items", required=False),
+        profile_matrix.select_customers(customer_ids[CUSTOMER_ID].is_in(profiling_ids.implode()).to_numpy()),
+        summary.filter(pl.col(CUSTOMER_ID).is_in(profiling_ids.implode())),
+        items,
         ds.scan("customers", required=False),
         as_of=as_of,
         config=config.profiles,
@@ -244,7 +262,7 @@ def build_features(
     warnings: list[str] = []
     splits: dict[str, str] | None = None
     try:
-        validation_start, test_start = _cutoffs(config, pairs)
+        validation_start, test_start = _cutoffs(config, summary)
         splits = {"validation_start": validation_start.isoformat(), "test_start": test_start.isoformat()}
     except SplitError as exc:
         # Features are still useful (profiles, a full matrix); training says what is missing.
@@ -257,7 +275,8 @@ def build_features(
     steps.done()
     steps.close()
 
-    n_customers_retained = pairs[CUSTOMER_ID].n_unique()
+    n_customers_retained = summary.height
+    personal_summary = summary.filter(pl.col(CUSTOMER_ID).is_in(allowed["personalisation"].implode()))
     consent_counts = {
         p: int(state.filter(pl.col(p) == False).height)  # noqa: E712
         for p in CONSENT_PURPOSES
@@ -271,9 +290,11 @@ def build_features(
         "inputs": _inputs(ds),
         "row_counts": {
             "raw_events": raw_events.select(pl.len()).collect().item(),
-            "retained_events": int(pairs["n_events"].sum()),
-            "personalisation_events": int(personal["n_events"].sum()),
-            "profiling_events": int(profiling["n_events"].sum()),
+            "retained_events": int(summary["n_events"].sum()),
+            "personalisation_events": int(personal_summary["n_events"].sum()),
+            "profiling_events": int(
+                summary.filter(pl.col(CUSTOMER_ID).is_in(profiling_ids.implode()))["n_events"].sum()
+            ),
             "customers_retained": n_customers_retained,
             "customers_declined": consent_counts,
             "interaction_customers": len(interactions.customers),

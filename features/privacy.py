@@ -47,9 +47,13 @@ def consent_state(consent: pl.LazyFrame, *, as_of: datetime | None = None) -> pl
     latest = consent.group_by(CUSTOMER_ID, PURPOSE).agg(
         pl.col(GRANTED).sort_by(TIMESTAMP_COL, maintain_order=True).last()
     )
-    return latest.group_by(CUSTOMER_ID).agg(
-        [pl.col(GRANTED).filter(pl.col(PURPOSE) == p).first().alias(p) for p in CONSENT_PURPOSES]
-    )
+    return latest.pivot(
+        on=PURPOSE,
+        on_columns=list(CONSENT_PURPOSES),
+        index=CUSTOMER_ID,
+        values=GRANTED,
+        aggregate_function="first",
+    ).select(CUSTOMER_ID, *CONSENT_PURPOSES)
 
 
 def filter_consented(

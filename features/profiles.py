@@ -35,7 +35,7 @@ import polars as pl
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
-from features.interactions import WEIGHT, InteractionConfig, build_interactions, event_weight
+from features.interactions import WEIGHT, InteractionConfig, Interactions, build_interactions, event_weight
 from features.schema import (
     CUSTOMER_ID,
     EVENT_TYPE,
@@ -89,145 +89,78 @@ def item_attributes(items: pl.LazyFrame | pl.DataFrame, config: ProfileConfig) -
     return [n for n, t in schema.items() if t == pl.String and n not in NOT_ATTRIBUTES]
 
 
-def pair_summary(
+def pair_weights(
     events: pl.LazyFrame,
     *,
     as_of: datetime,
     config: ProfileConfig,
     interactions: InteractionConfig | None = None,
 ) -> pl.LazyFrame:
-    """One pass over the events: everything profiles and the interaction matrix need, per (customer, item).
-
-    Aggregating once to pairs (far fewer rows than events) lets consent filters, the interaction matrix,
-    preferences and activity all work on the small table.
-
-    Returns:
-        ``customer_id, item_id, weight`` (interaction weight, decayed if configured), ``profile_weight``,
-        ``n_events, first_seen, last_seen, first_purchase, last_purchase``, ``spend_known`` (price × quantity of
-        purchases with a price), ``qty_unpriced`` (quantity of purchases without one), ``recent_browse`` (viewed
-        or clicked within ``recent_days``) and ``last_cart`` (latest add-to-cart within ``recent_days``).
-    """
+    """Summed event weights per (customer, item): ``weight`` for the interaction matrix (decayed if configured)
+    and ``profile_weight`` for preferences (equal to ``weight`` unless the configs differ)."""
     interactions = interactions or InteractionConfig(weights=config.weights)
+    weight = event_weight(interactions.weights)
+    if interactions.half_life_days is not None:
+        age_days = (pl.lit(as_of) - pl.col(TIMESTAMP_COL)).dt.total_seconds() / 86_400.0
+        weight = weight * (0.5 ** (age_days.clip(lower_bound=0) / interactions.half_life_days))
+    same = interactions.half_life_days is None and interactions.weights == config.weights
+    aggs = [weight.sum().cast(pl.Float32).alias(WEIGHT)]
+    if not same:
+        aggs.append(event_weight(config.weights).sum().cast(pl.Float32).alias("profile_weight"))
+    pairs = events.group_by(CUSTOMER_ID, ITEM_ID).agg(*aggs)
+    return pairs.with_columns(pl.col(WEIGHT).alias("profile_weight")) if same else pairs
+
+
+def customer_summary(
+    events: pl.LazyFrame, items: pl.LazyFrame, *, as_of: datetime, config: ProfileConfig
+) -> pl.LazyFrame:
+    """Per customer: activity, RFM, usual purchase interval, recent browsing and cart state.
+
+    Monetary value is price × quantity of purchases; a purchase without a price counts at its item's price.
+    """
     ts = pl.col(TIMESTAMP_COL)
     schema = events.collect_schema().names()
     is_purchase = pl.col(EVENT_TYPE) == config.purchase_event
     recent = ts >= pl.lit(as_of) - pl.duration(days=config.recent_days)
     qty = pl.col(QUANTITY).fill_null(1).cast(pl.Float64) if QUANTITY in schema else pl.lit(1.0)
     price = pl.col(PRICE) if PRICE in schema else pl.lit(None, dtype=pl.Float64)
-    weight = event_weight(interactions.weights)
-    if interactions.half_life_days is not None:
-        age_days = (pl.lit(as_of) - ts).dt.total_seconds() / 86_400.0
-        weight = weight * (0.5 ** (age_days.clip(lower_bound=0) / interactions.half_life_days))
-    return events.group_by(CUSTOMER_ID, ITEM_ID).agg(
-        weight.sum().cast(pl.Float32).alias(WEIGHT),
-        event_weight(config.weights).sum().cast(pl.Float32).alias("profile_weight"),
+    order_key = ts.dt.date().cast(pl.String)
+    if SESSION_ID in schema:
+        order_key = pl.coalesce(pl.col(SESSION_ID), order_key)
+    day = 86_400.0
+    summary = events.group_by(CUSTOMER_ID).agg(
         pl.len().cast(pl.UInt32).alias("n_events"),
         ts.min().alias("first_seen"),
         ts.max().alias("last_seen"),
         ts.filter(is_purchase).min().alias("first_purchase"),
         ts.filter(is_purchase).max().alias("last_purchase"),
-        (price * qty).filter(is_purchase).sum().alias("spend_known"),
-        qty.filter(is_purchase & price.is_null()).sum().alias("qty_unpriced"),
-        (recent & pl.col(EVENT_TYPE).is_in(config.browse_events)).any().alias("recent_browse"),
-        ts.filter(recent & (pl.col(EVENT_TYPE) == config.cart_event)).max().alias("last_cart"),
+        order_key.filter(is_purchase).n_unique().cast(pl.Int32).alias("frequency"),
+        (price * qty).filter(is_purchase).sum().fill_null(0.0).cast(pl.Float64).alias("monetary"),
+        pl.col(ITEM_ID)
+        .filter(recent & pl.col(EVENT_TYPE).is_in(config.browse_events))
+        .n_unique()
+        .cast(pl.Int32)
+        .alias("recent_items_viewed"),
+        ts.filter(recent & (pl.col(EVENT_TYPE) == config.cart_event)).max().alias("__last_cart"),
     )
-
-
-def order_counts(events: pl.LazyFrame, *, config: ProfileConfig) -> pl.LazyFrame:
-    """Orders per customer: distinct purchase sessions (a purchase day where there is no session id)."""
-    schema = events.collect_schema().names()
-    order_key = pl.col(TIMESTAMP_COL).dt.date().cast(pl.String)
-    if SESSION_ID in schema:
-        order_key = pl.coalesce(pl.col(SESSION_ID), order_key)
-    return (
-        events.filter(pl.col(EVENT_TYPE) == config.purchase_event)
-        .group_by(CUSTOMER_ID)
-        .agg(order_key.n_unique().cast(pl.Int32).alias("frequency"))
-    )
-
-
-def preferred_attributes(
-    pairs: pl.DataFrame, items: pl.DataFrame, attributes: Sequence[str], *, weight: str = "profile_weight"
-) -> pl.DataFrame:
-    """For each attribute A, the value with the largest summed weight and its share of the customer's total.
-
-    Computed as a sparse product (customers × items) · (items × values of A), so it costs one pass over the
-    pairs per attribute. Items without a value of A do not count towards A's total.
-
-    Args:
-        pairs: ``customer_id, item_id`` and the ``weight`` column.
-        items: the items table.
-        attributes: attribute columns of ``items``.
-
-    Returns:
-        ``customer_id, preferred_<A>, preferred_<A>_share`` for each A; ties go to the alphabetically first
-        value; null where the customer has no weight on any item with a value of A.
-    """
-    pairs = pairs.filter(pl.col(weight) > 0)
-    inter = build_interactions(pairs.select(CUSTOMER_ID, ITEM_ID, pl.col(weight).alias(WEIGHT)))
-    out: dict[str, pl.Series] = {CUSTOMER_ID: pl.Series(CUSTOMER_ID, inter.customers.ids, dtype=pl.String)}
-    aligned = pl.DataFrame({ITEM_ID: list(inter.items.ids)}, schema={ITEM_ID: pl.String}).join(
-        items.select(ITEM_ID, *attributes), on=ITEM_ID, how="left", maintain_order="left"
-    )
-    n_customers = len(inter.customers)
-    for a in attributes:
-        column = aligned[a].cast(pl.String)
-        levels = column.drop_nulls().unique().sort()
-        if levels.is_empty() or n_customers == 0:
-            out[f"preferred_{a}"] = pl.Series(f"preferred_{a}", [None] * n_customers, dtype=pl.String)
-            out[f"preferred_{a}_share"] = pl.Series(
-                f"preferred_{a}_share", [None] * n_customers, dtype=pl.Float32
-            )
-            continue
-        codes = column.replace_strict(
-            levels, pl.Series(range(len(levels))), default=-1, return_dtype=pl.Int64
-        )
-        codes_np = codes.to_numpy()
-        has = codes_np >= 0
-        onehot = sp.csr_matrix(
-            (np.ones(int(has.sum()), dtype=np.float32), (np.flatnonzero(has), codes_np[has])),
-            shape=(len(inter.items), len(levels)),
-        )
-        per_value = np.asarray((inter.matrix @ onehot).todense())
-        best = per_value.argmax(axis=1)
-        total = per_value.sum(axis=1)
-        top = per_value[np.arange(n_customers), best]
-        valid = total > 0
-        values = np.asarray(levels.to_list(), dtype=object)[best]
-        out[f"preferred_{a}"] = pl.Series(f"preferred_{a}", np.where(valid, values, None), dtype=pl.String)
-        share = np.divide(top, total, out=np.zeros_like(top), where=valid).astype(np.float32)
-        out[f"preferred_{a}_share"] = pl.Series(f"preferred_{a}_share", share).set(pl.Series(~valid), None)
-    return pl.DataFrame(out)
-
-
-def customer_activity(
-    pairs: pl.LazyFrame, orders: pl.LazyFrame, items: pl.LazyFrame, *, as_of: datetime
-) -> pl.LazyFrame:
-    """Per customer: RFM, usual purchase interval, recent browsing and cart state (from :func:`pair_summary`)."""
-    day = 86_400.0
     if PRICE in items.collect_schema().names():
-        pairs = pairs.join(items.select(ITEM_ID, pl.col(PRICE).alias("__item_price")), on=ITEM_ID, how="left")
-        spend = pl.col("spend_known").fill_null(0) + pl.col("qty_unpriced").fill_null(0) * pl.col(
-            "__item_price"
-        ).fill_null(0)
-    else:
-        spend = pl.col("spend_known").fill_null(0)
-    agg = pairs.group_by(CUSTOMER_ID).agg(
-        pl.col("n_events").sum().cast(pl.UInt32),
-        pl.col("first_seen").min(),
-        pl.col("last_seen").max(),
-        pl.col("first_purchase").min(),
-        pl.col("last_purchase").max(),
-        spend.sum().cast(pl.Float64).alias("monetary"),
-        pl.col("recent_browse").sum().cast(pl.Int32).alias("recent_items_viewed"),
-        pl.col("last_cart").max().alias("__last_cart"),
-    )
-    agg = agg.join(orders, on=CUSTOMER_ID, how="left").with_columns(pl.col("frequency").fill_null(0))
+        # Rare in practice, so priced through a join over those purchases only, not over every event.
+        unpriced = (
+            events.filter(is_purchase & price.is_null())
+            .join(items.select(ITEM_ID, pl.col(PRICE).alias("__item_price")), on=ITEM_ID, how="inner")
+            .group_by(CUSTOMER_ID)
+            .agg((pl.col("__item_price").fill_null(0) * qty).sum().alias("__unpriced"))
+        )
+        summary = (
+            summary.join(unpriced, on=CUSTOMER_ID, how="left")
+            .with_columns((pl.col("monetary") + pl.col("__unpriced").fill_null(0)).alias("monetary"))
+            .drop("__unpriced")
+        )
 
     def since(c: str) -> pl.Expr:
         return (pl.lit(as_of) - pl.col(c)).dt.total_seconds() / day
 
-    return agg.with_columns(
+    return summary.with_columns(
         since("last_purchase").cast(pl.Float32).alias("recency_days"),
         pl.when(pl.col("frequency") >= 2)
         .then(
@@ -242,6 +175,57 @@ def customer_activity(
             & (pl.col("last_purchase").is_null() | (pl.col("__last_cart") > pl.col("last_purchase")))
         ).alias("open_cart"),
     ).drop("__last_cart")
+
+
+def preferred_attributes(
+    weights: Interactions, items: pl.DataFrame, attributes: Sequence[str]
+) -> pl.DataFrame:
+    """For each attribute A, the value with the largest summed weight and its share of the customer's total.
+
+    Computed as a sparse product (customers × items) · (items × values of A), so it costs one pass over the
+    non-zeros per attribute. Items without a value of A do not count towards A's total.
+
+    Args:
+        weights: the customers × items matrix of profile weights.
+        items: the items table.
+        attributes: attribute columns of ``items``.
+
+    Returns:
+        ``customer_id, preferred_<A>, preferred_<A>_share`` for each A; ties go to the alphabetically first
+        value; null where the customer has no weight on any item with a value of A.
+    """
+    out: dict[str, pl.Series] = {CUSTOMER_ID: pl.Series(CUSTOMER_ID, weights.customers.ids, dtype=pl.String)}
+    aligned = pl.DataFrame({ITEM_ID: list(weights.items.ids)}, schema={ITEM_ID: pl.String}).join(
+        items.select(ITEM_ID, *attributes), on=ITEM_ID, how="left", maintain_order="left"
+    )
+    n_customers = len(weights.customers)
+    for a in attributes:
+        column = aligned[a].cast(pl.String)
+        levels = column.drop_nulls().unique().sort()
+        if levels.is_empty() or n_customers == 0:
+            out[f"preferred_{a}"] = pl.Series(f"preferred_{a}", [None] * n_customers, dtype=pl.String)
+            out[f"preferred_{a}_share"] = pl.Series(
+                f"preferred_{a}_share", [None] * n_customers, dtype=pl.Float32
+            )
+            continue
+        codes = column.replace_strict(
+            levels, pl.Series(range(len(levels))), default=-1, return_dtype=pl.Int64
+        ).to_numpy()
+        has = codes >= 0
+        onehot = sp.csr_matrix(
+            (np.ones(int(has.sum()), dtype=np.float32), (np.flatnonzero(has), codes[has])),
+            shape=(len(weights.items), len(levels)),
+        )
+        per_value = np.asarray((weights.matrix @ onehot).todense())
+        best = per_value.argmax(axis=1)
+        total = per_value.sum(axis=1)
+        top = per_value[np.arange(n_customers), best]
+        valid = total > 0
+        values = np.asarray(levels.to_list(), dtype=object)[best]
+        out[f"preferred_{a}"] = pl.Series(f"preferred_{a}", np.where(valid, values, None), dtype=pl.String)
+        share = np.divide(top, total, out=np.zeros_like(top), where=valid).astype(np.float32)
+        out[f"preferred_{a}_share"] = pl.Series(f"preferred_{a}_share", share).set(pl.Series(~valid), None)
+    return pl.DataFrame(out)
 
 
 def journey_phase(config: ProfileConfig) -> pl.Expr:
@@ -310,24 +294,24 @@ def lifecycle(as_of: datetime, config: ProfileConfig) -> pl.Expr:
 
 
 def profiles_from_summary(
-    pairs: pl.DataFrame,
-    orders: pl.DataFrame,
-    items: pl.LazyFrame,
+    weights: Interactions,
+    summary: pl.DataFrame,
+    items: pl.LazyFrame | pl.DataFrame,
     customers: pl.LazyFrame,
     *,
     as_of: datetime,
     config: ProfileConfig | None = None,
     value_thresholds: tuple[float, float] | None = None,
 ) -> pl.DataFrame:
-    """Profiles from :func:`pair_summary` and :func:`order_counts` (the pipeline shares them with the matrix)."""
+    """Profiles from the profile-weight matrix and :func:`customer_summary` (the pipeline shares both)."""
     config = config or ProfileConfig()
     items_df = items.collect() if isinstance(items, pl.LazyFrame) else items
-    attributes = item_attributes(items_df, config)
-    prefs = preferred_attributes(pairs, items_df, attributes)
-    activity = customer_activity(pairs.lazy(), orders.lazy(), items_df.lazy(), as_of=as_of)
+    prefs = preferred_attributes(weights, items_df, item_attributes(items_df, config))
     cust_cols = customers.collect_schema().names()
     demo = customers.select(CUSTOMER_ID, *(pl.col(c) for c in ("age", "gender", "region") if c in cust_cols))
-    prof = activity.join(prefs.lazy(), on=CUSTOMER_ID, how="left").join(demo, on=CUSTOMER_ID, how="left")
+    prof = (
+        summary.lazy().join(prefs.lazy(), on=CUSTOMER_ID, how="left").join(demo, on=CUSTOMER_ID, how="left")
+    )
     names = prof.collect_schema().names()
     age = pl.col("age") if "age" in names else pl.lit(None, dtype=pl.Int32)
     region = pl.col("region") if "region" in names else pl.lit(None, dtype=pl.String)
@@ -375,8 +359,13 @@ def build_profiles(
         the profile frame (columns documented in the module docstring).
     """
     config = config or ProfileConfig()
-    pairs = pair_summary(events, as_of=as_of, config=config).collect()
-    orders = order_counts(events, config=config).collect()
+    pairs = pair_weights(events, as_of=as_of, config=config).collect()
+    weights = build_interactions(
+        pairs.filter(pl.col("profile_weight") > 0).select(
+            CUSTOMER_ID, ITEM_ID, pl.col("profile_weight").alias(WEIGHT)
+        )
+    )
+    summary = customer_summary(events, items, as_of=as_of, config=config).collect()
     return profiles_from_summary(
-        pairs, orders, items, customers, as_of=as_of, config=config, value_thresholds=value_thresholds
+        weights, summary, items, customers, as_of=as_of, config=config, value_thresholds=value_thresholds
     ).lazy()
