@@ -1,0 +1,823 @@
+"""Train, evaluate, tune (Optuna) and register (MLflow) the follow-up purchase recommenders of a dataset.
+
+The protocol, the same for ``train_cf`` and for the best trial of ``tune_cf``:
+
+1. read the clean personalisation events and the cut-offs in the feature manifest;
+2. fit on train (events before ``validation_start``) and evaluate on the validation period — these are the
+   metrics without prefix (``ndcg_at_10``, ``new_ndcg_at_10`` …) that tuning and promotion compare;
+3. refit the same config on train + validation (everything before ``test_start``) and evaluate on the test
+   period (``test_ndcg_at_10`` … in MLflow, ``test_metrics`` in the result); this refit model, with the
+   histories it was fitted on, is what gets logged as the pyfunc model and registered as ``challenger``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import scipy.sparse as sp
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from features.dataset import Dataset
+from features.interactions import Interactions, build_interactions, interaction_weights
+from features.pipeline import FeatureConfig, clean_events
+from features.profiles import build_profiles
+from features.schema import TIMESTAMP_COL
+from features.splits import temporal_split
+from training.evaluation import (
+    EvaluationConfig,
+    EvaluationResult,
+    EvaluationTask,
+    evaluate,
+    parse_metric_name,
+    prepare_evaluation,
+    score_metric,
+)
+from training.histories import purchase_matrix, recency_matrix
+from training.recommender_bundle import RecommenderBundle
+from training.recommenders import MODEL_NAMES, Recommender, config_for, make_recommender
+from training.tracking import TrackingConfig, flat_params, log_recommender_bundle, use_tracking
+
+ITERATIVE_MODELS = ("als", "bpr")
+TEST_PREFIX = "test_"
+
+
+class CFDataError(ValueError):
+    """A dataset cannot be trained on yet (no features built, no split, no purchases in a period)."""
+
+
+class TuneError(RuntimeError):
+    """A study finished without a single completed trial."""
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeriodMatrices:
+    """A training matrix with the matrices the models and the evaluation need beside it.
+
+    Attributes:
+        interactions: weighted interactions (model input) with vocabularies.
+        bought: purchase counts, same shape (left out of discovery lists).
+        recency: age in days of each pair's latest event at ``as_of`` (repeat model).
+        as_of: the cut-off the matrices describe.
+    """
+
+    interactions: Interactions
+    bought: sp.csr_matrix
+    recency: sp.csr_matrix
+    as_of: datetime
+
+
+@dataclass(frozen=True)
+class CFData:
+    """Everything train and tune need from a dataset, prepared once.
+
+    Attributes:
+        dataset: the dataset.
+        validation_start, test_start: the cut-offs from the feature manifest.
+        feature_config: the config the features were built with.
+        train: matrices of the events before ``validation_start``.
+        validation: the validation period, aligned with ``train``.
+        full: matrices of the events before ``test_start`` (None without test evaluation).
+        test: the test period aligned with ``full`` (None without test evaluation).
+    """
+
+    dataset: Dataset
+    validation_start: datetime
+    test_start: datetime
+    feature_config: FeatureConfig
+    train: PeriodMatrices
+    validation: EvaluationTask
+    full: PeriodMatrices | None = None
+    test: EvaluationTask | None = None
+
+    def cutoffs(self) -> dict[str, str]:
+        return {
+            "validation_start": self.validation_start.isoformat(),
+            "test_start": self.test_start.isoformat(),
+        }
+
+
+def _period_matrices(events: pl.LazyFrame, config: FeatureConfig, as_of: datetime) -> PeriodMatrices:
+    weights = interaction_weights(events, config.interactions, as_of=as_of).collect()
+    interactions = build_interactions(weights)
+    return PeriodMatrices(
+        interactions,
+        purchase_matrix(events, interactions.customers, interactions.items),
+        recency_matrix(events, interactions.customers, interactions.items, as_of=as_of),
+        as_of,
+    )
+
+
+def _profiles_at(ds: Dataset, config: FeatureConfig, as_of: datetime) -> pl.DataFrame:
+    # Segments as they stood at the cut-off (journey phase changes over time), from profiling-consented events.
+    events = clean_events(ds, config, purpose="profiling").filter(pl.col(TIMESTAMP_COL) < as_of)
+    return build_profiles(
+        events,
+        ds.scan("items", required=False),
+        ds.scan("customers", required=False),
+        as_of=as_of,
+        config=config.profiles,
+    ).collect()
+
+
+def prepare_cf_data(
+    data: Dataset | str | Path,
+    *,
+    evaluation: EvaluationConfig | None = None,
+    with_test: bool = True,
+    progress: bool = False,
+) -> CFData:
+    """Split the clean events at the manifest's cut-offs and build the matrices and evaluation periods.
+
+    Raises:
+        DatasetError: the dataset or its manifest is missing (run ``nextbest features build``).
+        CFDataError: the manifest has no split, or the training period has no interactions.
+    """
+    ds = data if isinstance(data, Dataset) else Dataset.at(data)
+    ds.require()
+    manifest = ds.read_manifest()
+    splits = manifest.get("splits")
+    if not splits:
+        why = "; ".join(manifest.get("warnings", [])) or "the manifest has no splits"
+        raise CFDataError(f"{ds.root}: cannot train without a train/validation/test split ({why})")
+    validation_start = datetime.fromisoformat(splits["validation_start"])
+    test_start = datetime.fromisoformat(splits["test_start"])
+    config = FeatureConfig.model_validate(manifest.get("config", {}))
+    evaluation = evaluation or EvaluationConfig()
+    steps = tqdm(total=4 if with_test else 2, desc="preparing data", disable=not progress, unit="step")
+    events = clean_events(ds, config, purpose="personalisation").collect().lazy()
+    split = temporal_split(events, validation_start=validation_start, test_start=test_start)
+    train = _period_matrices(split.train, config, validation_start)
+    if train.interactions.matrix.nnz == 0:
+        raise CFDataError(f"{ds.root}: no interactions before {validation_start.isoformat()} to train on")
+    steps.update()
+    validation = prepare_evaluation(
+        train.interactions,
+        split.validation,
+        bought=train.bought,
+        profiles=_profiles_at(ds, config, validation_start),
+        config=evaluation,
+    )
+    steps.update()
+    full = test = None
+    if with_test:
+        full = _period_matrices(events.filter(pl.col(TIMESTAMP_COL) < test_start), config, test_start)
+        steps.update()
+        test = prepare_evaluation(
+            full.interactions,
+            split.test,
+            bought=full.bought,
+            profiles=_profiles_at(ds, config, test_start),
+            config=evaluation,
+        )
+        steps.update()
+    steps.close()
+    return CFData(ds, validation_start, test_start, config, train, validation, full, test)
+
+
+# --- fitting and the outcome of one configuration -------------------------------------------------------------
+
+
+def fit_recommender(
+    model: str,
+    config: BaseModel | dict[str, Any] | None,
+    period: PeriodMatrices,
+    *,
+    seed: int = 0,
+    threads: int = 0,
+    progress: bool = False,
+    callback: Callable[[int], None] | None = None,
+) -> tuple[Recommender, float]:
+    """Fit ``model`` on a period's matrices; return it and the seconds the fit took."""
+    rec = make_recommender(model, config, seed=seed, threads=threads)
+    started = time.perf_counter()
+    rec.fit(period.interactions.matrix, recency=period.recency, progress=progress, callback=callback)
+    return rec, time.perf_counter() - started
+
+
+@dataclass
+class Outcome:
+    """One configuration trained, evaluated on validation and (optionally) refit and evaluated on test."""
+
+    model: str
+    config: BaseModel
+    validation: EvaluationResult
+    fit_seconds: float
+    bundle: RecommenderBundle
+    test: EvaluationResult | None = None
+    refit_seconds: float | None = None
+
+
+def run_configuration(
+    data: CFData,
+    model: str,
+    config: BaseModel,
+    *,
+    ks: list[int],
+    batch_size: int = 256,
+    seed: int = 0,
+    threads: int = 0,
+    progress: bool = False,
+) -> Outcome:
+    """Steps 2 and 3 of the module docstring for one configuration."""
+    rec, fit_seconds = fit_recommender(
+        model, config, data.train, seed=seed, threads=threads, progress=progress
+    )
+    validation = evaluate(rec, data.validation, ks=ks, batch_size=batch_size, progress=progress)
+    final, history, test, refit_seconds = rec, data.train, None, None
+    if data.full is not None and data.test is not None:
+        final, refit_seconds = fit_recommender(
+            model, config, data.full, seed=seed, threads=threads, progress=progress
+        )
+        history = data.full
+        test = evaluate(final, data.test, ks=ks, batch_size=batch_size, progress=progress)
+    metadata = {
+        "model": model,
+        "config": config.model_dump(mode="json"),
+        "dataset": str(data.dataset.root.resolve()),
+        "trained_until": history.as_of.isoformat(),
+        "cutoffs": data.cutoffs(),
+        "validation_metrics": validation.metrics,
+        "test_metrics": test.metrics if test else None,
+    }
+    bundle = RecommenderBundle(final, history.interactions, metadata)
+    return Outcome(model, config, validation, fit_seconds, bundle, test, refit_seconds)
+
+
+def _segment_html(table: pl.DataFrame) -> str:
+    keep = ["ndcg_at_10", "new_ndcg_at_10", "hit_rate_at_10", "recall_at_20", "popularity_bias_at_10"]
+    wide = (
+        table.filter(pl.col("metric").is_in(keep))
+        .pivot(on="metric", index=["segment", "segment_value"], values="value")
+        .join(
+            table.filter(pl.col("metric") == "ndcg_at_10").select("segment", "segment_value", "customers"),
+            on=["segment", "segment_value"],
+            how="left",
+        )
+        .sort("segment", "segment_value")
+    )
+    return wide.to_pandas().to_html(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def _log_outcome(
+    outcome: Outcome,
+    data: CFData,
+    tracking: TrackingConfig,
+    *,
+    ks: list[int],
+    extra_artifacts: Callable[[Path], None] | None = None,
+    params_as_tags: bool = False,
+) -> dict[str, Any]:
+    """Log params, metrics, tables, plots and the pyfunc model into the active MLflow run.
+
+    ``params_as_tags`` records the config as ``best.<param>`` tags instead: a study's parent run is logged
+    again when a resumed study finds a new best, and MLflow params cannot change once logged.
+    """
+    import mlflow
+
+    from training import plots
+
+    params = {
+        "model": outcome.model,
+        **flat_params(outcome.config),
+        "validation_start": data.validation_start.isoformat(),
+        "test_start": data.test_start.isoformat(),
+        "train_customers": str(data.train.interactions.matrix.shape[0]),
+        "train_items": str(data.train.interactions.matrix.shape[1]),
+    }
+    if params_as_tags:
+        mlflow.set_tags({f"best.{k}": v for k, v in params.items()})
+    else:
+        mlflow.log_params(params)
+    metrics = dict(outcome.validation.metrics)
+    metrics["fit_seconds"] = outcome.fit_seconds
+    metrics["validation_customers"] = float(outcome.validation.counts.get("customers", 0))
+    if outcome.test is not None:
+        metrics.update({f"{TEST_PREFIX}{k}": v for k, v in outcome.test.metrics.items()})
+        metrics["test_customers"] = float(outcome.test.counts.get("customers", 0))
+    if outcome.refit_seconds is not None:
+        metrics["refit_seconds"] = outcome.refit_seconds
+    mlflow.log_metrics(metrics)
+    mlflow.set_tags({"nextbest.model": outcome.model, "nextbest.dataset": str(data.dataset.root.resolve())})
+    with tempfile.TemporaryDirectory(prefix="nextbest-cf-") as tmp:
+        out = Path(tmp)
+        plots.metrics_by_k(
+            outcome.validation.metrics, ks, out / "metrics_by_k.png", title=f"{outcome.model} on validation"
+        )
+        outcome.validation.by_segment.write_csv(out / "segments_validation.csv")
+        (out / "segments_validation.html").write_text(_segment_html(outcome.validation.by_segment))
+        if outcome.test is not None:
+            plots.metrics_by_k(
+                outcome.test.metrics, ks, out / "metrics_by_k_test.png", title=f"{outcome.model} on test"
+            )
+            outcome.test.by_segment.write_csv(out / "segments_test.csv")
+        summary = {
+            "config": outcome.config.model_dump(mode="json"),
+            "validation": outcome.validation.to_dict(),
+            "test": outcome.test.to_dict() if outcome.test else None,
+            "cutoffs": data.cutoffs(),
+        }
+        (out / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if extra_artifacts is not None:
+            extra_artifacts(out)
+        mlflow.log_artifacts(str(out), artifact_path="evaluation")
+        bundle_dir = outcome.bundle.save(out / "bundle")
+        history = outcome.bundle.history
+        example = list(history.customers.ids[:2])
+        logged = log_recommender_bundle(
+            bundle_dir,
+            example_customers=example,
+            tracking=tracking,
+            version_tags={
+                "dataset": str(data.dataset.root.resolve()),
+                "model": outcome.model,
+                "validation_ndcg_at_10": f"{outcome.validation.metrics.get('ndcg_at_10', float('nan')):.6f}",
+            },
+        )
+    return logged
+
+
+# --- results ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_cf` did. ``to_dict`` is the JSON the CLI prints.
+
+    Attributes:
+        model, config: what was trained.
+        metrics: validation metrics (``ndcg_at_10`` …).
+        test_metrics: test metrics of the refit model (same names), or None.
+        counts: validation customers and dropped purchases.
+        fit_seconds: the training fit (train period).
+        tracking: run id, experiment, tracking URI, model URI, registered version and alias (when tracked).
+        bundle: the final model with its histories (not in ``to_dict``).
+    """
+
+    model: str
+    config: BaseModel
+    metrics: dict[str, float]
+    test_metrics: dict[str, float] | None
+    counts: dict[str, int]
+    fit_seconds: float
+    cutoffs: dict[str, str]
+    tracking: dict[str, Any] = field(default_factory=dict)
+    bundle: RecommenderBundle | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "config": self.config.model_dump(mode="json"),
+            "metrics": self.metrics,
+            "test_metrics": self.test_metrics,
+            "counts": self.counts,
+            "fit_seconds": round(self.fit_seconds, 4),
+            "cutoffs": self.cutoffs,
+            **self.tracking,
+        }
+
+
+def _experiment_name(ds: Dataset) -> str:
+    return ds.root.resolve().name
+
+
+def train_cf(
+    data: Dataset | str | Path,
+    model: str = "als",
+    config: BaseModel | dict[str, Any] | None = None,
+    *,
+    tracking: TrackingConfig | None = None,
+    evaluation: EvaluationConfig | None = None,
+    evaluate_test: bool = True,
+    seed: int = 0,
+    threads: int = 0,
+    progress: bool = False,
+    prepared: CFData | None = None,
+) -> TrainResult:
+    """Train one configuration, evaluate it, log it to MLflow and register it as ``challenger``.
+
+    Args:
+        data: the dataset directory (features built).
+        model: ``als``, ``bpr``, ``itemknn``, ``popularity``, ``repeat`` or ``blend``.
+        config: its hyperparameters (typed config, dict, or None for defaults).
+        tracking: MLflow settings (``TrackingConfig(enabled=False)`` to skip tracking).
+        evaluation: metrics settings (K values, segments).
+        evaluate_test: refit on train + validation and evaluate on test (the refit model is registered).
+        seed, threads: run options of the model.
+        progress: progress bars.
+        prepared: data from :func:`prepare_cf_data`, to reuse across calls.
+
+    Returns:
+        metrics and tracking references (see :class:`TrainResult`).
+    """
+    tracking = tracking or TrackingConfig()
+    evaluation = evaluation or EvaluationConfig()
+    typed = config_for(model, config)
+    data_ = prepared or prepare_cf_data(
+        data, evaluation=evaluation, with_test=evaluate_test, progress=progress
+    )
+    outcome = run_configuration(
+        data_,
+        model,
+        typed,
+        ks=evaluation.ks,
+        batch_size=evaluation.batch_size,
+        seed=seed,
+        threads=threads,
+        progress=progress,
+    )
+    info: dict[str, Any] = {}
+    if tracking.enabled:
+        import mlflow
+
+        experiment_id = use_tracking(tracking, _experiment_name(data_.dataset))
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"train {model}") as run:
+            mlflow.set_tag("nextbest.stage", "train")
+            mlflow.log_param("seed", seed)
+            logged = _log_outcome(outcome, data_, tracking, ks=evaluation.ks)
+        info = {
+            "run_id": run.info.run_id,
+            "experiment": tracking.experiment or _experiment_name(data_.dataset),
+            "tracking_uri": mlflow.get_tracking_uri(),
+            **logged,
+        }
+    return TrainResult(
+        model,
+        typed,
+        outcome.validation.metrics,
+        outcome.test.metrics if outcome.test else None,
+        outcome.validation.counts,
+        outcome.fit_seconds,
+        data_.cutoffs(),
+        info,
+        outcome.bundle,
+    )
+
+
+# --- tuning -------------------------------------------------------------------------------------------------
+
+
+def suggest_config(trial: Any, model: str) -> BaseModel:
+    """Sample a config of ``model`` from its search space (log scales where the effect is multiplicative)."""
+    if model == "als":
+        return config_for(
+            "als",
+            {
+                "factors": trial.suggest_int("factors", 8, 256, log=True),
+                "regularization": trial.suggest_float("regularization", 1e-4, 1.0, log=True),
+                "alpha": trial.suggest_float("alpha", 0.1, 50.0, log=True),
+                "iterations": trial.suggest_int("iterations", 5, 30),
+            },
+        )
+    if model == "bpr":
+        return config_for(
+            "bpr",
+            {
+                "factors": trial.suggest_int("factors", 8, 256, log=True),
+                "learning_rate": trial.suggest_float("learning_rate", 1e-3, 0.2, log=True),
+                "regularization": trial.suggest_float("regularization", 1e-5, 0.1, log=True),
+                "iterations": trial.suggest_int("iterations", 20, 300, log=True),
+            },
+        )
+    if model == "itemknn":
+        return config_for(
+            "itemknn",
+            {
+                "weighting": trial.suggest_categorical("weighting", ["cosine", "bm25"]),
+                "K": trial.suggest_int("K", 5, 500, log=True),
+                "K1": trial.suggest_float("K1", 0.2, 3.0),
+                "B": trial.suggest_float("B", 0.0, 1.0),
+            },
+        )
+    if model == "popularity":
+        return config_for(
+            "popularity", {"measure": trial.suggest_categorical("measure", ["customers", "weight"])}
+        )
+    if model == "repeat":
+        return config_for(
+            "repeat",
+            {
+                "recency_mix": trial.suggest_float("recency_mix", 0.0, 1.0),
+                "half_life_days": trial.suggest_float("half_life_days", 1.0, 180.0, log=True),
+            },
+        )
+    if model == "blend":
+        return config_for(
+            "blend",
+            {
+                "repeat_weight": trial.suggest_float("repeat_weight", 0.0, 1.0),
+                "repeat": {
+                    "recency_mix": trial.suggest_float("recency_mix", 0.0, 1.0),
+                    "half_life_days": trial.suggest_float("half_life_days", 1.0, 180.0, log=True),
+                },
+                "cf": {
+                    "kind": "als",
+                    "factors": trial.suggest_int("factors", 8, 256, log=True),
+                    "regularization": trial.suggest_float("regularization", 1e-4, 1.0, log=True),
+                    "alpha": trial.suggest_float("alpha", 0.1, 50.0, log=True),
+                },
+            },
+        )
+    raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODEL_NAMES)}")
+
+
+def mask_credentials(url: str) -> str:
+    """``postgresql://user:secret@host/db`` → ``postgresql://***@host/db`` (for logs and results)."""
+    return re.sub(r"//[^/@]+@", "//***@", url)
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune_cf` did. ``to_dict`` is the JSON the CLI prints."""
+
+    study_name: str
+    storage: str
+    metric: str
+    trials: int
+    complete: int
+    pruned: int
+    best_trial: int
+    best_value: float
+    best: TrainResult
+    parent_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "study_name": self.study_name,
+            "storage": mask_credentials(self.storage),
+            "metric": self.metric,
+            "trials": self.trials,
+            "complete": self.complete,
+            "pruned": self.pruned,
+            "best_trial": self.best_trial,
+            "best_value": self.best_value,
+            "parent_run_id": self.parent_run_id,
+            **self.best.to_dict(),
+        }
+
+
+def _parent_run(
+    client: Any, study: Any, experiment_id: str, study_name: str, storage: str, metric: str
+) -> str:
+    """The study's MLflow parent run: the one recorded on the study (resumed), or a new one."""
+    from mlflow.exceptions import MlflowException
+
+    known = study.user_attrs.get("mlflow_parent_run_id")
+    if known:
+        try:
+            run = client.get_run(known)
+            if run.info.experiment_id == experiment_id:
+                return known
+        except MlflowException:
+            pass
+    run = client.create_run(
+        experiment_id,
+        run_name=f"study {study_name}",
+        tags={"nextbest.stage": "tune", "optuna.study": study_name},
+    )
+    client.log_param(run.info.run_id, "study_name", study_name)
+    client.log_param(run.info.run_id, "storage", mask_credentials(storage))
+    client.log_param(run.info.run_id, "objective", metric)
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def tune_cf(
+    data: Dataset | str | Path,
+    model: str = "als",
+    *,
+    trials: int = 20,
+    timeout: float | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    metric: str = "ndcg_at_10",
+    tracking: TrackingConfig | None = None,
+    evaluation: EvaluationConfig | None = None,
+    evaluate_test: bool = True,
+    eval_every: int = 5,
+    seed: int = 0,
+    threads: int = 0,
+    progress: bool = False,
+    prepared: CFData | None = None,
+) -> TuneResult:
+    """An Optuna study over ``model``'s hyperparameters, tracked in MLflow; the best is registered.
+
+    TPE sampling and median pruning; ALS and BPR report the validation ``metric`` every ``eval_every``
+    iterations while they fit, so poor trials stop early. The study lives in RDB ``storage`` (default
+    ``optuna.db`` beside the MLflow database) under ``study_name`` (default ``<experiment>-<model>-<metric>``):
+    calling again resumes it, and several processes given the same storage and name share it (give each its
+    own ``seed``). One MLflow parent run per study, one nested run per trial; after the trials, the best
+    configuration is run through :func:`run_configuration` and logged into the parent run with the plots.
+
+    Args:
+        data: the dataset directory (features built).
+        model: the model to tune.
+        trials: trials to run in this call.
+        timeout: stop starting trials after this many seconds.
+        storage: Optuna storage URL (``sqlite:///…``, ``postgresql+psycopg2://…``).
+        study_name: study to create or resume.
+        metric: validation metric to maximise.
+        tracking: MLflow settings.
+        evaluation: metric settings (``max_customers`` samples the validation customers for speed).
+        evaluate_test: refit the best configuration on train + validation and evaluate on test.
+        eval_every: iterations between intermediate reports (ALS, BPR).
+        seed: sampler and model seed.
+        threads: implicit's threads.
+        progress: progress bars.
+        prepared: data from :func:`prepare_cf_data`, to reuse.
+
+    Raises:
+        TuneError: no trial completed.
+    """
+    import optuna
+
+    tracking = tracking or TrackingConfig()
+    evaluation = evaluation or EvaluationConfig()
+    parse_metric_name(metric)
+    config_for(model)  # unknown model names fail before any work
+    data_ = prepared or prepare_cf_data(
+        data, evaluation=evaluation, with_test=evaluate_test, progress=progress
+    )
+    experiment = tracking.experiment or _experiment_name(data_.dataset)
+    from training.tracking import default_optuna_storage
+
+    storage_url = storage or default_optuna_storage(tracking)
+    name = study_name or f"{experiment}-{model}-{metric}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage_url,
+        direction="maximize",
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0, interval_steps=1),
+        load_if_exists=True,
+    )
+    # A resumed study draws from a different stream than its first session did.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+
+    client = parent_id = None
+    experiment_id = ""
+    if tracking.enabled:
+        from mlflow import MlflowClient
+
+        experiment_id = use_tracking(tracking, _experiment_name(data_.dataset))
+        client = MlflowClient()
+        parent_id = _parent_run(client, study, experiment_id, name, storage_url, metric)
+
+    task = data_.validation
+    # The objective's K is always evaluated, even when it is not among the configured ones.
+    ks = sorted({*evaluation.ks, parse_metric_name(metric)[1]})
+
+    def log_trial(
+        trial: Any,
+        config: BaseModel,
+        metrics: dict[str, float],
+        state: str,
+        started: float,
+        history: list[tuple[int, float]],
+    ) -> None:
+        if client is None:
+            return
+        from mlflow.entities import Metric, Param, RunTag
+
+        run = client.create_run(
+            experiment_id,
+            run_name=f"trial {trial.number}",
+            tags={"mlflow.parentRunId": parent_id, "optuna.study": name, "optuna.trial": str(trial.number)},
+        )
+        now = int(time.time() * 1000)
+        params = [Param(k, v) for k, v in {"model": model, **flat_params(config)}.items()]
+        values = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        values += [Metric(f"{metric}_by_iteration", float(v), now, int(step)) for step, v in history]
+        values.append(Metric("trial_seconds", time.perf_counter() - started, now, 0))
+        client.log_batch(run.info.run_id, metrics=values, params=params, tags=[RunTag("optuna.state", state)])
+        client.set_terminated(run.info.run_id, "FINISHED" if state != "FAIL" else "FAILED")
+
+    def objective(trial: Any) -> float:
+        started = time.perf_counter()
+        config = suggest_config(trial, model)
+        trial.set_user_attr("config", config.model_dump(mode="json"))
+        history: list[tuple[int, float]] = []
+        holder: dict[str, Recommender] = {}
+        total = getattr(config, "iterations", 0)
+
+        def on_iteration(done: int) -> None:
+            if done % eval_every and done != total:
+                return
+            value = score_metric(holder["model"], task, metric)
+            history.append((done, value))
+            trial.report(value, done)
+            if done != total and trial.should_prune():
+                raise optuna.TrialPruned(f"{metric} {value:.4f} after {done} iterations")
+
+        rec = make_recommender(model, config, seed=seed, threads=threads)
+        holder["model"] = rec
+        try:
+            fit_start = time.perf_counter()
+            rec.fit(
+                data_.train.interactions.matrix,
+                recency=data_.train.recency,
+                callback=on_iteration if model in ITERATIVE_MODELS else None,
+            )
+            fit_seconds = time.perf_counter() - fit_start
+        except optuna.TrialPruned:
+            log_trial(trial, config, {}, "PRUNED", started, history)
+            raise
+        result = evaluate(rec, task, ks=ks, batch_size=evaluation.batch_size)
+        value = result.metrics[metric]
+        log_trial(trial, config, {**result.metrics, "fit_seconds": fit_seconds}, "COMPLETE", started, history)
+        return value
+
+    try:
+        study.optimize(objective, n_trials=trials, timeout=timeout, show_progress_bar=progress)
+        states = [t.state for t in study.trials]
+        complete = states.count(optuna.trial.TrialState.COMPLETE)
+        if complete == 0:
+            raise TuneError(
+                f"study {name}: no trial completed ({len(states)} trial(s), all pruned or failed)"
+            )
+        best = study.best_trial
+        best_config = config_for(model, best.user_attrs["config"])
+        outcome = run_configuration(
+            data_,
+            model,
+            best_config,
+            ks=ks,
+            batch_size=evaluation.batch_size,
+            seed=seed,
+            threads=threads,
+            progress=progress,
+        )
+        info: dict[str, Any] = {}
+        if tracking.enabled and parent_id is not None:
+            import mlflow
+
+            def study_plots(out: Path) -> None:
+                from training import plots
+
+                plots.optimisation_history(study, out / "optuna_history.png", metric=metric)
+                try:
+                    importances = optuna.importance.get_param_importances(study)
+                except (RuntimeError, ValueError, ZeroDivisionError):
+                    importances = {}  # too few completed trials, or no parameter varied
+                if importances:
+                    plots.parameter_importance(
+                        importances, out / "optuna_importance.png", title=f"{model}: {metric}"
+                    )
+                trials_frame = study.trials_dataframe(
+                    attrs=("number", "value", "state", "params", "duration")
+                )
+                trials_frame.to_csv(out / "optuna_trials.csv", index=False)
+
+            with mlflow.start_run(run_id=parent_id):
+                mlflow.log_metrics(
+                    {"best_value": best.value, "best_trial": best.number, "trials": len(states)}
+                )
+                logged = _log_outcome(
+                    outcome, data_, tracking, ks=ks, extra_artifacts=study_plots, params_as_tags=True
+                )
+            info = {
+                "run_id": parent_id,
+                "experiment": experiment,
+                "tracking_uri": mlflow.get_tracking_uri(),
+                **logged,
+            }
+    except BaseException:
+        if client is not None and parent_id is not None:
+            client.set_terminated(parent_id, "FAILED")
+        raise
+    result = TrainResult(
+        model,
+        best_config,
+        outcome.validation.metrics,
+        outcome.test.metrics if outcome.test else None,
+        outcome.validation.counts,
+        outcome.fit_seconds,
+        data_.cutoffs(),
+        info,
+        outcome.bundle,
+    )
+    states = [t.state for t in study.trials]
+    return TuneResult(
+        study_name=name,
+        storage=storage_url,
+        metric=metric,
+        trials=len(states),
+        complete=states.count(optuna.trial.TrialState.COMPLETE),
+        pruned=states.count(optuna.trial.TrialState.PRUNED),
+        best_trial=best.number,
+        best_value=float(best.value),
+        best=result,
+        parent_run_id=parent_id,
+    )

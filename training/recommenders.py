@@ -1,0 +1,860 @@
+"""Recommenders behind one protocol: implicit ALS, BPR and item-kNN, popularity, repeat-purchase and a blend.
+
+Every model follows implicit's calling convention::
+
+    model = make_recommender("als", ALSConfig(factors=32))
+    model.fit(interactions)                                 # customers × items csr_matrix, float32
+    ids, scores = model.recommend(7, interactions[7], n=10)  # one customer: 1-D arrays
+    ids, scores = model.recommend(users, interactions[users], n=10)  # a batch: 2-D arrays
+    model.save(path); model = load_recommender(path)         # JSON config + npz, never pickle
+
+``user_items`` holds one row per requested customer (their history: what is filtered with
+``filter_already_liked`` and what history-based models score). Customers the model was not fitted on (index −1
+or beyond the fitted rows) are handled: ALS folds their history in, item-kNN and repeat score their history, and
+a customer without any signal gets the popularity ranking. Ties are always broken by popularity, so results are
+deterministic and the popularity fallback falls out of the same ranking code.
+
+Every model scores all items densely (learned factors or similarity from implicit, top-n here), so the same
+filtering, candidate restriction and tie-breaking apply to every model and a result is never padded: a single
+customer gets exactly ``min(n, valid items)`` results; in a batch, rows with fewer valid items than the widest
+row end in id −1 with score −inf.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+import numpy as np
+import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT = "nextbest-recommender"
+FORMAT_VERSION = 1
+CONFIG_FILE = "recommender.json"
+STATE_FILE = "state.npz"
+IMPLICIT_FILE = "implicit.npz"
+MISSING_ID = -1
+"""Id in a batch row that has fewer valid items than the widest row (its score is −inf)."""
+
+IterationCallback = Callable[[int], None]
+"""Called with the number of completed iterations (ALS, BPR) while fitting; may raise to stop the fit."""
+
+
+class RecommenderError(ValueError):
+    """A recommender was given input it cannot use (wrong shape, unfitted model, unknown model name…)."""
+
+
+# --- configs ------------------------------------------------------------------------------------------------
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ALSConfig(_Config):
+    """implicit's Alternating Least Squares (Hu, Koren & Volinsky 2008, conjugate-gradient solver).
+
+    Attributes:
+        factors: latent factors.
+        regularization: L2 penalty.
+        alpha: confidence scaling of the interaction weights (``C = alpha · weight``).
+        iterations: ALS sweeps.
+    """
+
+    kind: Literal["als"] = "als"
+    factors: int = Field(64, ge=1, le=2048)
+    regularization: float = Field(0.05, ge=0)
+    alpha: float = Field(2.0, gt=0)
+    iterations: int = Field(15, ge=1, le=1000)
+
+
+class BPRConfig(_Config):
+    """implicit's Bayesian Personalised Ranking (binary signal: weights are ignored).
+
+    Attributes:
+        factors: latent factors (implicit adds one for the item bias).
+        learning_rate: SGD step.
+        regularization: L2 penalty.
+        iterations: epochs.
+        verify_negative_samples: resample negatives the customer actually interacted with.
+    """
+
+    kind: Literal["bpr"] = "bpr"
+    factors: int = Field(64, ge=1, le=2048)
+    learning_rate: float = Field(0.01, gt=0)
+    regularization: float = Field(0.01, ge=0)
+    iterations: int = Field(100, ge=1, le=10_000)
+    verify_negative_samples: bool = True
+
+
+class ItemKNNConfig(_Config):
+    """implicit's item-item nearest neighbours; a customer's score for item j is Σ_i weight_i · sim(i, j).
+
+    Attributes:
+        weighting: ``cosine`` on the raw weights, or ``bm25`` weighting (long histories count less).
+        K: neighbours kept per item.
+        K1: BM25 term saturation.
+        B: BM25 length normalisation.
+    """
+
+    kind: Literal["itemknn"] = "itemknn"
+    weighting: Literal["cosine", "bm25"] = "bm25"
+    K: int = Field(100, ge=1)
+    K1: float = Field(1.2, ge=0)
+    B: float = Field(0.75, ge=0, le=1)
+
+
+class PopularityConfig(_Config):
+    """The same ranking for everyone.
+
+    Attributes:
+        measure: ``customers`` counts distinct customers per item; ``weight`` sums interaction weights.
+    """
+
+    kind: Literal["popularity"] = "popularity"
+    measure: Literal["customers", "weight"] = "customers"
+
+
+class RepeatConfig(_Config):
+    """The customer's own items first, by frequency and recency; popular items after them.
+
+    score(item) = (1 − recency_mix) · weight / max weight + recency_mix · 0.5 ** (age_days / half_life_days)
+
+    Attributes:
+        recency_mix: 0 ranks by frequency (summed weight) only, 1 by recency only.
+        half_life_days: age at which the recency signal halves.
+    """
+
+    kind: Literal["repeat"] = "repeat"
+    recency_mix: float = Field(0.3, ge=0, le=1)
+    half_life_days: float = Field(30.0, gt=0)
+
+
+CFConfig = Annotated[ALSConfig | BPRConfig | ItemKNNConfig, Field(discriminator="kind")]
+
+
+class BlendConfig(_Config):
+    """Repeat signal plus collaborative filtering for discovery.
+
+    score = repeat_weight · repeat score + (1 − repeat_weight) · CF score min-max scaled per customer to [0, 1].
+
+    Attributes:
+        repeat_weight: weight of the repeat score (both parts lie in [0, 1]).
+        repeat: the repeat part.
+        cf: the collaborative part (ALS, BPR or item-kNN config; its ``kind`` picks the model).
+    """
+
+    kind: Literal["blend"] = "blend"
+    repeat_weight: float = Field(0.5, ge=0, le=1)
+    repeat: RepeatConfig = Field(default_factory=RepeatConfig)
+    cf: CFConfig = Field(default_factory=ALSConfig)
+
+
+RecommenderConfig = Annotated[
+    ALSConfig | BPRConfig | ItemKNNConfig | PopularityConfig | RepeatConfig | BlendConfig,
+    Field(discriminator="kind"),
+]
+
+
+# --- shared pieces ------------------------------------------------------------------------------------------
+
+
+def as_interaction_matrix(matrix: Any, *, name: str = "interactions") -> sp.csr_matrix:
+    """``matrix`` as a float32 ``csr_matrix`` (implicit rejects ``csr_array``), checked for NaN and infinities.
+
+    Raises:
+        RecommenderError: not a 2-D sparse matrix, or holding non-finite values.
+    """
+    if not sp.issparse(matrix) or matrix.ndim != 2:
+        raise RecommenderError(f"{name} must be a 2-D scipy.sparse matrix, got {type(matrix).__name__}")
+    csr = sp.csr_matrix(matrix, dtype=np.float32)
+    if csr.nnz and not np.isfinite(csr.data).all():
+        bad = int((~np.isfinite(csr.data)).sum())
+        raise RecommenderError(f"{name} holds {bad} non-finite value(s)")
+    return csr
+
+
+def blas_single_thread() -> Any:
+    """A context limiting BLAS to one thread, as implicit asks (its own threads do the parallel work)."""
+    # implicit's extensions must be loaded before the limit is set: threadpoolctl only limits the libraries
+    # loaded when the context is entered.
+    import implicit.cpu.als
+    import implicit.nearest_neighbours  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def top_n(scores: np.ndarray, n: int, tie_order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` best columns of each row of ``scores``; −inf marks columns that must not be returned.
+
+    Args:
+        scores: (rows × items) float scores; ``-inf`` = not allowed, NaN is treated as −inf.
+        n: how many per row.
+        tie_order: a permutation of the columns; among equal scores the column earlier in it wins
+            (default: lower index wins).
+
+    Returns:
+        ``(ids, scores)`` of shape (rows × k) with ``k = min(n, most valid columns in any row)``, sorted by
+        descending score; rows with fewer valid columns end in id −1 / score −inf.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    rows, m = scores.shape
+    order = np.arange(m) if tie_order is None else np.asarray(tie_order)
+    s = scores[:, order]
+    s[np.isnan(s)] = -np.inf
+    n_valid = np.isfinite(s).sum(axis=1)
+    k = int(min(n, m, n_valid.max() if rows else 0))
+    if k <= 0:
+        return np.empty((rows, 0), dtype=np.int64), np.empty((rows, 0), dtype=np.float32)
+    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]
+    above = s > kth[:, None]
+    tied = s == kth[:, None]
+    room = k - above.sum(axis=1)
+    # Among tied columns take the first ones in tie order; np.nonzero below keeps that order per row.
+    take = above | (tied & (np.cumsum(tied, axis=1) <= room[:, None]))
+    cols = np.nonzero(take)[1].reshape(rows, k)
+    vals = np.take_along_axis(s, cols, axis=1)
+    o = np.argsort(-vals, axis=1, kind="stable")
+    cols = np.take_along_axis(cols, o, axis=1)
+    vals = np.take_along_axis(vals, o, axis=1)
+    ids = order[cols].astype(np.int64)
+    ids[~np.isfinite(vals)] = MISSING_ID
+    vals[~np.isfinite(vals)] = -np.inf
+    return ids, vals
+
+
+def _rows(user_index: int | np.ndarray, user_items: Any, n_items: int) -> tuple[np.ndarray, sp.csr_matrix]:
+    users = np.atleast_1d(np.asarray(user_index, dtype=np.int64))
+    if users.ndim != 1:
+        raise RecommenderError(f"user_index must be an int or a 1-D array, got shape {users.shape}")
+    items = as_interaction_matrix(user_items, name="user_items")
+    if items.shape[0] != len(users):
+        raise RecommenderError(
+            f"user_items must have one row per customer: {items.shape[0]} row(s) for {len(users)} "
+            "customer(s) (pass matrix[user_index])"
+        )
+    if items.shape[1] != n_items:
+        raise RecommenderError(f"user_items has {items.shape[1]} columns; the model was fitted on {n_items}")
+    return users, items
+
+
+def _csr_arrays(prefix: str, m: sp.csr_matrix) -> dict[str, np.ndarray]:
+    return {
+        f"{prefix}_data": m.data,
+        f"{prefix}_indices": m.indices,
+        f"{prefix}_indptr": m.indptr,
+        f"{prefix}_shape": np.asarray(m.shape, dtype=np.int64),
+    }
+
+
+def _csr_from(arrays: Any, prefix: str) -> sp.csr_matrix:
+    shape = tuple(int(x) for x in arrays[f"{prefix}_shape"])
+    return sp.csr_matrix(
+        (arrays[f"{prefix}_data"], arrays[f"{prefix}_indices"], arrays[f"{prefix}_indptr"]), shape=shape
+    )
+
+
+# --- the protocol -------------------------------------------------------------------------------------------
+
+
+class Recommender(ABC):
+    """The model protocol. Subclasses implement ``_fit`` and ``_scores``; ranking lives here.
+
+    Attributes:
+        config: hyperparameters (a pydantic config; ``config.kind`` names the model).
+        seed: random seed for models that draw random numbers (run option, not a hyperparameter).
+        threads: threads for implicit (0 = all cores).
+        item_popularity: distinct customers per item in the fitted matrix (tie-breaks and fallback).
+        user_has_history: per fitted row, whether it had any interaction.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[BaseModel]]
+
+    def __init__(self, config: BaseModel | None = None, *, seed: int = 0, threads: int = 0) -> None:
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise RecommenderError(
+                f"{self.name} needs a {self.config_class.__name__}, got {type(self.config).__name__}"
+            )
+        self.seed = seed
+        self.threads = threads
+        self.item_popularity: np.ndarray | None = None
+        self.user_has_history: np.ndarray | None = None
+        self._tie_order: np.ndarray | None = None
+
+    # fitting ---------------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        interactions: sp.csr_matrix,
+        *,
+        recency: sp.csr_matrix | None = None,
+        progress: bool = False,
+        callback: IterationCallback | None = None,
+    ) -> Self:
+        """Learn from a customers × items matrix of interaction weights.
+
+        Args:
+            interactions: ``csr_matrix`` (float32 preferred), rows = customers, columns = items.
+            recency: optional matrix of the same shape whose entries are the age in days of each pair's latest
+                interaction (see ``training.histories.recency_matrix``); used by repeat and blend.
+            progress: show implicit's progress bar.
+            callback: called after each iteration of iterative models.
+
+        Returns:
+            the fitted model (``self``).
+        """
+        matrix = as_interaction_matrix(interactions)
+        if recency is not None:
+            recency = as_interaction_matrix(recency, name="recency")
+            if recency.shape != matrix.shape:
+                raise RecommenderError(f"recency has shape {recency.shape}, interactions {matrix.shape}")
+        self._set_popularity(matrix)
+        with blas_single_thread():
+            self._fit(matrix, recency=recency, progress=progress, callback=callback)
+        return self
+
+    def _set_popularity(self, matrix: sp.csr_matrix) -> None:
+        positive = matrix.copy()
+        positive.data = (positive.data > 0).astype(np.float32)
+        positive.eliminate_zeros()
+        self.item_popularity = np.asarray(positive.sum(axis=0)).ravel().astype(np.float32)
+        self.user_has_history = np.diff(positive.indptr) > 0
+        self._tie_order = None
+
+    @abstractmethod
+    def _fit(
+        self,
+        matrix: sp.csr_matrix,
+        *,
+        recency: sp.csr_matrix | None,
+        progress: bool,
+        callback: IterationCallback | None,
+    ) -> None: ...
+
+    @abstractmethod
+    def _scores(self, users: np.ndarray, user_items: sp.csr_matrix, *, recalculate_user: bool) -> np.ndarray:
+        """Dense (len(users) × items) scores; a constant row means "no signal" (popularity takes over)."""
+
+    # state -------------------------------------------------------------------------------------------------
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.item_popularity is not None
+
+    @property
+    def n_items(self) -> int:
+        self._require_fitted()
+        assert self.item_popularity is not None
+        return len(self.item_popularity)
+
+    @property
+    def n_users(self) -> int:
+        self._require_fitted()
+        assert self.user_has_history is not None
+        return len(self.user_has_history)
+
+    def _require_fitted(self) -> None:
+        if self.item_popularity is None:
+            raise RecommenderError(f"the {self.name} model is not fitted: call fit() or load() first")
+
+    @property
+    def tie_order(self) -> np.ndarray:
+        """Items by descending popularity, then index: the order that breaks score ties."""
+        if self._tie_order is None:
+            assert self.item_popularity is not None
+            self._tie_order = np.lexsort((np.arange(self.n_items), -self.item_popularity))
+        return self._tie_order
+
+    def popularity_scores(self) -> np.ndarray:
+        """Popularity scaled to [0, 1] (the fallback scores)."""
+        assert self.item_popularity is not None
+        top = float(self.item_popularity.max()) if self.n_items else 0.0
+        return (self.item_popularity / top if top > 0 else self.item_popularity).astype(np.float32)
+
+    def known(self, users: np.ndarray) -> np.ndarray:
+        """Which of ``users`` are fitted rows with a history (index −1 and beyond the fitted rows are not)."""
+        assert self.user_has_history is not None
+        ok = (users >= 0) & (users < self.n_users)
+        out = np.zeros(len(users), dtype=bool)
+        out[ok] = self.user_has_history[users[ok]]
+        return out
+
+    # recommending ------------------------------------------------------------------------------------------
+
+    def scores(
+        self, user_index: int | np.ndarray, user_items: sp.csr_matrix, *, recalculate_user: bool = False
+    ) -> np.ndarray:
+        """Dense scores (customers × items) with the popularity fallback applied to rows without signal."""
+        self._require_fitted()
+        users, items = _rows(user_index, user_items, self.n_items)
+        s = np.asarray(self._scores(users, items, recalculate_user=recalculate_user), dtype=np.float32)
+        s[np.isnan(s)] = -np.inf
+        if s.size:
+            flat = s.max(axis=1) == s.min(axis=1)
+            if flat.any():
+                s[flat] = self.popularity_scores()
+        return s
+
+    def recommend(
+        self,
+        user_index: int | np.ndarray,
+        user_items: sp.csr_matrix,
+        n: int = 10,
+        *,
+        filter_already_liked: bool = True,
+        exclude: sp.csr_matrix | None = None,
+        candidates: np.ndarray | None = None,
+        recalculate_user: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` best items for one customer or a batch.
+
+        Args:
+            user_index: fitted row index of the customer (−1 or out of range = not fitted on), or an array.
+            user_items: one row per customer: their history (``matrix[user_index]``).
+            n: how many items.
+            filter_already_liked: leave out items stored in ``user_items``.
+            exclude: one row per customer of further items to leave out.
+            candidates: only rank these item indices.
+            recalculate_user: ALS: fold in ``user_items`` instead of the fitted factors (BPR cannot).
+
+        Returns:
+            ``(ids, scores)``: 1-D for an int ``user_index`` (exactly ``min(n, valid)`` long), 2-D for an
+            array (see the module docstring).
+        """
+        if n < 0:
+            raise RecommenderError(f"n must be >= 0, got {n}")
+        single = np.ndim(user_index) == 0
+        users, items = _rows(user_index, user_items, self.n_items)
+        s = self.scores(users, items, recalculate_user=recalculate_user)
+        if candidates is not None:
+            cand = np.unique(np.asarray(candidates, dtype=np.int64))
+            if cand.size and (cand[0] < 0 or cand[-1] >= self.n_items):
+                raise RecommenderError(f"candidates must be item indices in [0, {self.n_items})")
+            allowed = np.zeros(self.n_items, dtype=bool)
+            allowed[cand] = True
+            s[:, ~allowed] = -np.inf
+        if filter_already_liked:
+            _mask(s, items)
+        if exclude is not None:
+            excl = as_interaction_matrix(exclude, name="exclude")
+            if excl.shape != items.shape:
+                raise RecommenderError(f"exclude has shape {excl.shape}; expected {items.shape}")
+            _mask(s, excl)
+        ids, vals = top_n(s, n, self.tie_order)
+        if single:
+            keep = ids[0] != MISSING_ID
+            return ids[0][keep], vals[0][keep]
+        return ids, vals
+
+    def similar_items(self, item_index: int | np.ndarray, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Items most similar to ``item_index`` (the item itself left out); 1-D for an int, 2-D for an array."""
+        self._require_fitted()
+        single = np.ndim(item_index) == 0
+        items = np.atleast_1d(np.asarray(item_index, dtype=np.int64))
+        if items.size and (items.min() < 0 or items.max() >= self.n_items):
+            raise RecommenderError(f"item_index must lie in [0, {self.n_items})")
+        s = np.asarray(self._item_similarity(items), dtype=np.float32)
+        s[np.arange(len(items)), items] = -np.inf
+        ids, vals = top_n(s, n, self.tie_order)
+        if single:
+            keep = ids[0] != MISSING_ID
+            return ids[0][keep], vals[0][keep]
+        return ids, vals
+
+    def _item_similarity(self, items: np.ndarray) -> np.ndarray:
+        # Models without a notion of similarity answer with the most popular other items.
+        return np.tile(self.popularity_scores(), (len(items), 1))
+
+    # persistence -------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model into directory ``path``: ``recommender.json`` and npz files (no pickle)."""
+        self._require_fitted()
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.name,
+            "config": self.config.model_dump(mode="json"),
+            "run_options": {"seed": self.seed, "threads": self.threads},
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        assert self.item_popularity is not None and self.user_has_history is not None
+        state = {
+            "item_popularity": self.item_popularity,
+            "user_has_history": self.user_has_history,
+            **self._state_arrays(),
+        }
+        np.savez(directory / STATE_FILE, **state)
+        self._save_extra(directory)
+        return directory
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def _save_extra(self, directory: Path) -> None:
+        return None
+
+    def _load_state(self, arrays: Any, directory: Path) -> None:
+        return None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recommender:
+        """Read a model written by :meth:`save` (any kind; the JSON says which)."""
+        return load_recommender(path)
+
+
+def _mask(s: np.ndarray, rows: sp.csr_matrix) -> None:
+    r = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))
+    s[r, rows.indices] = -np.inf
+
+
+# --- models -------------------------------------------------------------------------------------------------
+
+
+class PopularityRecommender(Recommender):
+    """The most popular items, the same for everyone (already-bought items filtered when asked)."""
+
+    name = "popularity"
+    config_class = PopularityConfig
+    config: PopularityConfig
+
+    def _fit(self, matrix, *, recency, progress, callback) -> None:
+        if self.config.measure == "weight":
+            # Ranking and tie-breaks then follow the summed weight instead of the customer count.
+            self.item_popularity = np.asarray(matrix.sum(axis=0)).ravel().astype(np.float32)
+            self._tie_order = None
+
+    def _scores(self, users, user_items, *, recalculate_user):
+        return np.tile(self.popularity_scores(), (len(users), 1))
+
+
+class RepeatRecommender(Recommender):
+    """The customer's own items by frequency and recency (see :class:`RepeatConfig`), then popular items."""
+
+    name = "repeat"
+    config_class = RepeatConfig
+    config: RepeatConfig
+
+    def __init__(self, config: BaseModel | None = None, *, seed: int = 0, threads: int = 0) -> None:
+        super().__init__(config, seed=seed, threads=threads)
+        self.recency: sp.csr_matrix | None = None
+
+    def _fit(self, matrix, *, recency, progress, callback) -> None:
+        self.recency = recency
+
+    def _scores(self, users, user_items, *, recalculate_user):
+        return self.repeat_scores(users, user_items)
+
+    def repeat_scores(self, users: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
+        """Scores in [0, 1] on each customer's history items, 0 elsewhere."""
+        hist = user_items.copy()
+        hist.data = np.maximum(hist.data, 0)
+        hist.eliminate_zeros()
+        row_max = np.zeros(hist.shape[0], dtype=np.float32)
+        nonempty = np.diff(hist.indptr) > 0
+        if hist.nnz:
+            row_max[nonempty] = np.maximum.reduceat(hist.data, hist.indptr[:-1][nonempty])
+        r = np.repeat(np.arange(hist.shape[0]), np.diff(hist.indptr))
+        freq = hist.data / row_max[r]
+        rec = np.zeros_like(freq)
+        mix = self.config.recency_mix
+        if mix > 0 and self.recency is not None:
+            fitted = (users >= 0) & (users < self.recency.shape[0])
+            rows = sp.csr_matrix(hist.shape, dtype=np.float32)
+            if fitted.any():
+                sel = np.where(fitted, users, 0)
+                ages = self.recency[sel].tocsr()
+                ages = sp.diags(fitted.astype(np.float32)) @ ages
+                ages.data = (0.5 ** (ages.data / self.config.half_life_days)).astype(np.float32)
+                rows = ages.tocsr()
+            # The recency of each history entry (0 where the fitted history does not have the pair).
+            rec = np.asarray(rows[r, hist.indices]).ravel() if hist.nnz else rec
+        s = np.zeros(hist.shape, dtype=np.float32)
+        s[r, hist.indices] = (1 - mix) * freq + mix * rec
+        return s
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return _csr_arrays("recency", self.recency) if self.recency is not None else {}
+
+    def _load_state(self, arrays, directory) -> None:
+        self.recency = _csr_from(arrays, "recency") if "recency_data" in arrays else None
+
+
+class _ImplicitRecommender(Recommender):
+    """Shared save/load of the wrapped implicit model."""
+
+    implicit_model: Any
+
+    def _save_extra(self, directory: Path) -> None:
+        self.implicit_model.save(str(directory / IMPLICIT_FILE))
+
+    def _load_state(self, arrays, directory) -> None:
+        self.implicit_model = self._implicit_class().load(str(directory / IMPLICIT_FILE))
+
+    @abstractmethod
+    def _implicit_class(self) -> Any: ...
+
+
+class _FactorRecommender(_ImplicitRecommender):
+    def _item_similarity(self, items: np.ndarray) -> np.ndarray:
+        f = np.asarray(self.implicit_model.item_factors)
+        norms = np.linalg.norm(f, axis=1)
+        norms[norms == 0] = 1.0
+        unit = f / norms[:, None]
+        return unit[items] @ unit.T
+
+    def _user_factors(
+        self, users: np.ndarray, user_items: sp.csr_matrix, recalculate_user: bool
+    ) -> np.ndarray:
+        model = self.implicit_model
+        known = self.known(users)
+        factors = np.zeros((len(users), model.item_factors.shape[1]), dtype=model.item_factors.dtype)
+        factors[known] = model.user_factors[users[known]]
+        return factors
+
+    def _scores(self, users, user_items, *, recalculate_user):
+        factors = self._user_factors(users, user_items, recalculate_user)
+        return factors @ np.asarray(self.implicit_model.item_factors).T
+
+
+class ALSRecommender(_FactorRecommender):
+    """implicit ALS; customers not fitted on, or ``recalculate_user=True``, get factors from their history."""
+
+    name = "als"
+    config_class = ALSConfig
+    config: ALSConfig
+
+    def _implicit_class(self) -> Any:
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        return AlternatingLeastSquares
+
+    def new_implicit_model(self) -> Any:
+        """A fresh implicit model with this config (CPU: the device is chosen here, nowhere else)."""
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        c = self.config
+        return AlternatingLeastSquares(
+            factors=c.factors,
+            regularization=c.regularization,
+            alpha=c.alpha,
+            iterations=c.iterations,
+            num_threads=self.threads,
+            random_state=self.seed,
+        )
+
+    def _fit(self, matrix, *, recency, progress, callback) -> None:
+        self.implicit_model = self.new_implicit_model()
+        hook = None if callback is None else (lambda it, _elapsed, _loss: callback(it + 1))
+        self.implicit_model.fit(matrix, show_progress=progress, callback=hook)
+
+    def _user_factors(self, users, user_items, recalculate_user):
+        factors = super()._user_factors(users, user_items, recalculate_user)
+        has_items = np.diff(user_items.indptr) > 0
+        fold_in = has_items & (recalculate_user | ~self.known(users))
+        if fold_in.any():
+            idx = np.nonzero(fold_in)[0]
+            factors[idx] = self.implicit_model.recalculate_user(idx, user_items[idx])
+        return factors
+
+
+class BPRRecommender(_FactorRecommender):
+    """implicit BPR; customers it was not fitted on get the popularity ranking (BPR cannot fold in)."""
+
+    name = "bpr"
+    config_class = BPRConfig
+    config: BPRConfig
+
+    def _implicit_class(self) -> Any:
+        from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+        return BayesianPersonalizedRanking
+
+    def _fit(self, matrix, *, recency, progress, callback) -> None:
+        from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+        c = self.config
+        self.implicit_model = BayesianPersonalizedRanking(
+            factors=c.factors,
+            learning_rate=c.learning_rate,
+            regularization=c.regularization,
+            iterations=c.iterations,
+            verify_negative_samples=c.verify_negative_samples,
+            num_threads=self.threads,
+            random_state=self.seed,
+        )
+        hook = None if callback is None else (lambda it, *_: callback(it + 1))
+        self.implicit_model.fit(matrix, show_progress=progress, callback=hook)
+
+    def _user_factors(self, users, user_items, recalculate_user):
+        if recalculate_user:
+            raise RecommenderError("bpr cannot recalculate users from their history; use als or itemknn")
+        return super()._user_factors(users, user_items, recalculate_user)
+
+
+class ItemKNNRecommender(_ImplicitRecommender):
+    """implicit item-item nearest neighbours (cosine or BM25); scores any history, fitted on or not."""
+
+    name = "itemknn"
+    config_class = ItemKNNConfig
+    config: ItemKNNConfig
+
+    def _implicit_class(self) -> Any:
+        from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
+
+        return BM25Recommender if self.config.weighting == "bm25" else CosineRecommender
+
+    def _fit(self, matrix, *, recency, progress, callback) -> None:
+        from implicit.nearest_neighbours import (
+            BM25Recommender,
+            CosineRecommender,
+            ItemItemRecommender,
+            bm25_weight,
+            normalize,
+        )
+
+        c = self.config
+        # The same weighting as implicit's BM25Recommender / CosineRecommender.fit, handed over as CSR: theirs
+        # passes COO and pays a conversion (with a warning) inside all_pairs_knn.
+        if c.weighting == "bm25":
+            model = BM25Recommender(K=c.K, K1=c.K1, B=c.B, num_threads=self.threads)
+            weighted = bm25_weight(matrix.T, c.K1, c.B).T.tocsr()
+        else:
+            model = CosineRecommender(K=c.K, num_threads=self.threads)
+            weighted = normalize(matrix.T).T.tocsr()
+        ItemItemRecommender.fit(model, weighted, show_progress=progress)
+        self.implicit_model = model
+
+    def _scores(self, users, user_items, *, recalculate_user):
+        return np.asarray((user_items @ self.implicit_model.similarity).todense(), dtype=np.float32)
+
+    def _item_similarity(self, items: np.ndarray) -> np.ndarray:
+        sim = self.implicit_model.similarity[items].toarray().astype(np.float32)
+        # Items outside the K neighbours are not similar at all: leave them out rather than rank them by
+        # popularity.
+        sim[sim <= 0] = -np.inf
+        return sim
+
+
+class BlendRecommender(Recommender):
+    """Repeat scores plus min-max scaled CF scores (see :class:`BlendConfig`)."""
+
+    name = "blend"
+    config_class = BlendConfig
+    config: BlendConfig
+
+    def __init__(self, config: BaseModel | None = None, *, seed: int = 0, threads: int = 0) -> None:
+        super().__init__(config, seed=seed, threads=threads)
+        self.repeat = RepeatRecommender(self.config.repeat, seed=seed, threads=threads)
+        self.cf = make_recommender(self.config.cf.kind, self.config.cf, seed=seed, threads=threads)
+
+    def _fit(self, matrix, *, recency, progress, callback) -> None:
+        for part in (self.repeat, self.cf):
+            part._set_popularity(matrix)
+            part._fit(matrix, recency=recency, progress=progress, callback=callback)
+
+    def _scores(self, users, user_items, *, recalculate_user):
+        cf = np.asarray(self.cf._scores(users, user_items, recalculate_user=recalculate_user), np.float32)
+        lo = cf.min(axis=1, keepdims=True) if cf.size else cf
+        span = (cf.max(axis=1, keepdims=True) - lo) if cf.size else cf
+        scaled = np.divide(cf - lo, span, out=np.zeros_like(cf), where=span > 0)
+        w = self.config.repeat_weight
+        return w * self.repeat.repeat_scores(users, user_items) + (1 - w) * scaled
+
+    def _item_similarity(self, items: np.ndarray) -> np.ndarray:
+        return self.cf._item_similarity(items)
+
+    def _save_extra(self, directory: Path) -> None:
+        self.repeat.save(directory / "repeat")
+        self.cf.save(directory / "cf")
+
+    def _load_state(self, arrays, directory) -> None:
+        repeat = load_recommender(directory / "repeat")
+        cf = load_recommender(directory / "cf")
+        assert isinstance(repeat, RepeatRecommender)
+        self.repeat, self.cf = repeat, cf
+
+
+# --- factory and loading ------------------------------------------------------------------------------------
+
+RECOMMENDERS: dict[str, type[Recommender]] = {
+    c.name: c
+    for c in (
+        ALSRecommender,
+        BPRRecommender,
+        ItemKNNRecommender,
+        PopularityRecommender,
+        RepeatRecommender,
+        BlendRecommender,
+    )
+}
+MODEL_NAMES: tuple[str, ...] = tuple(RECOMMENDERS)
+
+
+def config_for(name: str, config: BaseModel | dict[str, Any] | None = None) -> BaseModel:
+    """The typed config of model ``name`` from a config, a plain dict (JSON) or ``None`` (defaults).
+
+    Raises:
+        RecommenderError: unknown model name, or a config of another model.
+        pydantic.ValidationError: a dict with a bad field (the message names it).
+    """
+    if name not in RECOMMENDERS:
+        raise RecommenderError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}")
+    cls = RECOMMENDERS[name].config_class
+    if config is None:
+        return cls()
+    if isinstance(config, dict):
+        return cls.model_validate({"kind": name, **config})
+    if not isinstance(config, cls):
+        raise RecommenderError(f"model {name!r} needs a {cls.__name__}, got {type(config).__name__}")
+    return config
+
+
+def make_recommender(
+    name: str, config: BaseModel | dict[str, Any] | None = None, *, seed: int = 0, threads: int = 0
+) -> Recommender:
+    """An unfitted recommender.
+
+    Args:
+        name: one of ``als``, ``bpr``, ``itemknn``, ``popularity``, ``repeat``, ``blend``.
+        config: its config (typed, a dict, or ``None`` for the defaults).
+        seed: random seed (ALS, BPR).
+        threads: implicit's threads (0 = all cores).
+    """
+    typed = config_for(name, config)
+    return RECOMMENDERS[name](typed, seed=seed, threads=threads)
+
+
+def load_recommender(path: str | Path) -> Recommender:
+    """Load a model saved with :meth:`Recommender.save`.
+
+    Raises:
+        RecommenderError: the directory holds no nextbest recommender, or one of a newer format.
+    """
+    directory = Path(path)
+    meta_path = directory / CONFIG_FILE
+    if not meta_path.exists():
+        raise RecommenderError(f"{directory} holds no saved recommender ({CONFIG_FILE} is missing)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise RecommenderError(f"{meta_path} is not a nextbest recommender of format {FORMAT_VERSION}")
+    options = meta.get("run_options", {})
+    model = make_recommender(
+        meta["kind"], meta["config"], seed=options.get("seed", 0), threads=options.get("threads", 0)
+    )
+    with np.load(directory / STATE_FILE, allow_pickle=False) as arrays:
+        model.item_popularity = arrays["item_popularity"]
+        model.user_has_history = arrays["user_has_history"]
+        model._load_state(arrays, directory)
+    return model
