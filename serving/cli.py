@@ -185,7 +185,151 @@ def cmd_forget(args: argparse.Namespace) -> None:
     )
 
 
+# --- training ---------------------------------------------------------------------------------------------
+
+
+def _tracking(args: argparse.Namespace) -> Any:
+    from training.tracking import TrackingConfig
+
+    fields: dict[str, Any] = {}
+    if getattr(args, "tracking_uri", None):
+        fields["tracking_uri"] = args.tracking_uri
+    if getattr(args, "no_tracking", False):
+        fields["enabled"] = False
+    return TrackingConfig(**fields)
+
+
+def _model_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not getattr(args, "config", None):
+        return None
+    path = Path(args.config)
+    if not path.exists():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+
+
+def _metric_lines(metrics: dict[str, float] | None, title: str) -> list[str]:
+    if not metrics:
+        return []
+    keys = [
+        k
+        for k in (
+            "precision_at_10",
+            "recall_at_20",
+            "ndcg_at_10",
+            "map_at_10",
+            "new_ndcg_at_10",
+            "hit_rate_at_10",
+        )
+        if k in metrics
+    ]
+    return [f"  {title}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)]
+
+
+def cmd_train_cf(args: argparse.Namespace) -> None:
+    from training.cf import train_cf
+
+    result = train_cf(
+        args.data,
+        args.model,
+        _model_config(args),
+        tracking=_tracking(args),
+        seed=args.seed,
+        progress=_progress(args),
+    ).to_dict()
+    summary = {"command": "train cf", "data": args.data, **result, **result["metrics"]}
+    _emit(
+        args,
+        summary,
+        [
+            f"trained {args.model} on {args.data} in {result['fit_seconds']:.1f} s",
+            *_metric_lines(result["metrics"], "validation"),
+            *_metric_lines(result.get("test_metrics"), "test"),
+            *_registry_lines(result),
+        ],
+    )
+
+
+def _registry_lines(result: dict[str, Any]) -> list[str]:
+    if not result.get("version"):
+        return []
+    return [
+        f"  registered {result.get('registered_model', 'model')} version {result['version']} "
+        f"as @{result.get('alias', 'challenger')} (MLflow run {result.get('run_id', '?')})"
+    ]
+
+
+def cmd_tune_cf(args: argparse.Namespace) -> None:
+    from training.cf import tune_cf
+
+    result = tune_cf(
+        args.data,
+        args.model,
+        trials=args.trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study,
+        metric=args.metric,
+        tracking=_tracking(args),
+        seed=args.seed,
+        progress=_progress(args),
+    ).to_dict()
+    summary = {"command": "tune cf", "data": args.data, **result, **result["metrics"]}
+    _emit(
+        args,
+        summary,
+        [
+            f"study {result['study_name']}: {result['trials']} trials ({result['complete']} complete, {result['pruned']} pruned)",
+            f"  best trial {result['best_trial']}: {result['metric']} {result['best_value']:.4f}",
+            *_metric_lines(result.get("test_metrics"), "test (best)"),
+            *_registry_lines(result),
+        ],
+    )
+
+
+def cmd_promote_recommender(args: argparse.Namespace) -> None:
+    from training.tracking import promote_recommender
+
+    decision = promote_recommender(_tracking(args), metric=args.metric, data=args.data)
+    summary = {"command": "promote recommender", **decision.model_dump(mode="json")}
+    _emit(args, summary, [decision.reason])
+
+
 # --- the main job -----------------------------------------------------------------------------------------
+
+
+def _run_training(ds: Any, args: argparse.Namespace, summary: dict[str, Any]) -> list[str]:
+    """Tune and register a recommender, then promote it if it beats the champion."""
+    from training.cf import tune_cf
+    from training.tracking import TrackingConfig, promote_recommender
+
+    print(f"tuning ALS on {ds.root} ({args.trials} Optuna trials, tracked in MLflow)", file=sys.stderr)
+    tuned = tune_cf(
+        ds,
+        "als",
+        trials=args.trials,
+        metric="new_ndcg_at_10",
+        tracking=TrackingConfig(),
+        progress=_progress(args),
+    )
+    decision = promote_recommender(TrackingConfig(), metric="ndcg_at_10", data=ds.root)
+    best = tuned.to_dict()  # the best trial's result is flattened into the study summary
+    summary["recommender"] = {
+        "study": tuned.study_name,
+        "metrics": best["metrics"],
+        "test_metrics": best.get("test_metrics"),
+        "promotion": decision.model_dump(mode="json"),
+    }
+    shown = ("ndcg_at_10", "new_ndcg_at_10")
+    return [
+        f"recommender: tuned ALS ({tuned.trials} trials): "
+        + ", ".join(f"{k} {best['metrics'][k]:.4f}" for k in shown if k in best["metrics"]),
+        f"  {decision.reason}",
+        "  compare runs: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db",
+    ]
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -210,6 +354,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         "splits": manifest["splits"],
     }
     rc = manifest["row_counts"]
+    lines_after: list[str] = []
+    if not args.skip_training:
+        lines_after += _run_training(ds, args, summary)
     _emit(
         args,
         summary,
@@ -217,6 +364,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             f"dataset: {ds.root}",
             f"features: {ds.features_dir} ({rc['interaction_customers']:,} customers × {rc['interaction_items']:,} items, "
             f"{rc['profiles']:,} profiles)",
+            *lines_after,
         ],
     )
 
@@ -242,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--customers", type=int, default=5000, help="customers in a newly generated world")
     run.add_argument("--days", type=int, default=180)
     run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--trials", type=int, default=8, help="Optuna trials for the recommender")
+    run.add_argument("--skip-training", action="store_true", help="stop after the features")
     _common(run)
     run.set_defaults(func=cmd_run)
 
@@ -307,7 +457,57 @@ def build_parser() -> argparse.ArgumentParser:
     _common(fg)
     fg.set_defaults(func=cmd_forget)
 
+    _add_training(sub)
     return parser
+
+
+def _add_training(sub: Any) -> None:
+    models = ["als", "bpr", "itemknn", "popularity", "repeat", "blend"]
+
+    def tracked(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--tracking-uri",
+            help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
+        )
+        _common(p)
+
+    train = sub.add_parser("train", help="train one configuration").add_subparsers(
+        dest="train_command", required=True, metavar="MODEL_KIND"
+    )
+    tc = train.add_parser("cf", help="a follow-up purchase model (collaborative filtering or a baseline)")
+    tc.add_argument("--data", default=str(DEFAULT_DATA))
+    tc.add_argument("--model", choices=models, default="als")
+    tc.add_argument("--config", help='hyperparameters as a JSON file (e.g. {"factors": 128})')
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--no-tracking", action="store_true", help="train and evaluate without MLflow")
+    tracked(tc)
+    tc.set_defaults(func=cmd_train_cf)
+
+    tune = sub.add_parser("tune", help="tune with an Optuna study").add_subparsers(
+        dest="tune_command", required=True, metavar="MODEL_KIND"
+    )
+    uc = tune.add_parser("cf", help="tune a follow-up purchase model")
+    uc.add_argument("--data", default=str(DEFAULT_DATA))
+    uc.add_argument("--model", choices=models, default="als")
+    uc.add_argument("--trials", type=int, default=20)
+    uc.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    uc.add_argument("--storage", help="Optuna RDB URL shared by workers (default: sqlite under mlruns/)")
+    uc.add_argument(
+        "--study", help="study name (default: derived from dataset and model); resumes if it exists"
+    )
+    uc.add_argument("--metric", default="ndcg_at_10", help="validation metric to maximise")
+    uc.add_argument("--seed", type=int, default=0)
+    tracked(uc)
+    uc.set_defaults(func=cmd_tune_cf)
+
+    promote = sub.add_parser(
+        "promote", help="move champion to the challenger if it is better"
+    ).add_subparsers(dest="promote_command", required=True, metavar="MODEL_KIND")
+    pr = promote.add_parser("recommender", help="nextbest-recommender")
+    pr.add_argument("--data", help="require the challenger to be trained on this dataset")
+    pr.add_argument("--metric", default="ndcg_at_10")
+    tracked(pr)
+    pr.set_defaults(func=cmd_promote_recommender)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -315,8 +515,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from features.dataset import DatasetError
     from features.schema import SchemaError
+    from training.cf import TuneError
 
-    return (UsageError, DatasetError, SchemaError, ValidationError, FileNotFoundError, ValueError)
+    return (UsageError, DatasetError, SchemaError, ValidationError, FileNotFoundError, ValueError, TuneError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -74,3 +74,26 @@ def test_console_script_runs_as_a_program(tiny_dataset):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "is not a nextbest dataset" in proc.stderr
+
+
+def test_generate_build_train_and_promote_through_the_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = str(tmp_path / "world")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["data", "generate", "--customers", "300", "--days", "120", "--out", data, "--json", "--quiet"]) == 0
+    generated = _last_json(capsys)
+    assert generated["tables"]["customers"]["rows"] == 300
+    assert main(["features", "build", "--data", data, "--json", "--quiet"]) == 0
+    assert _last_json(capsys)["row_counts"]["profiles"] > 0
+    assert main(["train", "cf", "--data", data, "--model", "repeat", "--tracking-uri", uri, "--json", "--quiet"]) == 0
+    trained = _last_json(capsys)
+    for name in ("precision_at_10", "recall_at_20", "ndcg_at_10", "map_at_10", "new_ndcg_at_10"):
+        assert 0.0 <= trained[name] <= 1.0
+    assert trained["version"] == "1" and trained["alias"] == "challenger"
+    assert main(["promote", "recommender", "--tracking-uri", uri, "--json", "--quiet"]) == 0
+    first = _last_json(capsys)
+    assert first["promoted"] is True and first["challenger_version"] == "1"
+    assert main(["train", "cf", "--data", data, "--model", "popularity", "--tracking-uri", uri, "--json", "--quiet"]) == 0
+    assert main(["promote", "recommender", "--tracking-uri", uri, "--json", "--quiet"]) == 0
+    second = _last_json(capsys)
+    assert second["promoted"] is False and "does not beat" in second["reason"]
