@@ -27,7 +27,8 @@ from features.privacy import (
 from features.profiles import (
     ProfileConfig,
     customer_summary,
-    pair_weights,
+    order_counts,
+    pair_summary,
     profiles_from_summary,
     value_tier_thresholds,
 )
@@ -204,11 +205,12 @@ def build_features(
         pl.col(TIMESTAMP_COL) <= as_of
     )
     items = ds.scan("items", required=False)
-    # Two passes over the events (per pair, per customer); everything after works on those far smaller tables.
-    pairs = pair_weights(
+    # One pass over the events builds (customer, item) pairs; everything after works on that far smaller table.
+    pairs = pair_summary(
         retained, as_of=as_of, config=config.profiles, interactions=config.interactions
     ).collect()
-    summary = customer_summary(retained, items, as_of=as_of, config=config.profiles).collect()
+    orders = order_counts(retained, config=config.profiles)
+    summary = customer_summary(pairs.lazy(), orders, items, as_of=as_of).collect()
     steps.done()
 
     steps.start("interaction matrix")

@@ -89,73 +89,86 @@ def item_attributes(items: pl.LazyFrame | pl.DataFrame, config: ProfileConfig) -
     return [n for n, t in schema.items() if t == pl.String and n not in NOT_ATTRIBUTES]
 
 
-def pair_weights(
+def pair_summary(
     events: pl.LazyFrame,
     *,
     as_of: datetime,
     config: ProfileConfig,
     interactions: InteractionConfig | None = None,
 ) -> pl.LazyFrame:
-    """Summed event weights per (customer, item): ``weight`` for the interaction matrix (decayed if configured)
-    and ``profile_weight`` for preferences (equal to ``weight`` unless the configs differ)."""
-    interactions = interactions or InteractionConfig(weights=config.weights)
-    weight = event_weight(interactions.weights)
-    if interactions.half_life_days is not None:
-        age_days = (pl.lit(as_of) - pl.col(TIMESTAMP_COL)).dt.total_seconds() / 86_400.0
-        weight = weight * (0.5 ** (age_days.clip(lower_bound=0) / interactions.half_life_days))
-    same = interactions.half_life_days is None and interactions.weights == config.weights
-    aggs = [weight.sum().cast(pl.Float32).alias(WEIGHT)]
-    if not same:
-        aggs.append(event_weight(config.weights).sum().cast(pl.Float32).alias("profile_weight"))
-    pairs = events.group_by(CUSTOMER_ID, ITEM_ID).agg(*aggs)
-    return pairs.with_columns(pl.col(WEIGHT).alias("profile_weight")) if same else pairs
+    """The one pass over events: per (customer, item), everything the matrix and the profiles need.
 
-
-def customer_summary(
-    events: pl.LazyFrame, items: pl.LazyFrame, *, as_of: datetime, config: ProfileConfig
-) -> pl.LazyFrame:
-    """Per customer: activity, RFM, usual purchase interval, recent browsing and cart state.
-
-    Monetary value is price × quantity of purchases; a purchase without a price counts at its item's price.
+    Returns:
+        ``customer_id, item_id, weight`` (interaction weight, decayed if configured), ``profile_weight``,
+        ``n_events, first_seen, last_seen, first_purchase, last_purchase, spend_known`` (price × quantity of
+        purchases with a price), ``qty_unpriced`` (quantity of purchases without one), ``recent_browse``
+        (viewed or clicked within ``recent_days``) and ``last_cart`` (latest add-to-cart within ``recent_days``).
     """
+    interactions = interactions or InteractionConfig(weights=config.weights)
     ts = pl.col(TIMESTAMP_COL)
     schema = events.collect_schema().names()
     is_purchase = pl.col(EVENT_TYPE) == config.purchase_event
     recent = ts >= pl.lit(as_of) - pl.duration(days=config.recent_days)
     qty = pl.col(QUANTITY).fill_null(1).cast(pl.Float64) if QUANTITY in schema else pl.lit(1.0)
     price = pl.col(PRICE) if PRICE in schema else pl.lit(None, dtype=pl.Float64)
-    order_key = ts.dt.date().cast(pl.String)
-    if SESSION_ID in schema:
-        order_key = pl.coalesce(pl.col(SESSION_ID), order_key)
-    day = 86_400.0
-    summary = events.group_by(CUSTOMER_ID).agg(
+    weight = event_weight(interactions.weights)
+    if interactions.half_life_days is not None:
+        age_days = (pl.lit(as_of) - ts).dt.total_seconds() / 86_400.0
+        weight = weight * (0.5 ** (age_days.clip(lower_bound=0) / interactions.half_life_days))
+    same = interactions.half_life_days is None and interactions.weights == config.weights
+    # when/then rather than filter inside the aggregation: markedly faster on the streaming engine.
+    aggs = [
+        weight.sum().cast(pl.Float32).alias(WEIGHT),
         pl.len().cast(pl.UInt32).alias("n_events"),
         ts.min().alias("first_seen"),
         ts.max().alias("last_seen"),
-        ts.filter(is_purchase).min().alias("first_purchase"),
-        ts.filter(is_purchase).max().alias("last_purchase"),
-        order_key.filter(is_purchase).n_unique().cast(pl.Int32).alias("frequency"),
-        (price * qty).filter(is_purchase).sum().fill_null(0.0).cast(pl.Float64).alias("monetary"),
-        pl.col(ITEM_ID)
-        .filter(recent & pl.col(EVENT_TYPE).is_in(config.browse_events))
-        .n_unique()
-        .cast(pl.Int32)
-        .alias("recent_items_viewed"),
-        ts.filter(recent & (pl.col(EVENT_TYPE) == config.cart_event)).max().alias("__last_cart"),
+        pl.when(is_purchase).then(ts).min().alias("first_purchase"),
+        pl.when(is_purchase).then(ts).max().alias("last_purchase"),
+        pl.when(is_purchase).then(price * qty).sum().alias("spend_known"),
+        pl.when(is_purchase & price.is_null()).then(qty).sum().alias("qty_unpriced"),
+        (recent & pl.col(EVENT_TYPE).is_in(config.browse_events)).any().alias("recent_browse"),
+        pl.when(recent & (pl.col(EVENT_TYPE) == config.cart_event)).then(ts).max().alias("last_cart"),
+    ]
+    if not same:
+        aggs.append(event_weight(config.weights).sum().cast(pl.Float32).alias("profile_weight"))
+    pairs = events.group_by(CUSTOMER_ID, ITEM_ID).agg(*aggs)
+    return pairs.with_columns(pl.col(WEIGHT).alias("profile_weight")) if same else pairs
+
+
+def order_counts(events: pl.LazyFrame, *, config: ProfileConfig) -> pl.LazyFrame:
+    """Orders per customer: distinct purchase sessions (a purchase day where there is no session id)."""
+    schema = events.collect_schema().names()
+    order_key = pl.col(TIMESTAMP_COL).dt.date().cast(pl.String)
+    if SESSION_ID in schema:
+        order_key = pl.coalesce(pl.col(SESSION_ID), order_key)
+    return (
+        events.filter(pl.col(EVENT_TYPE) == config.purchase_event)
+        .group_by(CUSTOMER_ID)
+        .agg(order_key.n_unique().cast(pl.Int32).alias("frequency"))
     )
+
+
+def customer_summary(
+    pairs: pl.LazyFrame, orders: pl.LazyFrame, items: pl.LazyFrame, *, as_of: datetime
+) -> pl.LazyFrame:
+    """Per customer, from :func:`pair_summary` and :func:`order_counts`: activity, RFM, usual purchase interval,
+    recent browsing and cart state. A purchase without a price counts at its item's price."""
+    day = 86_400.0
+    spend = pl.col("spend_known").fill_null(0)
     if PRICE in items.collect_schema().names():
-        # Rare in practice, so priced through a join over those purchases only, not over every event.
-        unpriced = (
-            events.filter(is_purchase & price.is_null())
-            .join(items.select(ITEM_ID, pl.col(PRICE).alias("__item_price")), on=ITEM_ID, how="inner")
-            .group_by(CUSTOMER_ID)
-            .agg((pl.col("__item_price").fill_null(0) * qty).sum().alias("__unpriced"))
-        )
-        summary = (
-            summary.join(unpriced, on=CUSTOMER_ID, how="left")
-            .with_columns((pl.col("monetary") + pl.col("__unpriced").fill_null(0)).alias("monetary"))
-            .drop("__unpriced")
-        )
+        pairs = pairs.join(items.select(ITEM_ID, pl.col(PRICE).alias("__item_price")), on=ITEM_ID, how="left")
+        spend = spend + pl.col("qty_unpriced").fill_null(0) * pl.col("__item_price").fill_null(0)
+    summary = pairs.group_by(CUSTOMER_ID).agg(
+        pl.col("n_events").sum().cast(pl.UInt32),
+        pl.col("first_seen").min(),
+        pl.col("last_seen").max(),
+        pl.col("first_purchase").min(),
+        pl.col("last_purchase").max(),
+        spend.sum().cast(pl.Float64).alias("monetary"),
+        pl.col("recent_browse").sum().cast(pl.Int32).alias("recent_items_viewed"),
+        pl.col("last_cart").max().alias("__last_cart"),
+    )
+    summary = summary.join(orders, on=CUSTOMER_ID, how="left").with_columns(pl.col("frequency").fill_null(0))
 
     def since(c: str) -> pl.Expr:
         return (pl.lit(as_of) - pl.col(c)).dt.total_seconds() / day
@@ -359,13 +372,14 @@ def build_profiles(
         the profile frame (columns documented in the module docstring).
     """
     config = config or ProfileConfig()
-    pairs = pair_weights(events, as_of=as_of, config=config).collect()
+    pairs = pair_summary(events, as_of=as_of, config=config).collect()
     weights = build_interactions(
         pairs.filter(pl.col("profile_weight") > 0).select(
             CUSTOMER_ID, ITEM_ID, pl.col("profile_weight").alias(WEIGHT)
         )
     )
-    summary = customer_summary(events, items, as_of=as_of, config=config).collect()
+    orders = order_counts(events, config=config)
+    summary = customer_summary(pairs.lazy(), orders, items, as_of=as_of).collect()
     return profiles_from_summary(
         weights, summary, items, customers, as_of=as_of, config=config, value_thresholds=value_thresholds
     ).lazy()
