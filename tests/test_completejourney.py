@@ -93,3 +93,25 @@ def test_campaigns_are_plausible(imported):
     assert actions["timestamp"].min() >= datetime(2016, 11, 1)
     assert actions["timestamp"].max() <= datetime(2017, 12, 31)
     assert set(actions["action_id"]) <= set(catalog["action_id"])
+
+
+def test_feature_build_runs_end_to_end_with_the_issue_split(imported):
+    from features.pipeline import FeatureConfig, build_features
+
+    ds, _ = imported
+    config = FeatureConfig(validation_start=datetime(2017, 10, 1), test_start=datetime(2017, 11, 1))
+    manifest = build_features(ds, config)
+    rc = manifest["row_counts"]
+    assert rc["raw_events"] == 1_460_438
+    assert rc["retained_events"] == rc["raw_events"]  # one year of data, a 365-day window from its last event
+    assert rc["personalisation_events"] == rc["raw_events"]  # no consent table: consent_default applies
+    assert rc["interaction_customers"] == 2_469
+    assert 60_000 < rc["interaction_items"] <= 92_331
+    profiles = pl.read_parquet(ds.features_dir / "profiles.parquet")
+    assert profiles.height == 2_469
+    assert profiles["preferred_department"].null_count() == 0
+    assert set(profiles["journey_phase"].unique()) <= {"need", "orientation", "purchase", "use", "evaluation"}
+    assert manifest["splits"] == {
+        "validation_start": "2017-10-01T00:00:00",
+        "test_start": "2017-11-01T00:00:00",
+    }
