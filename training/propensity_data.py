@@ -1,0 +1,1375 @@
+"""Propensity training tables (exposures with as-of customer features) and the encoder shared with serving.
+
+A training row is one exposure: a customer was shown an action at a time on a channel, and responded or not.
+Its customer features are the customer's profile built from events *strictly before* a snapshot time at or
+before the exposure (profiles are rebuilt every ``snapshot_days``), so no row sees its own future. Datasets
+without an action log get derived targets instead: at each snapshot, every recently active customer is
+"exposed" to "buy a product of <attribute> = c", and responds if they do within the next ``horizon_days``.
+
+The :class:`FeatureEncoder` turns rows into model inputs in one place for both paths: a whole frame offline
+(:meth:`FeatureEncoder.encode_frame`) and one customer against many actions online
+(:meth:`FeatureEncoder.encode_one`). Only reading values differs between the two (Polars columns versus a
+dict); every derived feature (days since a date, hour and weekday, customer–action matches, normalisation) is
+computed by the same NumPy code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
+
+from features.dataset import Dataset, DatasetError
+from features.pipeline import FeatureConfig, clean_events
+from features.profiles import ProfileConfig, build_profiles
+from features.schema import (
+    ACTION_ID,
+    CHANNEL,
+    CUSTOMER_ID,
+    EVENT_TYPE,
+    EXPOSURE_ID,
+    ITEM_ID,
+    KIND,
+    PRICE,
+    QUANTITY,
+    RESPONDED,
+    TIMESTAMP,
+    TIMESTAMP_COL,
+    VALUE,
+)
+from features.splits import temporal_split
+
+SNAPSHOT_AT = "snapshot_at"
+"""The time of the profile snapshot a training row's customer features come from (events strictly before it)."""
+P_TRUE = "p_true"
+"""The planted response probability of an exposure (``truth/propensity.parquet``, generated data only)."""
+DERIVED_KIND = "follow_up_purchase"
+HOUR = "hour"
+WEEKDAY = "weekday"
+ACTION_PREFIX = "action."
+UNKNOWN_INDEX = 0
+"""Index 0 of every categorical vocabulary: missing, unseen or too rare a value."""
+
+EXPOSURE_COLUMNS = frozenset({EXPOSURE_ID, CUSTOMER_ID, ACTION_ID, CHANNEL, TIMESTAMP_COL, RESPONDED})
+EXCLUDED_CUSTOMER_COLUMNS = frozenset({CUSTOMER_ID, SNAPSHOT_AT, "recency_days"})
+"""Profile columns that are not model inputs: ids, and ``recency_days``, which is relative to the snapshot;
+the model derives the exact recency at the exposure time from ``last_purchase`` instead."""
+_EPOCH = datetime(1970, 1, 1)
+_DAY_SECONDS = 86_400.0
+_LOG_ABOVE = 10.0
+"""Non-negative numeric features whose training maximum exceeds this are log1p-transformed (counts, money, days)."""
+_CLIP = 5.0
+
+
+class PropensityDataError(ValueError):
+    """The dataset cannot give a propensity training table (no exposures, no attribute to derive targets, …)."""
+
+
+class PropensityDataConfig(BaseModel):
+    """How the propensity training table is built. Round-trips through JSON.
+
+    Attributes:
+        target: ``actions`` (the action log), ``derived`` (follow-up purchases) or ``auto`` (the action log when
+            the dataset has one).
+        snapshot_days: profiles are rebuilt every this many days; a row uses the latest snapshot at or before
+            its exposure (smaller is more exact and slower).
+        validation_fraction: share of exposures (by time) in the validation period when no cut-off is given.
+        test_fraction: share of exposures (by time) in the test period when no cut-off is given.
+        validation_start: explicit first time of the validation period.
+        test_start: explicit first time of the test period.
+        derived_attribute: item attribute of the derived targets; default ``category``, else ``brand``, else the
+            first text attribute of the items table.
+        horizon_days: derived targets: a purchase within this many days after the snapshot is a response.
+        derived_values: derived targets: the most purchased values of the attribute that become actions.
+        active_days: derived targets: customers with an event in this many days before a snapshot are exposed.
+        max_rows: derived targets: customers are sampled per snapshot to keep at most about this many rows.
+        seed: seed of that sampling.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: Literal["auto", "actions", "derived"] = "auto"
+    snapshot_days: int = Field(7, ge=1)
+    validation_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    validation_start: datetime | None = None
+    test_start: datetime | None = None
+    derived_attribute: str | None = None
+    horizon_days: int = Field(14, ge=1)
+    derived_values: int = Field(20, ge=1)
+    active_days: int = Field(60, ge=1)
+    max_rows: int | None = Field(1_000_000, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions_leave_training(self) -> PropensityDataConfig:
+        if self.validation_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"validation_fraction + test_fraction must leave at least 10% for training, got "
+                f"{self.validation_fraction} + {self.test_fraction}"
+            )
+        return self
+
+
+# --- as-of profiles ----------------------------------------------------------------------------------------
+
+
+def _midnight(ts: datetime) -> datetime:
+    return datetime(ts.year, ts.month, ts.day)
+
+
+def snapshot_times(start: datetime, end: datetime, every_days: int) -> list[datetime]:
+    """Snapshot times from midnight of ``start`` every ``every_days`` days, up to and including ``end``."""
+    if every_days < 1:
+        raise ValueError(f"every_days must be >= 1, got {every_days}")
+    out: list[datetime] = []
+    s = _midnight(start)
+    while s <= end:
+        out.append(s)
+        s += timedelta(days=every_days)
+    return out
+
+
+def profile_snapshots(
+    events: pl.DataFrame,
+    items: pl.LazyFrame,
+    customers: pl.LazyFrame,
+    snapshots: Sequence[datetime],
+    *,
+    needed: Mapping[datetime, Sequence[str]] | None = None,
+    config: ProfileConfig | None = None,
+    progress: bool = False,
+) -> pl.DataFrame:
+    """Customer profiles at each snapshot time, each built only from events strictly before it.
+
+    Args:
+        events: clean events (identity-resolved, consented for profiling).
+        items: the items table.
+        customers: the customers table.
+        snapshots: snapshot times.
+        needed: if given, only these customers' profiles are kept per snapshot (they are still built over
+            everyone, so segment thresholds do not depend on who was exposed).
+        config: profile definitions.
+        progress: show a progress bar.
+
+    Returns:
+        the profile columns plus ``snapshot_at``; one row per (customer with earlier events, snapshot).
+    """
+    frames: list[pl.DataFrame] = []
+    ts = pl.col(TIMESTAMP_COL)
+    for s in tqdm(snapshots, desc="profile snapshots", disable=not progress, unit="snapshot"):
+        keep = None if needed is None else needed.get(s)
+        if keep is not None and len(keep) == 0:
+            continue
+        before = events.filter(ts < s)
+        if before.is_empty():
+            continue
+        prof = build_profiles(before.lazy(), items, customers, as_of=s, config=config)
+        if keep is not None:
+            prof = prof.filter(pl.col(CUSTOMER_ID).is_in(list(keep)))
+        frames.append(prof.collect().with_columns(pl.lit(s).cast(TIMESTAMP).alias(SNAPSHOT_AT)))
+    if not frames:
+        return pl.DataFrame(schema={CUSTOMER_ID: pl.String, SNAPSHOT_AT: TIMESTAMP})
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def join_profiles_asof(exposures: pl.DataFrame, profiles: pl.DataFrame) -> pl.DataFrame:
+    """Attach to each exposure the customer's latest profile snapshot taken at or before the exposure time.
+
+    The snapshot at ``s`` was built from events strictly before ``s`` <= exposure time, so no exposure sees
+    events at or after its own time. Exposures of customers without any earlier snapshot get null profiles.
+    """
+    left = exposures.with_columns(pl.col(TIMESTAMP_COL).cast(TIMESTAMP)).sort(TIMESTAMP_COL)
+    right = profiles.with_columns(pl.col(SNAPSHOT_AT).cast(TIMESTAMP)).sort(SNAPSHOT_AT)
+    clash = [c for c in right.columns if c in left.columns and c != CUSTOMER_ID]
+    if clash:
+        right = right.drop(clash)
+    return left.join_asof(
+        right,
+        left_on=TIMESTAMP_COL,
+        right_on=SNAPSHOT_AT,
+        by=CUSTOMER_ID,
+        strategy="backward",
+        check_sortedness=False,
+    )
+
+
+def exposure_snapshots(exposures: pl.DataFrame, every_days: int) -> dict[datetime, list[str]]:
+    """The snapshot each exposure falls after, as {snapshot time: customers exposed before the next one}."""
+    if exposures.is_empty():
+        return {}
+    start = _midnight(exposures[TIMESTAMP_COL].min())
+    step = timedelta(days=every_days)
+    snap = pl.lit(start) + (
+        (pl.col(TIMESTAMP_COL) - pl.lit(start)).dt.total_seconds() // step.total_seconds()
+    ).cast(pl.Int64) * pl.duration(days=every_days)
+    grouped = (
+        exposures.select(snap.cast(TIMESTAMP).alias(SNAPSHOT_AT), CUSTOMER_ID)
+        .unique()
+        .group_by(SNAPSHOT_AT)
+        .agg(pl.col(CUSTOMER_ID).sort())
+        .sort(SNAPSHOT_AT)
+    )
+    return dict(zip(grouped[SNAPSHOT_AT].to_list(), grouped[CUSTOMER_ID].to_list(), strict=True))
+
+
+def build_training_table(
+    exposures: pl.DataFrame,
+    events: pl.DataFrame,
+    items: pl.LazyFrame,
+    customers: pl.LazyFrame,
+    *,
+    snapshot_days: int = 7,
+    channels: Sequence[str] | None = None,
+    config: ProfileConfig | None = None,
+    progress: bool = False,
+) -> pl.DataFrame:
+    """One row per exposure with the customer's as-of profile (see :func:`join_profiles_asof`) and exact as-of
+    activity (see :func:`activity_asof`).
+
+    Args:
+        exposures: rows of the actions table (``exposure_id, customer_id, action_id, channel, timestamp,
+            responded``).
+        events: clean events.
+        items: the items table.
+        customers: the customers table.
+        snapshot_days: days between profile snapshots.
+        channels: event channels whose shares become features (default :func:`activity_channels`).
+        config: profile definitions.
+        progress: show a progress bar.
+
+    Returns:
+        the exposures (sorted by time) with profile columns, ``snapshot_at`` and activity columns.
+    """
+    needed = exposure_snapshots(exposures, snapshot_days)
+    profiles = profile_snapshots(
+        events, items, customers, sorted(needed), needed=needed, config=config, progress=progress
+    )
+    table = join_profiles_asof(exposures, profiles)
+    channels = activity_channels(events) if channels is None else channels
+    activity = activity_asof(table.select(CUSTOMER_ID, TIMESTAMP_COL), events, items, channels=channels)
+    return pl.concat([table.drop(activity.columns, strict=False), activity], how="horizontal")
+
+
+# --- derived targets ---------------------------------------------------------------------------------------
+
+
+def default_derived_attribute(items: pl.LazyFrame) -> str:
+    """``category``, else ``brand``, else the first text attribute of the items table.
+
+    Raises:
+        PropensityDataError: the items table has no text attribute.
+    """
+    schema = items.collect_schema()
+    text = [n for n, t in schema.items() if t == pl.String and n not in {ITEM_ID, "name", "title"}]
+    for preferred in ("category", "brand"):
+        if preferred in text:
+            return preferred
+    if not text:
+        raise PropensityDataError(
+            "the dataset has no action log and its items table has no text attribute to derive "
+            "follow-up purchase targets from (e.g. category or brand)"
+        )
+    return text[0]
+
+
+def derived_action_id(attribute: str, value: str) -> str:
+    """The action id of the derived target "buy an item with ``attribute`` = ``value``"."""
+    return f"buy:{attribute}:{value}"
+
+
+def derived_action_log(
+    events: pl.DataFrame,
+    items: pl.LazyFrame,
+    *,
+    attribute: str,
+    horizon_days: int = 14,
+    every_days: int = 7,
+    values: int = 20,
+    active_days: int = 60,
+    purchase_event: str = "purchase",
+    max_rows: int | None = None,
+    seed: int = 0,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Follow-up purchase targets as an action log: "purchases in ``attribute`` = c within the next H days".
+
+    At each snapshot ``s`` (every ``every_days`` from one period after the first event, while ``s + H`` is
+    within the data), each customer with an event in ``[s - active_days, s)`` gets one row per value c of the
+    ``values`` most purchased values; it responded if the customer bought an item with that value in
+    ``[s, s + H)``. Snapshots whose window runs past the last event are left out (their labels are incomplete).
+
+    Returns:
+        (actions, action_catalog): the exposures in the actions-table layout (``channel`` null), and one catalog
+        row per value (``action_id``, ``kind`` = ``follow_up_purchase``, ``value`` null, ``<attribute>`` = c),
+        so the customer's ``preferred_<attribute>`` meets the action's value in the encoder.
+
+    Raises:
+        PropensityDataError: the attribute is not an items column, or nothing was purchased.
+    """
+    if attribute not in items.collect_schema().names():
+        raise PropensityDataError(f"items table has no column {attribute!r} to derive targets from")
+    ts = pl.col(TIMESTAMP_COL)
+    purchases = (
+        events.lazy()
+        .filter(pl.col(EVENT_TYPE) == purchase_event)
+        .join(items.select(ITEM_ID, pl.col(attribute).cast(pl.String)), on=ITEM_ID, how="inner")
+        .filter(pl.col(attribute).is_not_null())
+        .select(CUSTOMER_ID, TIMESTAMP_COL, attribute)
+        .collect()
+    )
+    if purchases.is_empty():
+        raise PropensityDataError(
+            f"no {purchase_event} events with a known {attribute!r}: nothing to predict"
+        )
+    top = (
+        purchases.group_by(attribute)
+        .len()
+        .sort(["len", attribute], descending=[True, False])
+        .head(values)
+        .select(attribute)
+    )
+    lo, hi = events[TIMESTAMP_COL].min(), events[TIMESTAMP_COL].max()
+    horizon = timedelta(days=horizon_days)
+    starts = [
+        s
+        for s in snapshot_times(_midnight(lo) + timedelta(days=every_days), hi, every_days)
+        if s + horizon <= hi
+    ]
+    if not starts:
+        raise PropensityDataError(
+            f"events span {lo:%Y-%m-%d}..{hi:%Y-%m-%d}: too short for {every_days}-day snapshots with a "
+            f"{horizon_days}-day horizon"
+        )
+    per_snapshot = None
+    if max_rows is not None:
+        per_snapshot = max(1, max_rows // (len(starts) * top.height))
+    rng = np.random.default_rng(seed)
+    frames = []
+    for s in starts:
+        active = (
+            events.filter((ts < s) & (ts >= s - timedelta(days=active_days)))
+            .select(CUSTOMER_ID)
+            .unique()
+            .sort(CUSTOMER_ID)
+        )
+        if per_snapshot is not None and active.height > per_snapshot:
+            chosen = np.sort(rng.choice(active.height, size=per_snapshot, replace=False))
+            active = active[chosen]
+        bought = (
+            purchases.filter((ts >= s) & (ts < s + horizon))
+            .select(CUSTOMER_ID, attribute)
+            .unique()
+            .with_columns(pl.lit(True).alias(RESPONDED))
+        )
+        rows = (
+            active.join(top, how="cross")
+            .join(bought, on=[CUSTOMER_ID, attribute], how="left")
+            .with_columns(pl.col(RESPONDED).fill_null(False), pl.lit(s).cast(TIMESTAMP).alias(TIMESTAMP_COL))
+        )
+        frames.append(rows)
+    action = pl.format("buy:{}:{}", pl.lit(attribute), pl.col(attribute))
+    actions = (
+        pl.concat(frames)
+        .select(
+            pl.format("{}|{}|{}", pl.col(CUSTOMER_ID), action, ts.dt.strftime("%Y-%m-%d")).alias(EXPOSURE_ID),
+            CUSTOMER_ID,
+            action.alias(ACTION_ID),
+            pl.lit(None, dtype=pl.String).alias(CHANNEL),
+            TIMESTAMP_COL,
+            RESPONDED,
+        )
+        .sort(TIMESTAMP_COL, CUSTOMER_ID, ACTION_ID)
+    )
+    catalog = top.select(
+        action.alias(ACTION_ID),
+        pl.lit(DERIVED_KIND).alias(KIND),
+        pl.lit(None, dtype=pl.Float64).alias(VALUE),
+        pl.col(attribute),
+    )
+    return actions, catalog
+
+
+# --- exact as-of activity ----------------------------------------------------------------------------------
+
+ACTIVITY_WINDOWS: tuple[int, ...] = (30, 90)
+"""Purchase-count windows (days before the exposure) of the activity features."""
+RECENT_EVENT_DAYS = 7
+CHANNEL_SHARE_PREFIX = "channel_share_"
+
+
+def activity_channels(events: pl.DataFrame, *, limit: int = 6) -> list[str]:
+    """The most frequent event channels (most frequent first), whose shares become activity features."""
+    if CHANNEL not in events.columns:
+        return []
+    counts = (
+        events.select(pl.col(CHANNEL).drop_nulls())
+        .group_by(CHANNEL)
+        .len()
+        .sort(["len", CHANNEL], descending=[True, False])
+    )
+    return counts[CHANNEL].head(limit).to_list()
+
+
+def _purchase_rows(events: pl.DataFrame, items: pl.LazyFrame, purchase_event: str) -> pl.DataFrame:
+    """Purchases with their amount (price × quantity) and price relative to the median of their category."""
+    item_cols = items.collect_schema().names()
+    purchases = events.lazy().filter(pl.col(EVENT_TYPE) == purchase_event)
+    names = events.columns
+    price = pl.col(PRICE) if PRICE in names else pl.lit(None, dtype=pl.Float64)
+    reference = pl.lit(None, dtype=pl.Float64)
+    if PRICE in item_cols:
+        group = ["category"] if "category" in item_cols else []
+        medians = items.select(ITEM_ID, *group, pl.col(PRICE).alias("__item_price"))
+        medians = medians.with_columns(
+            (pl.col("__item_price").median().over(group) if group else pl.col("__item_price").median()).alias(
+                "__median"
+            )
+        ).select(ITEM_ID, "__item_price", "__median")
+        purchases = purchases.join(medians, on=ITEM_ID, how="left")
+        price = pl.coalesce(price, pl.col("__item_price"))
+        reference = pl.col("__median")
+    qty = pl.col(QUANTITY).fill_null(1) if QUANTITY in names else pl.lit(1)
+    return purchases.select(
+        CUSTOMER_ID,
+        TIMESTAMP_COL,
+        (price * qty).fill_null(0.0).cast(pl.Float64).alias("__amount"),
+        (price / reference).cast(pl.Float64).alias("__relative"),
+    ).collect()
+
+
+def customer_activity(
+    events: pl.DataFrame | pl.LazyFrame,
+    items: pl.LazyFrame,
+    *,
+    as_of: datetime,
+    channels: Sequence[str],
+    purchase_event: str = "purchase",
+) -> pl.DataFrame:
+    """Activity features per customer from events strictly before ``as_of`` (the online path).
+
+    Columns: ``events_before``, ``events_7d``, ``channel_share_<c>`` per channel, ``purchases_before``,
+    ``purchases_30d``, ``purchases_90d``, ``spend_before``, ``relative_price`` (mean price of purchases over
+    the median price of their category) and ``last_purchase_at``. Customers without events get no row.
+    :func:`activity_asof` computes the same values for every exposure at once.
+    """
+    ts = pl.col(TIMESTAMP_COL)
+    ev = events.lazy().filter(ts < as_of).collect()
+    if ev.is_empty():
+        return pl.DataFrame(schema={CUSTOMER_ID: pl.String, **_activity_schema(channels)})
+    has_channel = CHANNEL in ev.columns
+    base = ev.group_by(CUSTOMER_ID).agg(
+        pl.len().cast(pl.Float64).alias("events_before"),
+        (ts >= as_of - timedelta(days=RECENT_EVENT_DAYS)).sum().cast(pl.Float64).alias("events_7d"),
+        *[
+            ((pl.col(CHANNEL) == c).sum() / pl.len() if has_channel else pl.lit(0.0))
+            .cast(pl.Float64)
+            .alias(CHANNEL_SHARE_PREFIX + c)
+            for c in channels
+        ],
+    )
+    p = _purchase_rows(ev, items, purchase_event)
+    bought = p.group_by(CUSTOMER_ID).agg(
+        pl.len().cast(pl.Float64).alias("purchases_before"),
+        *[
+            (ts >= as_of - timedelta(days=w)).sum().cast(pl.Float64).alias(f"purchases_{w}d")
+            for w in ACTIVITY_WINDOWS
+        ],
+        pl.col("__amount").sum().alias("spend_before"),
+        pl.col("__relative").mean().alias("relative_price"),
+        ts.max().alias("last_purchase_at"),
+    )
+    counts = ["purchases_before", *(f"purchases_{w}d" for w in ACTIVITY_WINDOWS), "spend_before"]
+    return (
+        base.join(bought, on=CUSTOMER_ID, how="left")
+        .with_columns(pl.col(c).fill_null(0.0) for c in counts)
+        .select(CUSTOMER_ID, *_activity_schema(channels))
+        .cast(_activity_schema(channels))
+        .sort(CUSTOMER_ID)
+    )
+
+
+def _activity_schema(channels: Sequence[str]) -> dict[str, pl.DataType]:
+    return {
+        "events_before": pl.Float64(),
+        "events_7d": pl.Float64(),
+        **{CHANNEL_SHARE_PREFIX + c: pl.Float64() for c in channels},
+        "purchases_before": pl.Float64(),
+        **{f"purchases_{w}d": pl.Float64() for w in ACTIVITY_WINDOWS},
+        "spend_before": pl.Float64(),
+        "relative_price": pl.Float64(),
+        "last_purchase_at": TIMESTAMP,
+    }
+
+
+def _cumulative_asof(
+    keys: pl.DataFrame,
+    rows: pl.DataFrame,
+    columns: Sequence[str],
+    *,
+    shift_days: float = 0.0,
+    suffix: str = "",
+) -> pl.DataFrame:
+    """For each key (customer, time t), the running totals of ``rows`` over the customer's rows strictly before
+    ``t − shift_days`` (nulls when there are none)."""
+    left = keys.select(
+        "__row", CUSTOMER_ID, (pl.col(TIMESTAMP_COL) - timedelta(days=shift_days)).alias("__t")
+    )
+    right = rows.select(CUSTOMER_ID, pl.col(TIMESTAMP_COL).alias("__t"), *columns)
+    joined = left.sort("__t").join_asof(
+        right.sort("__t"),
+        on="__t",
+        by=CUSTOMER_ID,
+        strategy="backward",
+        allow_exact_matches=False,
+        check_sortedness=False,
+    )
+    return joined.select("__row", *(pl.col(c).alias(c + suffix) for c in columns))
+
+
+def activity_asof(
+    keys: pl.DataFrame,
+    events: pl.DataFrame,
+    items: pl.LazyFrame,
+    *,
+    channels: Sequence[str],
+    purchase_event: str = "purchase",
+) -> pl.DataFrame:
+    """The :func:`customer_activity` features of each (customer, timestamp) row, each from events strictly
+    before its own time (exact, no snapshot staleness), by as-of joins on running totals.
+
+    Returns:
+        the activity columns, one row per row of ``keys``, in the same order.
+    """
+    keys = keys.select(CUSTOMER_ID, pl.col(TIMESTAMP_COL).cast(TIMESTAMP)).with_row_index("__row")
+    ev = events.select(
+        CUSTOMER_ID,
+        pl.col(TIMESTAMP_COL).cast(TIMESTAMP),
+        *([pl.col(CHANNEL)] if CHANNEL in events.columns else [pl.lit(None, dtype=pl.String).alias(CHANNEL)]),
+    ).sort(CUSTOMER_ID, TIMESTAMP_COL)
+    ev = ev.with_columns(
+        pl.int_range(1, pl.len() + 1).over(CUSTOMER_ID).cast(pl.Float64).alias("__events"),
+        *[
+            (pl.col(CHANNEL) == c)
+            .fill_null(False)
+            .cast(pl.Float64)
+            .cum_sum()
+            .over(CUSTOMER_ID)
+            .alias(f"__ch{i}")
+            for i, c in enumerate(channels)
+        ],
+    )
+    ch_cols = [f"__ch{i}" for i in range(len(channels))]
+    p = (
+        _purchase_rows(events, items, purchase_event)
+        .sort(CUSTOMER_ID, TIMESTAMP_COL)
+        .with_columns(
+            pl.int_range(1, pl.len() + 1).over(CUSTOMER_ID).cast(pl.Float64).alias("__purchases"),
+            pl.col("__amount").cum_sum().over(CUSTOMER_ID).alias("__spend"),
+            pl.col("__relative").fill_null(0.0).cum_sum().over(CUSTOMER_ID).alias("__rel_sum"),
+            pl.col("__relative").is_not_null().cast(pl.Float64).cum_sum().over(CUSTOMER_ID).alias("__rel_n"),
+            pl.col(TIMESTAMP_COL).alias("__last"),
+        )
+    )
+    out = keys.select("__row")
+    parts = [
+        _cumulative_asof(keys, ev, ["__events", *ch_cols]),
+        _cumulative_asof(keys, ev, ["__events"], shift_days=RECENT_EVENT_DAYS, suffix="_recent"),
+        _cumulative_asof(keys, p, ["__purchases", "__spend", "__rel_sum", "__rel_n", "__last"]),
+        *[_cumulative_asof(keys, p, ["__purchases"], shift_days=w, suffix=f"_{w}") for w in ACTIVITY_WINDOWS],
+    ]
+    for part in parts:
+        out = out.join(part, on="__row", how="left")
+    seen = pl.col("__events").is_not_null()
+    bought = pl.col("__purchases").fill_null(0.0)
+
+    def when_seen(expr: pl.Expr) -> pl.Expr:
+        return pl.when(seen).then(expr).otherwise(None)
+
+    return (
+        out.sort("__row")
+        .select(
+            pl.col("__events").alias("events_before"),
+            when_seen(pl.col("__events") - pl.col("__events_recent").fill_null(0.0)).alias("events_7d"),
+            *[
+                (pl.col(f"__ch{i}") / pl.col("__events")).alias(CHANNEL_SHARE_PREFIX + c)
+                for i, c in enumerate(channels)
+            ],
+            when_seen(bought).alias("purchases_before"),
+            *[
+                when_seen(bought - pl.col(f"__purchases_{w}").fill_null(0.0)).alias(f"purchases_{w}d")
+                for w in ACTIVITY_WINDOWS
+            ],
+            when_seen(pl.col("__spend").fill_null(0.0)).alias("spend_before"),
+            pl.when(pl.col("__rel_n") > 0)
+            .then(pl.col("__rel_sum") / pl.col("__rel_n"))
+            .otherwise(None)
+            .alias("relative_price"),
+            pl.col("__last").alias("last_purchase_at"),
+        )
+        .cast(_activity_schema(channels))
+    )
+
+
+# --- splits and loading ------------------------------------------------------------------------------------
+
+
+def time_cutoffs(
+    timestamps: pl.Series, *, validation_fraction: float, test_fraction: float
+) -> tuple[datetime, datetime]:
+    """Cut-offs that leave about the last ``test_fraction`` of rows (by time) for test and the
+    ``validation_fraction`` before them for validation. Rows at one time stay together.
+
+    Raises:
+        PropensityDataError: the rows span too few distinct times for three periods.
+    """
+    ts = timestamps.drop_nulls().sort()
+    distinct = ts.unique().sort()
+    if distinct.len() < 3:
+        raise PropensityDataError(
+            f"exposures fall at {distinct.len()} distinct time(s): too few for train, validation and test periods"
+        )
+    n = ts.len()
+    test_start = ts[min(n - 1, math.floor(n * (1 - test_fraction)))]
+    validation_start = ts[min(n - 1, math.floor(n * (1 - test_fraction - validation_fraction)))]
+    # Many rows may share a timestamp (campaign start dates): keep at least two distinct times before the
+    # test period, and the validation cut-off strictly between the first time and the test cut-off.
+    if test_start <= distinct[1]:
+        test_start = distinct[-1]
+    before = distinct.filter(distinct < test_start)
+    if validation_start <= before[0] or validation_start >= test_start:
+        validation_start = before[-1]
+    return validation_start, test_start
+
+
+@dataclass
+class PropensityData:
+    """A propensity training table split by time, with the action catalogue.
+
+    Attributes:
+        train: exposures before ``validation_start`` with as-of profiles.
+        validation: exposures in ``[validation_start, test_start)`` (early stopping and calibration).
+        test: exposures at or after ``test_start`` (the held-out later period).
+        catalog: the action catalogue (``action_id`` plus attribute columns).
+        customer_columns: the profile columns joined onto the rows.
+        validation_start: first time of the validation period.
+        test_start: first time of the test period.
+        target: ``actions`` or ``derived:<attribute>:<H>d``.
+        has_truth: whether rows carry the planted ``p_true``.
+    """
+
+    train: pl.DataFrame
+    validation: pl.DataFrame
+    test: pl.DataFrame
+    catalog: pl.DataFrame
+    customer_columns: list[str]
+    validation_start: datetime
+    test_start: datetime
+    target: str = "actions"
+    has_truth: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """Row counts, response rates and cut-offs."""
+
+        def rate(df: pl.DataFrame) -> float:
+            return float(df[RESPONDED].mean()) if df.height else float("nan")
+
+        return {
+            "target": self.target,
+            "rows_train": self.train.height,
+            "rows_validation": self.validation.height,
+            "rows_test": self.test.height,
+            "positive_rate_train": rate(self.train),
+            "positive_rate_validation": rate(self.validation),
+            "positive_rate_test": rate(self.test),
+            "actions": self.catalog.height,
+            "validation_start": self.validation_start.isoformat(),
+            "test_start": self.test_start.isoformat(),
+        }
+
+
+def split_table(
+    table: pl.DataFrame,
+    catalog: pl.DataFrame,
+    customer_columns: Sequence[str],
+    config: PropensityDataConfig,
+    *,
+    target: str = "actions",
+    label_days: int | None = None,
+) -> PropensityData:
+    """Split a training table by exposure time (explicit cut-offs, else by row fractions).
+
+    Args:
+        table: the training table.
+        catalog: the action catalogue.
+        customer_columns: the profile columns of ``table``.
+        config: cut-offs or fractions.
+        target: the target's name.
+        label_days: for targets observed over a window after the exposure (derived targets), its length: rows
+            whose window runs past the start of the next period are left out, so no label of an earlier period
+            is an outcome of a later one.
+
+    Raises:
+        PropensityDataError: a period is empty.
+    """
+    if config.validation_start and config.test_start:
+        validation_start, test_start = config.validation_start, config.test_start
+    else:
+        auto_val, auto_test = time_cutoffs(
+            table[TIMESTAMP_COL],
+            validation_fraction=config.validation_fraction,
+            test_fraction=config.test_fraction,
+        )
+        validation_start = config.validation_start or auto_val
+        test_start = config.test_start or auto_test
+    split = temporal_split(table.lazy(), validation_start=validation_start, test_start=test_start)
+    train, validation, test = split.train.collect(), split.validation.collect(), split.test.collect()
+    if label_days is not None:
+        window = timedelta(days=label_days)
+        train = train.filter(pl.col(TIMESTAMP_COL) + window <= validation_start)
+        validation = validation.filter(pl.col(TIMESTAMP_COL) + window <= test_start)
+    for name, part in (("train", train), ("validation", validation), ("test", test)):
+        if part.is_empty():
+            raise PropensityDataError(
+                f"the {name} period is empty (validation_start {validation_start.isoformat()}, "
+                f"test_start {test_start.isoformat()}, exposures {table[TIMESTAMP_COL].min()}.."
+                f"{table[TIMESTAMP_COL].max()})"
+            )
+        if part[RESPONDED].n_unique() < 2 and name != "test":
+            raise PropensityDataError(
+                f"the {name} period has only one outcome: responded = {part[RESPONDED][0]}"
+            )
+    return PropensityData(
+        train=train,
+        validation=validation,
+        test=test,
+        catalog=catalog,
+        customer_columns=list(customer_columns),
+        validation_start=validation_start,
+        test_start=test_start,
+        target=target,
+        has_truth=P_TRUE in table.columns,
+    )
+
+
+def load_propensity_data(
+    ds: Dataset,
+    config: PropensityDataConfig | None = None,
+    *,
+    feature_config: FeatureConfig | None = None,
+    progress: bool = False,
+) -> PropensityData:
+    """The propensity training table of a dataset, split by time.
+
+    Uses the action log (``raw/actions`` and ``raw/action_catalog``) when there is one (or ``config.target``
+    says so), otherwise derived follow-up purchase targets. Profiles and activity come from events consented
+    for profiling, cleaned with ``feature_config`` (default: the config of the dataset's feature build, from its
+    manifest, else the defaults). On generated data the planted ``p_true`` of ``truth/propensity.parquet`` is joined by ``exposure_id``.
+
+    Raises:
+        DatasetError: a required table is missing.
+        PropensityDataError: the data cannot be split or has nothing to predict.
+    """
+    config = config or PropensityDataConfig()
+    ds.require()
+    if feature_config is None:
+        # The settings the dataset's features were built with (consent default, retention, profile rules).
+        built = ds.read_manifest().get("config") if ds.manifest_path.exists() else None
+        feature_config = FeatureConfig.model_validate(built) if built else FeatureConfig()
+    target = config.target
+    if target == "auto":
+        target = "actions" if ds.has_table("actions") else "derived"
+    steps = tqdm(total=3, desc="propensity data", disable=not progress, unit="step")
+    steps.set_postfix_str("events")
+    events = clean_events(ds, feature_config, purpose="profiling").collect()
+    items = ds.scan("items", required=False)
+    customers = ds.scan("customers", required=False)
+    steps.update()
+    steps.set_postfix_str("exposures")
+    if target == "actions":
+        if not ds.has_table("action_catalog"):
+            raise DatasetError(f"{ds.raw_dir} has an action log but no action_catalog table")
+        exposures = ds.read("actions").select(
+            EXPOSURE_ID, CUSTOMER_ID, ACTION_ID, CHANNEL, TIMESTAMP_COL, RESPONDED
+        )
+        catalog = ds.read("action_catalog")
+        target_name = "actions"
+    else:
+        attribute = config.derived_attribute or default_derived_attribute(items)
+        exposures, catalog = derived_action_log(
+            events,
+            items,
+            attribute=attribute,
+            horizon_days=config.horizon_days,
+            every_days=config.snapshot_days,
+            values=config.derived_values,
+            active_days=config.active_days,
+            max_rows=config.max_rows,
+            seed=config.seed,
+        )
+        target_name = f"derived:{attribute}:{config.horizon_days}d"
+    if exposures.is_empty():
+        raise PropensityDataError(f"{ds.root}: no exposures to learn from")
+    steps.update()
+    steps.set_postfix_str("as-of profiles")
+    table = build_training_table(
+        exposures,
+        events,
+        items,
+        customers,
+        snapshot_days=config.snapshot_days,
+        config=feature_config.profiles,
+        progress=False,
+    )
+    truth_path = ds.truth_dir / "propensity.parquet"
+    if target == "actions" and truth_path.exists():
+        truth = pl.read_parquet(truth_path).select(EXPOSURE_ID, pl.col(P_TRUE).cast(pl.Float64))
+        table = table.join(truth, on=EXPOSURE_ID, how="left", maintain_order="left")
+    steps.update()
+    steps.close()
+    customer_columns = [
+        c for c in table.columns if c not in EXPOSURE_COLUMNS and c not in {SNAPSHOT_AT, P_TRUE}
+    ]
+    customer_columns = [c for c in customer_columns if c not in exposures.columns]
+    return split_table(
+        table,
+        catalog,
+        customer_columns,
+        config,
+        target=target_name,
+        label_days=config.horizon_days if target == "derived" else None,
+    )
+
+
+# --- the feature encoder -----------------------------------------------------------------------------------
+
+
+def _kind_of(dtype: pl.DataType) -> str | None:
+    if dtype in (pl.String, pl.Boolean) or isinstance(dtype, pl.Categorical | pl.Enum):
+        return "categorical"
+    if isinstance(dtype, pl.Datetime) or dtype == pl.Date:
+        return "date"
+    if dtype.is_numeric():
+        return "numeric"
+    return None
+
+
+class MatchPair(BaseModel):
+    """A customer preference and the action attribute it is compared with (``preferred_brand`` vs ``brand``).
+
+    Attributes:
+        customer: the customer's categorical column.
+        action: the action catalogue column.
+        share: the customer's share column of that preference, if any.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    customer: str
+    action: str
+    share: str | None = None
+
+
+class FeatureSpec(BaseModel):
+    """Which columns feed the model, and how. Inferred from the data at training time, stored with the model.
+
+    Categorical inputs are, in order: customer categoricals, ``action_id``, action categoricals, ``channel``,
+    ``hour``, ``weekday``. Numeric inputs are, in order: customer numerics, days since each customer date, action
+    numerics, days until each action date, one match flag per pair and one matched share per pair with a share.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    customer_categorical: list[str] = Field(default_factory=list)
+    customer_numeric: list[str] = Field(default_factory=list)
+    customer_dates: list[str] = Field(default_factory=list)
+    action_categorical: list[str] = Field(default_factory=list)
+    action_numeric: list[str] = Field(default_factory=list)
+    action_dates: list[str] = Field(default_factory=list)
+    pairs: list[MatchPair] = Field(default_factory=list)
+    skipped: list[str] = Field(default_factory=list)
+    """Columns left out because their type is not usable (lists, structs)."""
+
+    @property
+    def categorical_names(self) -> list[str]:
+        return [
+            *self.customer_categorical,
+            ACTION_ID,
+            *(ACTION_PREFIX + c for c in self.action_categorical),
+            CHANNEL,
+            HOUR,
+            WEEKDAY,
+        ]
+
+    @property
+    def numeric_names(self) -> list[str]:
+        """Names of the raw numeric inputs (before missing-value indicators are appended)."""
+        return [
+            *self.customer_numeric,
+            *(f"days_since_{c}" for c in self.customer_dates),
+            *(ACTION_PREFIX + c for c in self.action_numeric),
+            *(f"{ACTION_PREFIX}days_until_{c}" for c in self.action_dates),
+            *(f"match_{p.action}" for p in self.pairs),
+            *(f"match_{p.action}_share" for p in self.pairs if p.share),
+        ]
+
+
+def infer_feature_spec(
+    table_schema: pl.Schema, customer_columns: Sequence[str], catalog: pl.DataFrame
+) -> FeatureSpec:
+    """The feature spec of a training table: each column's role from its dtype.
+
+    Text and boolean columns are categorical, numbers numeric, dates and datetimes become day differences to
+    the exposure time; a customer column ``preferred_<A>`` and a catalogue column ``<A>`` form a match pair.
+    """
+    spec = FeatureSpec()
+    for c in customer_columns:
+        if c in EXCLUDED_CUSTOMER_COLUMNS or c not in table_schema:
+            continue
+        kind = _kind_of(table_schema[c])
+        target = {
+            "categorical": spec.customer_categorical,
+            "numeric": spec.customer_numeric,
+            "date": spec.customer_dates,
+        }.get(kind or "")
+        (target if target is not None else spec.skipped).append(c)
+    for c, dtype in catalog.schema.items():
+        if c == ACTION_ID:
+            continue
+        kind = _kind_of(dtype)
+        target = {
+            "categorical": spec.action_categorical,
+            "numeric": spec.action_numeric,
+            "date": spec.action_dates,
+        }.get(kind or "")
+        if target is not None:
+            target.append(c)
+        else:
+            spec.skipped.append(ACTION_PREFIX + c)
+    for a in spec.action_categorical:
+        pref = f"preferred_{a}"
+        if pref in spec.customer_categorical:
+            share = f"{pref}_share"
+            spec.pairs.append(
+                MatchPair(customer=pref, action=a, share=share if share in spec.customer_numeric else None)
+            )
+    return spec
+
+
+class NumericStat(BaseModel):
+    """How one raw numeric input is normalised: optional log1p, then standardised; NaN becomes 0 (the mean)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    log: bool = False
+    mean: float = 0.0
+    std: float = 1.0
+    missing_indicator: bool = False
+    """Whether a 0/1 "was missing" input is appended (the column had missing values in training)."""
+
+
+class EncoderState(BaseModel):
+    """The learned state of a :class:`FeatureEncoder` (JSON; the action catalogue is stored beside it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: FeatureSpec
+    vocabularies: dict[str, list[str]]
+    """Known values per categorical input (index = position + 1; 0 is unknown)."""
+    numeric: list[NumericStat]
+
+
+@dataclass
+class EncodedRows:
+    """Model inputs: categorical indices (int64, rows × categorical inputs) and numerics (float32)."""
+
+    categorical: np.ndarray
+    numeric: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.categorical.shape[0])
+
+    def take(self, index: np.ndarray) -> EncodedRows:
+        return EncodedRows(self.categorical[index], self.numeric[index])
+
+
+def _to_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def _to_float(value: Any) -> float:
+    if value is None or isinstance(value, str):
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _to_epoch_seconds(value: Any) -> float:
+    """Seconds since 1970 of a naive-UTC datetime, date or ISO string; NaN when absent or unreadable."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return float("nan")
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return (value - _EPOCH).total_seconds()
+    if isinstance(value, date):
+        return (datetime(value.year, value.month, value.day) - _EPOCH).total_seconds()
+    return float("nan")
+
+
+def _epoch_column(series: pl.Series) -> np.ndarray:
+    s = series.cast(TIMESTAMP) if series.dtype == pl.Date else series
+    if isinstance(s.dtype, pl.Datetime) and s.dtype.time_zone is not None:
+        s = s.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    return (s.dt.epoch("ms").cast(pl.Float64) / 1000.0).fill_null(float("nan")).to_numpy()
+
+
+def _float_column(series: pl.Series) -> np.ndarray:
+    return series.cast(pl.Float64, strict=False).fill_null(float("nan")).to_numpy()
+
+
+def _broadcast(block: np.ndarray, n: int) -> np.ndarray:
+    return block if block.shape[0] == n else np.broadcast_to(block, (n, block.shape[1]))
+
+
+class FeatureEncoder:
+    """Turns exposure rows (customer profile, action, channel, time) into model inputs; fitted on training rows.
+
+    Build with :meth:`fit`; restore with :meth:`from_state`. The action catalogue is part of the encoder: rows
+    name an ``action_id`` and the encoder supplies the action's attributes.
+    """
+
+    def __init__(self, state: EncoderState, catalog: pl.DataFrame) -> None:
+        self.state = state
+        self.spec = state.spec
+        self.catalog = catalog
+        self._maps = {c: {v: i + 1 for i, v in enumerate(vals)} for c, vals in state.vocabularies.items()}
+        cust_cat = self.spec.customer_categorical
+        act_cat = [ACTION_ID, *(ACTION_PREFIX + c for c in self.spec.action_categorical)]
+        self._pair_customer = np.array([cust_cat.index(p.customer) for p in self.spec.pairs], dtype=np.int64)
+        self._pair_action = np.array(
+            [act_cat.index(ACTION_PREFIX + p.action) for p in self.spec.pairs], dtype=np.int64
+        )
+        self._pair_share = np.array(
+            [self.spec.customer_numeric.index(p.share) for p in self.spec.pairs if p.share], dtype=np.int64
+        )
+        self._pair_has_share = np.array([p.share is not None for p in self.spec.pairs], dtype=bool)
+        stats = state.numeric
+        self._log = np.array([s.log for s in stats], dtype=bool)
+        self._mean = np.array([s.mean for s in stats], dtype=np.float64)
+        self._std = np.array([s.std for s in stats], dtype=np.float64)
+        self._indicators = np.array([s.missing_indicator for s in stats], dtype=bool)
+        # The action block is encoded once; row 0 stands for an action the catalogue does not know.
+        ids = catalog[ACTION_ID].to_list()
+        self._action_row = {a: i + 1 for i, a in enumerate(ids)}
+        self._all_rows = np.arange(1, len(ids) + 1, dtype=np.int64)
+        a_cat = np.column_stack(
+            [self._codes(catalog[ACTION_ID], ACTION_ID)]
+            + [self._codes(catalog[c], ACTION_PREFIX + c) for c in self.spec.action_categorical]
+        )
+        a_num = self._floats([catalog[c] for c in self.spec.action_numeric], catalog.height)
+        a_dates = self._epochs([catalog[c] for c in self.spec.action_dates], catalog.height)
+        self._act_cat = np.vstack([np.zeros((1, a_cat.shape[1]), np.int64), a_cat])
+        self._act_num = np.vstack([np.full((1, a_num.shape[1]), np.nan), a_num])
+        self._act_dates = np.vstack([np.full((1, a_dates.shape[1]), np.nan), a_dates])
+
+    # -- fitting --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls,
+        train: pl.DataFrame,
+        catalog: pl.DataFrame,
+        customer_columns: Sequence[str],
+        *,
+        min_count: int = 5,
+    ) -> FeatureEncoder:
+        """Learn vocabularies and normalisation from training rows.
+
+        Args:
+            train: training rows (exposure columns plus customer profile columns).
+            catalog: the action catalogue.
+            customer_columns: the profile columns of ``train``.
+            min_count: categorical values (action ids included) seen fewer times in training are treated as
+                unknown; the catalogue's attribute values are always kept.
+        """
+        spec = infer_feature_spec(train.schema, customer_columns, catalog)
+        vocab: dict[str, list[str]] = {}
+
+        def frequent(series: pl.Series) -> set[str]:
+            counts = series.cast(pl.String).drop_nulls().value_counts()
+            return set(counts.filter(pl.col("count") >= min_count)[series.name].to_list())
+
+        for c in spec.customer_categorical:
+            vocab[c] = sorted(frequent(train[c]))
+        # Actions without enough training exposures (new campaigns) share the unknown index, which training
+        # teaches by hiding some rows' action ids (PropensityConfig.action_dropout); their attributes still count.
+        vocab[ACTION_ID] = sorted(
+            set(catalog[ACTION_ID].cast(pl.String).drop_nulls().to_list()) & frequent(train[ACTION_ID])
+        )
+        for c in spec.action_categorical:
+            vocab[ACTION_PREFIX + c] = sorted(set(catalog[c].cast(pl.String).drop_nulls().to_list()))
+        for p in spec.pairs:
+            # One vocabulary for both sides, so that equal values get equal indices and can be matched.
+            shared = sorted(set(vocab[p.customer]) | set(vocab[ACTION_PREFIX + p.action]))
+            vocab[p.customer] = vocab[ACTION_PREFIX + p.action] = shared
+        vocab[CHANNEL] = sorted(frequent(train[CHANNEL])) if CHANNEL in train.columns else []
+        vocab[HOUR] = [f"{h:02d}" for h in range(24)]
+        vocab[WEEKDAY] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+        provisional = EncoderState(
+            spec=spec,
+            vocabularies=vocab,
+            numeric=[NumericStat(name=n) for n in spec.numeric_names],
+        )
+        raw = cls(provisional, catalog)._raw_frame(train)[1]
+        stats = []
+        for j, name in enumerate(spec.numeric_names):
+            col = raw[:, j]
+            finite = col[np.isfinite(col)]
+            log = bool(finite.size and finite.min() >= 0 and finite.max() > _LOG_ABOVE)
+            values = np.log1p(finite) if log else finite
+            mean = float(values.mean()) if values.size else 0.0
+            std = float(values.std()) if values.size else 1.0
+            stats.append(
+                NumericStat(
+                    name=name,
+                    log=log,
+                    mean=mean,
+                    std=std if std > 1e-9 else 1.0,
+                    missing_indicator=bool(finite.size < col.size),
+                )
+            )
+        return cls(EncoderState(spec=spec, vocabularies=vocab, numeric=stats), catalog)
+
+    @classmethod
+    def from_state(cls, state: EncoderState | Mapping[str, Any], catalog: pl.DataFrame) -> FeatureEncoder:
+        """Restore an encoder from its saved state and catalogue."""
+        if not isinstance(state, EncoderState):
+            state = EncoderState.model_validate(state)
+        return cls(state, catalog)
+
+    # -- shapes ---------------------------------------------------------------------------------------------
+
+    @property
+    def cardinalities(self) -> list[int]:
+        """Vocabulary size (unknown included) of each categorical input, in input order."""
+        return [len(self.state.vocabularies[c]) + 1 for c in self.spec.categorical_names]
+
+    @property
+    def n_numeric(self) -> int:
+        """Number of numeric inputs (normalised values plus missing-value indicators)."""
+        return len(self.state.numeric) + int(self._indicators.sum())
+
+    @property
+    def numeric_input_names(self) -> list[str]:
+        return [s.name for s in self.state.numeric] + [
+            f"{s.name}_missing" for s in self.state.numeric if s.missing_indicator
+        ]
+
+    @property
+    def activity_channels(self) -> list[str]:
+        """The event channels whose shares are inputs (pass them to :func:`customer_activity` when serving)."""
+        return [
+            c.removeprefix(CHANNEL_SHARE_PREFIX)
+            for c in self.spec.customer_numeric
+            if c.startswith(CHANNEL_SHARE_PREFIX)
+        ]
+
+    @property
+    def action_id_position(self) -> int:
+        """Column of ``action_id`` among the categorical inputs."""
+        return len(self.spec.customer_categorical)
+
+    @property
+    def action_ids(self) -> list[str]:
+        return self.catalog[ACTION_ID].to_list()
+
+    # -- reading values -------------------------------------------------------------------------------------
+
+    def _codes(self, series: pl.Series, vocab: str) -> np.ndarray:
+        mapping = self._maps[vocab]
+        return (
+            series.cast(pl.String)
+            .replace_strict(mapping, default=UNKNOWN_INDEX, return_dtype=pl.Int64)
+            .fill_null(UNKNOWN_INDEX)
+            .to_numpy()
+        )
+
+    @staticmethod
+    def _floats(columns: Sequence[pl.Series], n: int) -> np.ndarray:
+        if not columns:
+            return np.zeros((n, 0))
+        return np.column_stack([_float_column(c) for c in columns])
+
+    @staticmethod
+    def _epochs(columns: Sequence[pl.Series], n: int) -> np.ndarray:
+        if not columns:
+            return np.zeros((n, 0))
+        return np.column_stack([_epoch_column(c) for c in columns])
+
+    def known_actions(self, action_ids: Sequence[str]) -> list[str]:
+        """The ids among ``action_ids`` that the catalogue holds, in order."""
+        rows = self._action_row
+        return [a for a in action_ids if a in rows]
+
+    def action_rows(self, action_ids: Sequence[str] | None) -> np.ndarray:
+        """Rows of the encoded catalogue for ``action_ids`` (0 for unknown ids; None: every action)."""
+        if action_ids is None:
+            return self._all_rows
+        get = self._action_row.get
+        return np.fromiter((get(a, 0) for a in action_ids), dtype=np.int64, count=len(action_ids))
+
+    def _raw_frame(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        spec = self.spec
+        n = frame.height
+        missing = [c for c in (ACTION_ID, TIMESTAMP_COL) if c not in frame.columns]
+        if missing:
+            raise PropensityDataError(f"rows to encode lack column(s) {', '.join(missing)}")
+
+        def column(c: str, dtype: pl.DataType) -> pl.Series:
+            return frame[c] if c in frame.columns else pl.Series(c, [None] * n, dtype=dtype)
+
+        cust_cat = (
+            np.column_stack([self._codes(column(c, pl.String), c) for c in spec.customer_categorical])
+            if spec.customer_categorical
+            else np.zeros((n, 0), np.int64)
+        )
+        cust_num = self._floats([column(c, pl.Float64) for c in spec.customer_numeric], n)
+        cust_dates = self._epochs([column(c, TIMESTAMP) for c in spec.customer_dates], n)
+        rows = self._action_row
+        act_rows = (
+            frame[ACTION_ID]
+            .cast(pl.String)
+            .replace_strict(rows, default=0, return_dtype=pl.Int64)
+            .fill_null(0)
+            .to_numpy()
+        )
+        channel = self._codes(column(CHANNEL, pl.String), CHANNEL)
+        at = _epoch_column(frame[TIMESTAMP_COL])
+        return self._assemble(cust_cat, cust_num, cust_dates, act_rows, channel, at, normalise=False)
+
+    # -- the one shared derivation --------------------------------------------------------------------------
+
+    def _assemble(
+        self,
+        cust_cat: np.ndarray,
+        cust_num: np.ndarray,
+        cust_dates: np.ndarray,
+        act_rows: np.ndarray,
+        channel: np.ndarray,
+        at_seconds: np.ndarray,
+        *,
+        normalise: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Combine customer blocks (one row, or one per action row) with action rows and context."""
+        n = act_rows.shape[0]
+        a_cat = self._act_cat[act_rows]
+        a_num = self._act_num[act_rows]
+        a_dates = self._act_dates[act_rows]
+        at = np.broadcast_to(at_seconds.reshape(-1, 1), (n, 1))
+        at_known = np.isfinite(at)
+        safe_at = np.where(at_known, at, 0.0)
+        hour = np.where(at_known, (safe_at // 3600) % 24 + 1, UNKNOWN_INDEX).astype(np.int64)
+        # 1970-01-01 was a Thursday: (days + 3) % 7 counts from Monday.
+        weekday = np.where(at_known, (safe_at // _DAY_SECONDS + 3) % 7 + 1, UNKNOWN_INDEX).astype(np.int64)
+        cust_cat = _broadcast(cust_cat, n)
+        categorical = np.concatenate(
+            [cust_cat, a_cat, _broadcast(channel.reshape(-1, 1), n), hour, weekday], axis=1
+        )
+        cust_num = _broadcast(cust_num, n)
+        days_since = (at - _broadcast(cust_dates, n)) / _DAY_SECONDS
+        days_until = (a_dates - at) / _DAY_SECONDS
+        pref = cust_cat[:, self._pair_customer]
+        match = ((pref == a_cat[:, self._pair_action]) & (pref != UNKNOWN_INDEX)).astype(np.float64)
+        shares = np.nan_to_num(cust_num[:, self._pair_share], nan=0.0)
+        matched_share = match[:, self._pair_has_share] * shares
+        raw = np.concatenate([cust_num, days_since, a_num, days_until, match, matched_share], axis=1)
+        if not normalise:
+            return categorical, raw
+        return categorical, self._normalise(raw)
+
+    def _normalise(self, raw: np.ndarray) -> np.ndarray:
+        x = np.array(raw, dtype=np.float64)
+        missing = ~np.isfinite(x)
+        if self._log.any():
+            logged = x[:, self._log]
+            x[:, self._log] = np.log1p(np.clip(logged, 0.0, None))
+        x = (x - self._mean) / self._std
+        x[missing] = 0.0
+        np.clip(x, -_CLIP, _CLIP, out=x)
+        out = np.concatenate([x, missing[:, self._indicators].astype(np.float64)], axis=1)
+        return out.astype(np.float32)
+
+    # -- public encoding ------------------------------------------------------------------------------------
+
+    def encode_frame(self, frame: pl.DataFrame) -> EncodedRows:
+        """Encode rows with ``action_id``, ``timestamp``, optional ``channel`` and the customer profile columns
+        (absent profile columns count as missing)."""
+        categorical, raw = self._raw_frame(frame)
+        return EncodedRows(categorical, self._normalise(raw))
+
+    def encode_one(
+        self,
+        customer: Mapping[str, Any],
+        action_ids: Sequence[str] | None,
+        channel: str | None,
+        at: datetime,
+    ) -> EncodedRows:
+        """Encode one customer against many actions (the online path).
+
+        Args:
+            customer: the customer's profile row (as in ``profiles.parquet``; missing keys count as missing).
+            action_ids: the actions to score; None for the whole catalogue.
+            channel: the channel of the request.
+            at: the time of the request (naive UTC, or aware).
+        """
+        spec = self.spec
+        maps = self._maps
+        get = customer.get
+        cust_cat = np.array(
+            [[maps[c].get(_to_text(get(c)), UNKNOWN_INDEX) for c in spec.customer_categorical]],
+            dtype=np.int64,
+        ).reshape(1, -1)
+        cust_num = np.array([[_to_float(get(c)) for c in spec.customer_numeric]], dtype=np.float64).reshape(
+            1, -1
+        )
+        cust_dates = np.array(
+            [[_to_epoch_seconds(get(c)) for c in spec.customer_dates]], dtype=np.float64
+        ).reshape(1, -1)
+        rows = self.action_rows(action_ids)
+        chan = np.array([maps[CHANNEL].get(channel, UNKNOWN_INDEX) if channel else UNKNOWN_INDEX])
+        at_seconds = np.array([_to_epoch_seconds(at)])
+        categorical, numeric = self._assemble(cust_cat, cust_num, cust_dates, rows, chan, at_seconds)
+        return EncodedRows(categorical, numeric)
+
+    def one_hot_matrix(self, rows: EncodedRows) -> Any:
+        """The same inputs as a sparse design matrix (one-hot categoricals, then numerics) for linear models."""
+        import scipy.sparse as sp
+
+        cards = np.array(self.cardinalities, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(cards)[:-1]])
+        n, k = rows.categorical.shape
+        cols = (rows.categorical + offsets).ravel()
+        indptr = np.arange(0, n * k + 1, k)
+        onehot = sp.csr_matrix((np.ones(n * k, np.float32), cols, indptr), shape=(n, int(cards.sum())))
+        return sp.hstack([onehot, sp.csr_matrix(rows.numeric)], format="csr")

@@ -1,0 +1,688 @@
+"""Train, tune (Optuna), track (MLflow), register and promote the action propensity model.
+
+* :func:`train_propensity` builds the training table of a dataset, fits the network on the training period,
+  early-stops and calibrates it on the validation period, evaluates it on the later test period beside the
+  base-rate and logistic-regression baselines (and the planted truth on generated data), logs one MLflow run
+  (params, metrics, per-epoch validation loss, reliability plot, per-action table) and registers the model as
+  ``nextbest-propensity`` with alias ``challenger``.
+* :func:`tune_propensity` runs an Optuna study (TPE, median pruning on the per-epoch validation loss) with one
+  MLflow parent run per study and one nested run per trial, then trains the best configuration into the parent
+  run and registers it.
+* :func:`promote_propensity` moves ``champion`` to the challenger only if it is better on a validation metric
+  (``val_log_loss`` by default: it rewards calibration as well as ranking), and says why either way.
+
+MLflow locations, experiments and registry helpers come from :mod:`training.tracking`; the propensity runs go
+to the experiment ``<dataset directory name>-propensity``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from features.dataset import Dataset
+from features.schema import RESPONDED
+from training import tracking as tracking_module
+from training.propensity import (
+    PropensityConfig,
+    PropensityFit,
+    PropensityReport,
+    evaluate_propensity,
+    fit_propensity,
+    log_loss,
+    reliability_plot,
+    roc_auc,
+)
+from training.propensity_data import PropensityData, PropensityDataConfig, load_propensity_data
+from training.tracking import (
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    PromotionDecision,
+    TrackingConfig,
+    flat_params,
+    quiet_mlflow,
+    resolve_tracking_uri,
+    use_tracking,
+)
+
+REGISTERED_MODEL = "nextbest-propensity"
+MODEL_NAME_IN_RUN = "model"
+MODEL_CODE = Path(__file__).with_name("propensity_model_code.py")
+PROPENSITY_ARTIFACT = "propensity"
+"""The artifact name of the saved model directory inside the logged pyfunc (see propensity_model_code.py)."""
+SUMMARY_METRICS = (
+    "auc",
+    "log_loss",
+    "brier",
+    "ece",
+    "baseline_auc_logreg",
+    "baseline_auc_base_rate",
+    "baseline_log_loss_logreg",
+    "baseline_ece_logreg",
+    "baseline_log_loss_base_rate",
+    "baseline_ece_base_rate",
+    "uncalibrated_ece",
+    "oracle_auc",
+    "oracle_log_loss",
+    "oracle_ece",
+    "val_auc",
+    "val_log_loss",
+    "val_ece",
+)
+LOWER_IS_BETTER = ("loss", "ece", "brier")
+
+
+class PropensityTuneError(RuntimeError):
+    """A study finished without a single completed trial."""
+
+
+def propensity_tracking(tracking: TrackingConfig | None) -> TrackingConfig:
+    """The tracking settings for the propensity model: the recommender's default registry name is replaced by
+    ``nextbest-propensity`` (any other name given is kept)."""
+    tracking = tracking or TrackingConfig()
+    if tracking.registered_model == tracking_module.REGISTERED_MODEL:
+        tracking = tracking.model_copy(update={"registered_model": REGISTERED_MODEL})
+    return tracking
+
+
+def experiment_name(ds: Dataset) -> str:
+    """The MLflow experiment of a dataset's propensity runs."""
+    return f"{ds.root.resolve().name}-propensity"
+
+
+def pip_requirements() -> list[str]:
+    """What the pyfunc needs beyond nextbest itself (torch pinned without the local ``+cpu`` tag)."""
+    from importlib import metadata
+
+    import torch
+
+    reqs = [f"torch=={torch.__version__.split('+')[0]}"]
+    for pkg in ("numpy", "scipy", "polars", "pandas", "pyarrow", "pydantic", "mlflow", "scikit-learn"):
+        try:
+            reqs.append(f"{pkg}=={metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def _dataset(data: Dataset | str | Path) -> Dataset:
+    return data if isinstance(data, Dataset) else Dataset.at(data)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None (JSON has no NaN), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def _summary(
+    report: PropensityReport, fit: PropensityFit, data: PropensityData, config: PropensityConfig
+) -> dict[str, Any]:
+    metrics = report.metrics
+    out: dict[str, Any] = {k: metrics[k] for k in SUMMARY_METRICS if k in metrics}
+    out.update(
+        {
+            "rows_per_second": fit.rows_per_second,
+            "train_seconds": fit.train_seconds,
+            "best_epoch": fit.best_epoch,
+            "epochs_run": len(fit.history),
+            "device": fit.device,
+            "data": data.summary(),
+            "config": config.model_dump(mode="json"),
+        }
+    )
+    return out
+
+
+def log_propensity_run(
+    fit: PropensityFit,
+    report: PropensityReport,
+    data: PropensityData,
+    ds: Dataset,
+    tracking: TrackingConfig,
+    *,
+    data_config: PropensityDataConfig,
+    params_as_tags: bool = False,
+    extra_artifacts: Any = None,
+) -> dict[str, Any]:
+    """Log a trained model into the active MLflow run and register it with the tracking alias.
+
+    Logs params (config, data config, periods), metrics (test, baselines, oracle, validation; the validation
+    loss per epoch as steps), artifacts (``evaluation/reliability.png``, ``per_action.csv``/``.html``,
+    ``history.csv``, ``evaluation.json``) and the pyfunc model whose artifact is the saved model directory.
+
+    Returns:
+        ``model_uri``, ``model_id`` and, when registered, ``registered_model``, ``version`` and ``alias``.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    model = fit.model
+    params = {
+        **flat_params(model.config),
+        **flat_params(data_config, "data."),
+        "target": data.target,
+        "validation_start": data.validation_start.isoformat(),
+        "test_start": data.test_start.isoformat(),
+        "device": fit.device,
+    }
+    if params_as_tags:
+        # A study's parent run may be logged again when a resumed study finds a new best; params cannot change.
+        mlflow.set_tags({f"best.{k}": v for k, v in params.items()})
+    else:
+        mlflow.log_params(params)
+    mlflow.log_metrics(_finite(report.metrics))
+    for h in fit.history:
+        mlflow.log_metrics(
+            _finite({"epoch_val_loss": h["val_loss"], "epoch_train_loss": h["train_loss"]}),
+            step=int(h["epoch"]),
+        )
+    dataset = str(ds.root.resolve())
+    mlflow.set_tags(
+        {"nextbest.model": "propensity", "nextbest.dataset": dataset, "nextbest.target": data.target}
+    )
+    with tempfile.TemporaryDirectory(prefix="nextbest-propensity-") as tmp:
+        out = Path(tmp)
+        evaluation = out / "evaluation"
+        evaluation.mkdir()
+        reliability_plot(
+            report, evaluation / "reliability.png", title=f"Propensity reliability, {ds.root.name} test"
+        )
+        report.per_action.write_csv(evaluation / "per_action.csv")
+        (evaluation / "per_action.html").write_text(
+            report.per_action.to_pandas().to_html(index=False, float_format=lambda v: f"{v:.4f}")
+        )
+        pl.DataFrame(fit.history).write_csv(evaluation / "history.csv")
+        for name, table in report.reliability.items():
+            table.write_csv(evaluation / f"reliability_{name}.csv")
+        (evaluation / "evaluation.json").write_text(
+            json.dumps(
+                {
+                    "metrics": report.metrics,
+                    "data": data.summary(),
+                    "config": model.config.model_dump(mode="json"),
+                },
+                indent=2,
+                default=str,
+            )
+            + "\n"
+        )
+        if extra_artifacts is not None:
+            extra_artifacts(evaluation)
+        mlflow.log_artifacts(str(evaluation), artifact_path="evaluation")
+        saved = model.save(out / PROPENSITY_ARTIFACT)
+        with quiet_mlflow():
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=str(MODEL_CODE),
+                artifacts={PROPENSITY_ARTIFACT: str(saved)},
+                pip_requirements=pip_requirements(),
+                registered_model_name=tracking.registered_model if tracking.register_model else None,
+            )
+    logged: dict[str, Any] = {"model_uri": info.model_uri, "model_id": info.model_id}
+    if tracking.register_model:
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        tags = {
+            "dataset": dataset,
+            "target": data.target,
+            "val_log_loss": f"{report.metrics.get('val_log_loss', float('nan')):.6f}",
+            "val_auc": f"{report.metrics.get('val_auc', float('nan')):.6f}",
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(tracking.registered_model, version, key, value)
+        client.set_registered_model_alias(tracking.registered_model, tracking.alias, version)
+        logged.update(
+            {"registered_model": tracking.registered_model, "version": version, "alias": tracking.alias}
+        )
+    return logged
+
+
+def train_propensity(
+    data: Dataset | str | Path,
+    config: PropensityConfig | dict[str, Any] | None = None,
+    *,
+    data_config: PropensityDataConfig | None = None,
+    tracking: TrackingConfig | None = None,
+    device: str = "auto",
+    model_dir: str | Path | None = None,
+    progress: bool = False,
+    prepared: PropensityData | None = None,
+) -> dict[str, Any]:
+    """Train, evaluate, log and register the propensity model of a dataset.
+
+    Args:
+        data: the dataset directory (an action log, or events and items for derived targets).
+        config: hyperparameters (typed, dict, or None for defaults).
+        data_config: how the training table is built and split.
+        tracking: MLflow settings (``TrackingConfig(enabled=False)`` to skip tracking); the registered model
+            defaults to ``nextbest-propensity``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        model_dir: also save the model directory here (readable by :meth:`PropensityScorer.load`).
+        progress: progress bars.
+        prepared: a table from :func:`load_propensity_data`, to reuse across calls.
+
+    Returns:
+        a JSON-able summary: ``auc``, ``log_loss``, ``brier``, ``ece`` (test period, calibrated),
+        ``baseline_auc_logreg``, ``baseline_auc_base_rate`` (and their log-loss and ECE), ``oracle_auc`` etc.
+        on generated data, ``val_*``, throughput, ``data`` (rows, rates, cut-offs), ``config``, ``per_action``
+        and, when tracked, ``run_id``, ``experiment``, ``tracking_uri``, ``model_uri``, ``version``, ``alias``.
+    """
+    ds = _dataset(data)
+    typed = config if isinstance(config, PropensityConfig) else PropensityConfig.model_validate(config or {})
+    data_config = data_config or PropensityDataConfig()
+    tracking = propensity_tracking(tracking)
+    table = prepared or load_propensity_data(ds, data_config, progress=progress)
+    fit = fit_propensity(table, typed, device=device, progress=progress)
+    report = evaluate_propensity(fit, table)
+    summary = {"command": "train propensity", "dataset": str(ds.root), **_summary(report, fit, table, typed)}
+    summary["per_action"] = report.per_action.to_dicts()
+    if model_dir is not None:
+        summary["model_dir"] = str(fit.model.save(model_dir))
+    if tracking.enabled:
+        import mlflow
+
+        experiment_id = use_tracking(tracking, experiment_name(ds))
+        with mlflow.start_run(experiment_id=experiment_id, run_name="train propensity") as run:
+            mlflow.set_tag("nextbest.stage", "train")
+            logged = log_propensity_run(fit, report, table, ds, tracking, data_config=data_config)
+        summary.update(
+            {
+                "run_id": run.info.run_id,
+                "experiment": tracking.experiment or experiment_name(ds),
+                "tracking_uri": resolve_tracking_uri(tracking),
+                **logged,
+            }
+        )
+    return json_safe(summary)
+
+
+# --- tuning ------------------------------------------------------------------------------------------------
+
+
+def suggest_propensity_config(trial: Any, base: PropensityConfig) -> PropensityConfig:
+    """Sample hyperparameters around ``base`` (log scales where effects are multiplicative).
+
+    The class weighting stays ``base.imbalance`` so that the per-epoch validation losses that pruning compares
+    are on one scale across trials.
+    """
+    layers = trial.suggest_int("hidden_layers", 1, 3)
+    width = trial.suggest_categorical("hidden_width", [32, 64, 128, 256])
+    return base.model_copy(
+        update={
+            "lr": trial.suggest_float("lr", 3e-4, 1e-2, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", 1e-7, 1e-2, log=True),
+            "dropout": trial.suggest_float("dropout", 0.0, 0.3),
+            "embedding_dim": trial.suggest_categorical("embedding_dim", [4, 8, 16]),
+            "cross_layers": trial.suggest_int("cross_layers", 0, 3),
+            "hidden_sizes": [max(16, width // 2**i) for i in range(layers)],
+            "batch_size": trial.suggest_categorical("batch_size", [256, 512, 1024, 2048]),
+        }
+    )
+
+
+def _parent_run(client: Any, study: Any, experiment_id: str, study_name: str, storage: str) -> str:
+    """The study's MLflow parent run: the one recorded on the study (resumed), or a new one."""
+    from mlflow.exceptions import MlflowException
+
+    from training.cf import mask_credentials
+
+    known = study.user_attrs.get("mlflow_parent_run_id")
+    if known:
+        try:
+            if client.get_run(known).info.experiment_id == experiment_id:
+                return known
+        except MlflowException:
+            pass
+    run = client.create_run(
+        experiment_id,
+        run_name=f"study {study_name}",
+        tags={"nextbest.stage": "tune", "optuna.study": study_name},
+    )
+    client.log_param(run.info.run_id, "study_name", study_name)
+    client.log_param(run.info.run_id, "storage", mask_credentials(storage))
+    client.log_param(run.info.run_id, "objective", "val_log_loss")
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def tune_propensity(
+    data: Dataset | str | Path,
+    trials: int = 20,
+    timeout: float | None = None,
+    storage: str | None = None,
+    *,
+    study_name: str | None = None,
+    config: PropensityConfig | dict[str, Any] | None = None,
+    data_config: PropensityDataConfig | None = None,
+    tracking: TrackingConfig | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = False,
+    prepared: PropensityData | None = None,
+) -> dict[str, Any]:
+    """An Optuna study of the propensity hyperparameters, tracked in MLflow; the best is trained and registered.
+
+    Each trial fits on the training period and reports the validation loss after every epoch (the median pruner
+    stops poor trials after two epochs); its objective is the calibrated validation log-loss. The study lives in
+    ``storage`` (default ``optuna.db`` beside the MLflow database) under ``study_name`` (default
+    ``<experiment>-val_log_loss``): calling again resumes it, and several processes may share it. One MLflow
+    parent run per study, one nested run per trial (``mlflow.parentRunId``), logged through the client so that
+    worker threads cannot mix them up. The best configuration is then trained, evaluated on the test period and
+    logged into the parent run, and registered as ``challenger``.
+
+    Args:
+        data: the dataset directory.
+        trials: trials to run in this call.
+        timeout: stop starting trials after this many seconds.
+        storage: Optuna storage URL.
+        study_name: study to create or resume.
+        config: the base config (epochs, patience, seed, imbalance and calibration are taken from it).
+        data_config: how the training table is built.
+        tracking: MLflow settings.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        seed: sampler seed.
+        progress: progress bars.
+        prepared: a table from :func:`load_propensity_data`, to reuse.
+
+    Raises:
+        PropensityTuneError: no trial completed.
+    """
+    import optuna
+
+    ds = _dataset(data)
+    base = config if isinstance(config, PropensityConfig) else PropensityConfig.model_validate(config or {})
+    data_config = data_config or PropensityDataConfig()
+    tracking = propensity_tracking(tracking)
+    table = prepared or load_propensity_data(ds, data_config, progress=progress)
+    experiment = tracking.experiment or experiment_name(ds)
+    storage_url = storage or tracking_module.default_optuna_storage(tracking)
+    name = study_name or f"{experiment}-val_log_loss"
+    storage_file = tracking_module.sqlite_path(storage_url)
+    if storage_file is not None:
+        storage_file.parent.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage_url,
+        direction="minimize",
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2, interval_steps=1),
+        load_if_exists=True,
+    )
+    # A resumed study draws from a different stream than its first session did.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+
+    client = parent_id = None
+    experiment_id = ""
+    if tracking.enabled:
+        from mlflow import MlflowClient
+
+        experiment_id = use_tracking(tracking, experiment_name(ds))
+        client = MlflowClient()
+        parent_id = _parent_run(client, study, experiment_id, name, storage_url)
+
+    y_val = table.validation[RESPONDED].cast(pl.Float64).to_numpy()
+
+    def log_trial(
+        trial: Any, cfg: PropensityConfig, metrics: dict[str, float], state: str, history: list
+    ) -> None:
+        if client is None:
+            return
+        from mlflow.entities import Metric, Param, RunTag
+
+        run = client.create_run(
+            experiment_id,
+            run_name=f"trial {trial.number}",
+            tags={"mlflow.parentRunId": parent_id, "optuna.study": name, "optuna.trial": str(trial.number)},
+        )
+        now = int(time.time() * 1000)
+        params = [Param(k, v) for k, v in flat_params(cfg).items()]
+        values = [Metric(k, v, now, 0) for k, v in _finite(metrics).items()]
+        values += [
+            Metric("epoch_val_loss", float(v), now, int(step)) for step, v in history if math.isfinite(v)
+        ]
+        client.log_batch(run.info.run_id, metrics=values, params=params, tags=[RunTag("optuna.state", state)])
+        client.set_terminated(run.info.run_id, "FAILED" if state == "FAIL" else "FINISHED")
+
+    def objective(trial: Any) -> float:
+        started = time.perf_counter()
+        cfg = suggest_propensity_config(trial, base)
+        trial.set_user_attr("config", cfg.model_dump(mode="json"))
+        history: list[tuple[int, float]] = []
+
+        def on_epoch(epoch: int, val_loss: float) -> None:
+            history.append((epoch, val_loss))
+            trial.report(val_loss, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation loss {val_loss:.4f} after {epoch} epochs")
+
+        try:
+            fit = fit_propensity(table, cfg, device=device, on_epoch=on_epoch)
+        except optuna.TrialPruned:
+            log_trial(trial, cfg, {"trial_seconds": time.perf_counter() - started}, "PRUNED", history)
+            raise
+        val_p = fit.model.calibration.apply(fit.model.logits(fit.encoded_validation))
+        value = log_loss(y_val, val_p)
+        metrics = {
+            "val_log_loss": value,
+            "val_auc": roc_auc(y_val, val_p),
+            "val_loss": fit.best_val_loss,
+            "best_epoch": float(fit.best_epoch),
+            "trial_seconds": time.perf_counter() - started,
+        }
+        log_trial(trial, cfg, metrics, "COMPLETE", history)
+        return value
+
+    try:
+        bar = tqdm(total=trials, desc="propensity trials", disable=not progress, unit="trial")
+        study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[lambda *_: bar.update()])
+        bar.close()
+        states = [t.state for t in study.trials]
+        complete = states.count(optuna.trial.TrialState.COMPLETE)
+        if complete == 0:
+            raise PropensityTuneError(
+                f"study {name}: no trial completed ({len(states)} trial(s), all pruned or failed)"
+            )
+        best = study.best_trial
+        best_config = PropensityConfig.model_validate(best.user_attrs["config"])
+        fit = fit_propensity(table, best_config, device=device, progress=progress)
+        report = evaluate_propensity(fit, table)
+        summary: dict[str, Any] = {
+            "command": "tune propensity",
+            "dataset": str(ds.root),
+            **_summary(report, fit, table, best_config),
+        }
+        if tracking.enabled and parent_id is not None:
+            import mlflow
+
+            def study_plots(out: Path) -> None:
+                from training import plots
+
+                plots.optimisation_history(study, out / "optuna_history.png", metric="val_log_loss")
+                study.trials_dataframe(attrs=("number", "value", "state", "params", "duration")).to_csv(
+                    out / "optuna_trials.csv", index=False
+                )
+
+            with mlflow.start_run(run_id=parent_id):
+                mlflow.log_metrics(
+                    {"best_value": float(best.value), "best_trial": best.number, "trials": len(states)}
+                )
+                logged = log_propensity_run(
+                    fit,
+                    report,
+                    table,
+                    ds,
+                    tracking,
+                    data_config=data_config,
+                    params_as_tags=True,
+                    extra_artifacts=study_plots,
+                )
+            summary.update(
+                {
+                    "run_id": parent_id,
+                    "experiment": experiment,
+                    "tracking_uri": resolve_tracking_uri(tracking),
+                    **logged,
+                }
+            )
+    except BaseException:
+        if client is not None and parent_id is not None:
+            client.set_terminated(parent_id, "FAILED")
+        raise
+    from training.cf import mask_credentials
+
+    states = [t.state for t in study.trials]
+    summary.update(
+        {
+            "study_name": name,
+            "storage": mask_credentials(storage_url),
+            "trials": len(states),
+            "complete": states.count(optuna.trial.TrialState.COMPLETE),
+            "pruned": states.count(optuna.trial.TrialState.PRUNED),
+            "best_trial": best.number,
+            "best_value": float(best.value),
+            "best_params": dict(best.params),
+            "parent_run_id": parent_id,
+        }
+    )
+    return json_safe(summary)
+
+
+# --- promotion ---------------------------------------------------------------------------------------------
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (AUC) or worse (losses, ECE, Brier)."""
+    return not any(word in metric for word in LOWER_IS_BETTER)
+
+
+def promote_propensity(
+    tracking: TrackingConfig | None = None,
+    *,
+    metric: str = "val_log_loss",
+    min_improvement: float = 0.0,
+    data: str | Path | None = None,
+) -> PromotionDecision:
+    """Move ``champion`` to the challenger only if it beats the champion on the logged validation ``metric``.
+
+    Args:
+        tracking: where the registry is (the registered model defaults to ``nextbest-propensity``).
+        metric: logged validation metric: ``val_log_loss`` (default; lower is better), ``val_auc`` (higher is
+            better), ``val_ece`` …
+        min_improvement: relative margin the challenger must win by (0.01 = 1 %).
+        data: if given, the challenger must have been trained on this dataset directory.
+
+    Returns:
+        the decision and its reason; the previous champion keeps the alias ``previous-champion``.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    tracking = propensity_tracking(tracking)
+    uri = resolve_tracking_uri(tracking)
+    client = MlflowClient(uri, uri)
+    name = tracking.registered_model
+    higher = higher_is_better(metric)
+
+    def decide(promoted: bool, reason: str, **kw: Any) -> PromotionDecision:
+        return PromotionDecision(promoted=promoted, reason=reason, metric=metric, registered_model=name, **kw)
+
+    def version_by_alias(alias: str) -> Any | None:
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    def logged(version: Any) -> float | None:
+        if not version.run_id:
+            return None
+        value = client.get_run(version.run_id).data.metrics.get(metric)
+        return None if value is None or not math.isfinite(value) else float(value)
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return decide(
+            False, f"no registered model {name!r} at {uri}: train one with 'nextbest train propensity' first"
+        )
+    challenger = version_by_alias(tracking.alias)
+    if challenger is None:
+        return decide(False, f"{name} has no {tracking.alias!r} version to promote")
+    cv = str(challenger.version)
+    c_value = logged(challenger)
+    if data is not None:
+        trained_on = (challenger.tags or {}).get("dataset")
+        wanted = str(Path(data).resolve())
+        if trained_on is not None and trained_on != wanted:
+            return decide(
+                False,
+                f"challenger v{cv} was trained on {trained_on}, not on {wanted}",
+                challenger_version=cv,
+                challenger_value=c_value,
+            )
+    if c_value is None:
+        return decide(False, f"challenger v{cv} has no logged {metric}", challenger_version=cv)
+    champion = version_by_alias(CHAMPION)
+    if champion is None:
+        client.set_registered_model_alias(name, CHAMPION, cv)
+        return decide(
+            True,
+            f"no champion yet: challenger v{cv} ({metric} {c_value:.4f}) becomes champion",
+            challenger_version=cv,
+            challenger_value=c_value,
+        )
+    pv = str(champion.version)
+    p_value = logged(champion)
+    common = {
+        "challenger_version": cv,
+        "champion_version": pv,
+        "challenger_value": c_value,
+        "champion_value": p_value,
+    }
+    if pv == cv:
+        return decide(False, f"challenger v{cv} is already the champion", **common)
+    if p_value is None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, pv)
+        client.set_registered_model_alias(name, CHAMPION, cv)
+        return decide(
+            True,
+            f"champion v{pv} has no logged {metric}; challenger v{cv} ({c_value:.4f}) replaces it",
+            **common,
+        )
+    if higher:
+        threshold = p_value * (1 + min_improvement)
+        better, relation = c_value > threshold, ">"
+    else:
+        threshold = p_value * (1 - min_improvement)
+        better, relation = c_value < threshold, "<"
+    margin = f" (champion {p_value:.4f} with a {min_improvement:.0%} margin)" if min_improvement else ""
+    if better:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, pv)
+        client.set_registered_model_alias(name, CHAMPION, cv)
+        return decide(
+            True,
+            f"challenger v{cv} beats champion v{pv} on {metric}: {c_value:.4f} {relation} {threshold:.4f}{margin}",
+            **common,
+        )
+    return decide(
+        False,
+        f"challenger v{cv} does not beat champion v{pv} on {metric}: {c_value:.4f} is not {relation} "
+        f"{threshold:.4f}{margin}; champion unchanged",
+        **common,
+    )
