@@ -298,11 +298,82 @@ def cmd_promote_recommender(args: argparse.Namespace) -> None:
     _emit(args, summary, [decision.reason])
 
 
+def _propensity_lines(result: dict[str, Any]) -> list[str]:
+    def fmt(key: str) -> str:
+        value = result.get(key)
+        return f"{key} {value:.4f}" if isinstance(value, int | float) else f"{key} n/a"
+
+    keys = ("auc", "log_loss", "brier", "ece", "baseline_auc_logreg", "baseline_auc_base_rate", "oracle_auc")
+    return ["  test: " + ", ".join(fmt(k) for k in keys if k in result), *_registry_lines(result)]
+
+
+def _propensity_data_config(args: argparse.Namespace) -> Any:
+    from training.propensity_data import PropensityDataConfig
+
+    fields: dict[str, Any] = {}
+    for name in ("target", "validation_fraction", "test_fraction"):
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    return PropensityDataConfig(**fields)
+
+
+def cmd_train_propensity(args: argparse.Namespace) -> None:
+    from training.propensity_tuning import train_propensity
+
+    result = train_propensity(
+        args.data,
+        _model_config(args),
+        data_config=_propensity_data_config(args),
+        tracking=_tracking(args),
+        device=args.device,
+        progress=_progress(args),
+    )
+    _emit(
+        args,
+        {"command": "train propensity", "data": args.data, **result},
+        [f"trained the propensity model on {args.data}", *_propensity_lines(result)],
+    )
+
+
+def cmd_tune_propensity(args: argparse.Namespace) -> None:
+    from training.propensity_tuning import tune_propensity
+
+    result = tune_propensity(
+        args.data,
+        trials=args.trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study,
+        data_config=_propensity_data_config(args),
+        tracking=_tracking(args),
+        device=args.device,
+        seed=args.seed,
+        progress=_progress(args),
+    )
+    _emit(
+        args,
+        {"command": "tune propensity", "data": args.data, **result},
+        [
+            f"study {result.get('study_name')}: {result.get('trials')} trials "
+            f"({result.get('complete')} complete, {result.get('pruned')} pruned); best trial {result.get('best_trial')}",
+            *_propensity_lines(result),
+        ],
+    )
+
+
+def cmd_promote_propensity(args: argparse.Namespace) -> None:
+    from training.propensity_tuning import promote_propensity
+
+    decision = promote_propensity(_tracking(args), metric=args.metric, data=args.data)
+    _emit(args, {"command": "promote propensity", **decision.model_dump(mode="json")}, [decision.reason])
+
+
 # --- the main job -----------------------------------------------------------------------------------------
 
 
 def _run_training(ds: Any, args: argparse.Namespace, summary: dict[str, Any]) -> list[str]:
-    """Tune and register a recommender, then promote it if it beats the champion."""
+    """Tune and register a recommender and train a propensity model; promote each if it beats its champion."""
     from training.cf import tune_cf
     from training.tracking import TrackingConfig, promote_recommender
 
@@ -324,12 +395,23 @@ def _run_training(ds: Any, args: argparse.Namespace, summary: dict[str, Any]) ->
         "promotion": decision.model_dump(mode="json"),
     }
     shown = ("ndcg_at_10", "new_ndcg_at_10")
-    return [
+    lines = [
         f"recommender: tuned ALS ({tuned.trials} trials): "
         + ", ".join(f"{k} {best['metrics'][k]:.4f}" for k in shown if k in best["metrics"]),
         f"  {decision.reason}",
-        "  compare runs: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db",
     ]
+    from training.propensity_tuning import promote_propensity, train_propensity
+
+    print(f"training the propensity model on {ds.root}", file=sys.stderr)
+    result = train_propensity(ds, tracking=TrackingConfig(), progress=_progress(args))
+    p_decision = promote_propensity(TrackingConfig(), data=ds.root)
+    summary["propensity"] = {
+        k: result.get(k)
+        for k in ("auc", "log_loss", "brier", "ece", "baseline_auc_logreg", "oracle_auc", "version")
+    } | {"promotion": p_decision.model_dump(mode="json")}
+    lines += ["propensity model:", *_propensity_lines(result), f"  {p_decision.reason}"]
+    lines.append("compare runs: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
+    return lines
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -509,6 +591,44 @@ def _add_training(sub: Any) -> None:
     tracked(pr)
     pr.set_defaults(func=cmd_promote_recommender)
 
+    def propensity_data(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", default=str(DEFAULT_DATA))
+        p.add_argument(
+            "--target",
+            choices=["auto", "actions", "derived"],
+            help="action log, or derived follow-up purchase targets",
+        )
+        p.add_argument(
+            "--validation-fraction", type=float, help="share of exposures (by time) for validation"
+        )
+        p.add_argument("--test-fraction", type=float, help="share of exposures (by time) for test")
+        p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda")
+
+    tp = train.add_parser("propensity", help="the action propensity model (PyTorch, calibrated)")
+    propensity_data(tp)
+    tp.add_argument("--config", help="hyperparameters as a JSON file")
+    tp.add_argument("--no-tracking", action="store_true", help="train and evaluate without MLflow")
+    tracked(tp)
+    tp.set_defaults(func=cmd_train_propensity)
+
+    up = tune.add_parser("propensity", help="tune the propensity model")
+    propensity_data(up)
+    up.add_argument("--trials", type=int, default=20)
+    up.add_argument("--timeout", type=float)
+    up.add_argument("--storage", help="Optuna RDB URL shared by workers")
+    up.add_argument("--study", help="study name; resumes if it exists")
+    up.add_argument("--seed", type=int, default=0)
+    tracked(up)
+    up.set_defaults(func=cmd_tune_propensity)
+
+    pp = promote.add_parser("propensity", help="nextbest-propensity")
+    pp.add_argument("--data", help="require the challenger to be trained on this dataset")
+    pp.add_argument(
+        "--metric", default="val_log_loss", help="val_log_loss (lower is better), val_auc, val_ece …"
+    )
+    tracked(pp)
+    pp.set_defaults(func=cmd_promote_propensity)
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
@@ -516,8 +636,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from features.dataset import DatasetError
     from features.schema import SchemaError
     from training.cf import TuneError
+    from training.propensity_tuning import PropensityTuneError
 
-    return (UsageError, DatasetError, SchemaError, ValidationError, FileNotFoundError, ValueError, TuneError)
+    return (
+        UsageError,
+        DatasetError,
+        SchemaError,
+        ValidationError,
+        FileNotFoundError,
+        ValueError,
+        TuneError,
+        PropensityTuneError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,12 +80,18 @@ def test_generate_build_train_and_promote_through_the_cli(tmp_path, capsys, monk
     monkeypatch.chdir(tmp_path)
     data = str(tmp_path / "world")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert main(["data", "generate", "--customers", "300", "--days", "120", "--out", data, "--json", "--quiet"]) == 0
+    assert (
+        main(["data", "generate", "--customers", "300", "--days", "120", "--out", data, "--json", "--quiet"])
+        == 0
+    )
     generated = _last_json(capsys)
     assert generated["tables"]["customers"]["rows"] == 300
     assert main(["features", "build", "--data", data, "--json", "--quiet"]) == 0
     assert _last_json(capsys)["row_counts"]["profiles"] > 0
-    assert main(["train", "cf", "--data", data, "--model", "repeat", "--tracking-uri", uri, "--json", "--quiet"]) == 0
+    assert (
+        main(["train", "cf", "--data", data, "--model", "repeat", "--tracking-uri", uri, "--json", "--quiet"])
+        == 0
+    )
     trained = _last_json(capsys)
     for name in ("precision_at_10", "recall_at_20", "ndcg_at_10", "map_at_10", "new_ndcg_at_10"):
         assert 0.0 <= trained[name] <= 1.0
@@ -93,7 +99,53 @@ def test_generate_build_train_and_promote_through_the_cli(tmp_path, capsys, monk
     assert main(["promote", "recommender", "--tracking-uri", uri, "--json", "--quiet"]) == 0
     first = _last_json(capsys)
     assert first["promoted"] is True and first["challenger_version"] == "1"
-    assert main(["train", "cf", "--data", data, "--model", "popularity", "--tracking-uri", uri, "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "cf",
+                "--data",
+                data,
+                "--model",
+                "popularity",
+                "--tracking-uri",
+                uri,
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["promote", "recommender", "--tracking-uri", uri, "--json", "--quiet"]) == 0
     second = _last_json(capsys)
     assert second["promoted"] is False and "does not beat" in second["reason"]
+
+
+def test_train_and_promote_propensity_through_the_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = str(tmp_path / "world")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["data", "generate", "--customers", "400", "--days", "120", "--out", data, "--quiet"]) == 0
+    assert main(["features", "build", "--data", data, "--quiet"]) == 0
+    capsys.readouterr()
+    config = tmp_path / "p.json"
+    config.write_text(json.dumps({"epochs": 3}))
+    argv = [
+        "train",
+        "propensity",
+        "--data",
+        data,
+        "--config",
+        str(config),
+        "--tracking-uri",
+        uri,
+        "--json",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    trained = _last_json(capsys)
+    for key in ("auc", "log_loss", "brier", "ece", "baseline_auc_logreg", "oracle_auc"):
+        assert isinstance(trained[key], float), key
+    assert 0.5 < trained["oracle_auc"] <= 1.0 and trained["version"] == "1"
+    assert main(["promote", "propensity", "--data", data, "--tracking-uri", uri, "--json", "--quiet"]) == 0
+    assert _last_json(capsys)["promoted"] is True
