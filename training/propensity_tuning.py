@@ -42,11 +42,10 @@ from training.propensity import (
 )
 from training.propensity_data import PropensityData, PropensityDataConfig, load_propensity_data
 from training.tracking import (
-    CHAMPION,
-    PREVIOUS_CHAMPION,
     PromotionDecision,
     TrackingConfig,
     flat_params,
+    promote,
     quiet_mlflow,
     resolve_tracking_uri,
     use_tracking,
@@ -591,98 +590,11 @@ def promote_propensity(
     Returns:
         the decision and its reason; the previous champion keeps the alias ``previous-champion``.
     """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    tracking = propensity_tracking(tracking)
-    uri = resolve_tracking_uri(tracking)
-    client = MlflowClient(uri, uri)
-    name = tracking.registered_model
-    higher = higher_is_better(metric)
-
-    def decide(promoted: bool, reason: str, **kw: Any) -> PromotionDecision:
-        return PromotionDecision(promoted=promoted, reason=reason, metric=metric, registered_model=name, **kw)
-
-    def version_by_alias(alias: str) -> Any | None:
-        try:
-            return client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            return None
-
-    def logged(version: Any) -> float | None:
-        if not version.run_id:
-            return None
-        value = client.get_run(version.run_id).data.metrics.get(metric)
-        return None if value is None or not math.isfinite(value) else float(value)
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        return decide(
-            False, f"no registered model {name!r} at {uri}: train one with 'nextbest train propensity' first"
-        )
-    challenger = version_by_alias(tracking.alias)
-    if challenger is None:
-        return decide(False, f"{name} has no {tracking.alias!r} version to promote")
-    cv = str(challenger.version)
-    c_value = logged(challenger)
-    if data is not None:
-        trained_on = (challenger.tags or {}).get("dataset")
-        wanted = str(Path(data).resolve())
-        if trained_on is not None and trained_on != wanted:
-            return decide(
-                False,
-                f"challenger v{cv} was trained on {trained_on}, not on {wanted}",
-                challenger_version=cv,
-                challenger_value=c_value,
-            )
-    if c_value is None:
-        return decide(False, f"challenger v{cv} has no logged {metric}", challenger_version=cv)
-    champion = version_by_alias(CHAMPION)
-    if champion is None:
-        client.set_registered_model_alias(name, CHAMPION, cv)
-        return decide(
-            True,
-            f"no champion yet: challenger v{cv} ({metric} {c_value:.4f}) becomes champion",
-            challenger_version=cv,
-            challenger_value=c_value,
-        )
-    pv = str(champion.version)
-    p_value = logged(champion)
-    common = {
-        "challenger_version": cv,
-        "champion_version": pv,
-        "challenger_value": c_value,
-        "champion_value": p_value,
-    }
-    if pv == cv:
-        return decide(False, f"challenger v{cv} is already the champion", **common)
-    if p_value is None:
-        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, pv)
-        client.set_registered_model_alias(name, CHAMPION, cv)
-        return decide(
-            True,
-            f"champion v{pv} has no logged {metric}; challenger v{cv} ({c_value:.4f}) replaces it",
-            **common,
-        )
-    if higher:
-        threshold = p_value * (1 + min_improvement)
-        better, relation = c_value > threshold, ">"
-    else:
-        threshold = p_value * (1 - min_improvement)
-        better, relation = c_value < threshold, "<"
-    margin = f" (champion {p_value:.4f} with a {min_improvement:.0%} margin)" if min_improvement else ""
-    if better:
-        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, pv)
-        client.set_registered_model_alias(name, CHAMPION, cv)
-        return decide(
-            True,
-            f"challenger v{cv} beats champion v{pv} on {metric}: {c_value:.4f} {relation} {threshold:.4f}{margin}",
-            **common,
-        )
-    return decide(
-        False,
-        f"challenger v{cv} does not beat champion v{pv} on {metric}: {c_value:.4f} is not {relation} "
-        f"{threshold:.4f}{margin}; champion unchanged",
-        **common,
+    return promote(
+        propensity_tracking(tracking),
+        metric=metric,
+        higher=higher_is_better(metric),
+        train_command="nextbest train propensity",
+        min_improvement=min_improvement,
+        data=data,
     )

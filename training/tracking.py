@@ -9,6 +9,7 @@ Registered model ``nextbest-recommender``; new models get the alias ``challenger
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -251,22 +252,27 @@ def _logged_metric(client: Any, version: Any, metric: str) -> float | None:
     if not version.run_id:
         return None
     value = client.get_run(version.run_id).data.metrics.get(metric)
-    return None if value is None else float(value)
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
-def promote_recommender(
-    tracking: TrackingConfig | None = None,
+def promote(
+    tracking: TrackingConfig,
     *,
-    metric: str = "ndcg_at_10",
+    metric: str,
+    higher: bool,
+    train_command: str,
     min_improvement: float = 0.0,
     data: str | Path | None = None,
 ) -> PromotionDecision:
-    """Move ``champion`` to the challenger only if it beats the champion on the validation ``metric``.
+    """Move ``champion`` to the challenger of ``tracking.registered_model`` only if it beats the champion on
+    the logged validation ``metric`` (``higher``: larger is better), and say why either way.
 
     Args:
-        tracking: where the registry is (``TrackingConfig.registered_model`` names the model).
-        metric: logged validation metric to compare (higher is better).
-        min_improvement: relative margin the challenger must beat the champion by (0.05 = 5 %).
+        tracking: where the registry is and which registered model.
+        metric: logged validation metric to compare.
+        higher: whether a larger value is better (AUC, NDCG) or worse (losses, ECE).
+        train_command: the command named when there is no model yet.
+        min_improvement: relative margin the challenger must win by (0.05 = 5 %).
         data: if given, the challenger must have been trained on this dataset directory.
 
     Returns:
@@ -275,7 +281,6 @@ def promote_recommender(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    tracking = tracking or TrackingConfig()
     uri = resolve_tracking_uri(tracking)
     client = MlflowClient(uri, uri)
     name = tracking.registered_model
@@ -283,17 +288,21 @@ def promote_recommender(
     def decide(promoted: bool, reason: str, **kw: Any) -> PromotionDecision:
         return PromotionDecision(promoted=promoted, reason=reason, metric=metric, registered_model=name, **kw)
 
+    def version_by_alias(alias: str) -> Any | None:
+        return _version_by_alias(client, name, alias)
+
+    def logged(version: Any) -> float | None:
+        return _logged_metric(client, version, metric)
+
     try:
         client.get_registered_model(name)
     except MlflowException:
-        return decide(
-            False, f"no registered model {name!r} at {uri}: train one with 'nextbest train cf' first"
-        )
-    challenger = _version_by_alias(client, name, tracking.alias)
+        return decide(False, f"no registered model {name!r} at {uri}: train one with '{train_command}' first")
+    challenger = version_by_alias(tracking.alias)
     if challenger is None:
         return decide(False, f"{name} has no {tracking.alias!r} version to promote")
     cv = str(challenger.version)
-    c_value = _logged_metric(client, challenger, metric)
+    c_value = logged(challenger)
     if data is not None:
         trained_on = (challenger.tags or {}).get("dataset")
         wanted = str(Path(data).resolve())
@@ -306,7 +315,7 @@ def promote_recommender(
             )
     if c_value is None:
         return decide(False, f"challenger v{cv} has no logged {metric}", challenger_version=cv)
-    champion = _version_by_alias(client, name, CHAMPION)
+    champion = version_by_alias(CHAMPION)
     if champion is None:
         client.set_registered_model_alias(name, CHAMPION, cv)
         return decide(
@@ -316,7 +325,7 @@ def promote_recommender(
             challenger_value=c_value,
         )
     pv = str(champion.version)
-    p_value = _logged_metric(client, champion, metric)
+    p_value = logged(champion)
     common = {
         "challenger_version": cv,
         "champion_version": pv,
@@ -333,20 +342,43 @@ def promote_recommender(
             f"champion v{pv} has no logged {metric}; challenger v{cv} ({c_value:.4f}) replaces it",
             **common,
         )
-    threshold = p_value * (1 + min_improvement)
-    if c_value > threshold:
+    if higher:
+        threshold = p_value * (1 + min_improvement)
+        better, relation = c_value > threshold, ">"
+    else:
+        threshold = p_value * (1 - min_improvement)
+        better, relation = c_value < threshold, "<"
+    margin = f" (champion {p_value:.4f} with a {min_improvement:.0%} margin)" if min_improvement else ""
+    if better:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, pv)
         client.set_registered_model_alias(name, CHAMPION, cv)
         return decide(
             True,
-            f"challenger v{cv} beats champion v{pv} on {metric}: {c_value:.4f} > {p_value:.4f}"
-            + (f" (+{min_improvement:.0%} required)" if min_improvement else ""),
+            f"challenger v{cv} beats champion v{pv} on {metric}: {c_value:.4f} {relation} {threshold:.4f}{margin}",
             **common,
         )
     return decide(
         False,
-        f"challenger v{cv} does not beat champion v{pv} on {metric}: {c_value:.4f} <= {threshold:.4f}"
-        + (f" (champion {p_value:.4f} + {min_improvement:.0%})" if min_improvement else "")
-        + "; champion unchanged",
+        f"challenger v{cv} does not beat champion v{pv} on {metric}: {c_value:.4f} is not {relation} "
+        f"{threshold:.4f}{margin}; champion unchanged",
         **common,
+    )
+
+
+def promote_recommender(
+    tracking: TrackingConfig | None = None,
+    *,
+    metric: str = "ndcg_at_10",
+    min_improvement: float = 0.0,
+    data: str | Path | None = None,
+) -> PromotionDecision:
+    """Promote the recommender challenger if it beats the champion on ``metric`` (higher is better); see
+    :func:`promote`."""
+    return promote(
+        tracking or TrackingConfig(),
+        metric=metric,
+        higher=True,
+        train_command="nextbest train cf",
+        min_improvement=min_improvement,
+        data=data,
     )
