@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/nextbest run --data $(DATA)
+	$(VENV)/bin/nextbest run --data $(DATA) --serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -369,6 +369,47 @@ def cmd_promote_propensity(args: argparse.Namespace) -> None:
     _emit(args, {"command": "promote propensity", **decision.model_dump(mode="json")}, [decision.reason])
 
 
+# --- serving ----------------------------------------------------------------------------------------------
+
+
+def _example_requests(port: int) -> list[str]:
+    base = f"http://127.0.0.1:{port}"
+    return [
+        "try it:",
+        f'  curl -s -X POST {base}/recommend -H \'content-type: application/json\' -d \'{{"customer_id": "C0000001", "n": 5}}\'',
+        f'  curl -s -X POST {base}/next_best_action -H \'content-type: application/json\' -d \'{{"customer_id": "C0000001", "channel": "web"}}\'',
+        f"  OpenAPI docs: {base}/docs",
+    ]
+
+
+def _absolute_tracking_uri(uri: str | None) -> str:
+    """The tracking URI in force, with a relative SQLite path made absolute: the server runs elsewhere."""
+    from training.tracking import resolve_tracking_uri, sqlite_path
+
+    resolved = resolve_tracking_uri() if uri is None else uri
+    path = sqlite_path(resolved)
+    return f"sqlite:///{path.resolve().as_posix()}" if path is not None else resolved
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from serving.server import serve
+
+    for line in _example_requests(args.port):
+        print(line, file=sys.stderr)
+    code = serve(
+        args.port,
+        args.host,
+        args.data,
+        state_dir=args.state_dir,
+        tracking_uri=_absolute_tracking_uri(args.tracking_uri),
+        policy=args.policy,
+        challenger_share=args.challenger_share,
+        clock=args.clock,
+    )
+    if code not in (0, 130):
+        raise UsageError(f"bentoml serve exited with status {code}")
+
+
 # --- the main job -----------------------------------------------------------------------------------------
 
 
@@ -449,6 +490,13 @@ def cmd_run(args: argparse.Namespace) -> None:
             *lines_after,
         ],
     )
+    if args.serve and not args.skip_training:
+        from serving.server import serve
+
+        print(f"serving {ds.root} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+        for line in _example_requests(args.port):
+            print(line, file=sys.stderr)
+        serve(args.port, "127.0.0.1", ds.root, clock="data", tracking_uri=_absolute_tracking_uri(None))
 
 
 # --- parser -----------------------------------------------------------------------------------------------
@@ -474,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--trials", type=int, default=8, help="Optuna trials for the recommender")
     run.add_argument("--skip-training", action="store_true", help="stop after the features")
+    run.add_argument("--serve", action="store_true", help="end by serving the trained models on --port")
+    run.add_argument("--port", type=int, default=3000)
     _common(run)
     run.set_defaults(func=cmd_run)
 
@@ -540,6 +590,23 @@ def build_parser() -> argparse.ArgumentParser:
     fg.set_defaults(func=cmd_forget)
 
     _add_training(sub)
+
+    sv = sub.add_parser("serve", help="serve recommendations and next best actions over HTTP (BentoML)")
+    sv.add_argument("--data", default=str(DEFAULT_DATA))
+    sv.add_argument("--port", type=int, default=3000)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--state-dir", help="live state: event log, decisions, contacts (default DATA/service)")
+    sv.add_argument(
+        "--tracking-uri", help="MLflow registry (default MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)"
+    )
+    sv.add_argument("--policy", help="action policy TOML (default: the shipped one)")
+    sv.add_argument(
+        "--challenger-share", type=float, default=0.0, help="share of customers served by the challengers"
+    )
+    sv.add_argument(
+        "--clock", choices=["wall", "data"], default="data", help="'data': time runs on from the last event"
+    )
+    sv.set_defaults(func=cmd_serve, json=False, quiet=False)
     return parser
 
 
@@ -635,10 +702,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from features.dataset import DatasetError
     from features.schema import SchemaError
+    from serving.engine import EngineLoadError
     from training.cf import TuneError
     from training.propensity_tuning import PropensityTuneError
 
     return (
+        EngineLoadError,
         UsageError,
         DatasetError,
         SchemaError,

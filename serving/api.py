@@ -1,0 +1,310 @@
+"""Request and response bodies of the service: flat JSON objects, validated, with bounded sizes.
+
+Every request model forbids unknown fields and bounds what a client can send (ids ≤ 128 characters, ``n`` ≤
+100, at most 1000 events per call, small context and filter tables), so a bad body is answered 400 naming the
+field before any work is done. The response models are the OpenAPI schema of the service.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from serving.contact import ContactEntry
+from serving.decisions import ScoredAction
+from serving.explain import ItemFilters
+from serving.policy import LeverChange
+
+MAX_ID_LENGTH = 128
+MAX_N = 100
+MAX_EVENTS = 1000
+MAX_CONTEXT_KEYS = 32
+MAX_FILTER_ATTRIBUTES = 16
+MAX_FILTER_VALUES = 200
+
+CustomerId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)]
+ItemId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)]
+ActionId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)]
+Channel = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32)]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+ContextValue = ShortText | int | float | bool | None
+Context = Annotated[dict[ContextKey, ContextValue], Field(max_length=MAX_CONTEXT_KEYS)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_filters(filters: ItemFilters | None) -> ItemFilters | None:
+    if filters is None:
+        return None
+    for which, table in (("include", filters.include), ("exclude", filters.exclude)):
+        if len(table) > MAX_FILTER_ATTRIBUTES:
+            raise ValueError(f"{which}: at most {MAX_FILTER_ATTRIBUTES} attributes, got {len(table)}")
+        for attribute, value in table.items():
+            if len(attribute) > 64:
+                raise ValueError(f"{which}: attribute names are at most 64 characters")
+            values = value if isinstance(value, list) else [value]
+            if len(values) > MAX_FILTER_VALUES:
+                raise ValueError(
+                    f"{which}.{attribute}: at most {MAX_FILTER_VALUES} values, got {len(values)}"
+                )
+            if any(isinstance(v, str) and len(v) > MAX_ID_LENGTH for v in values):
+                raise ValueError(f"{which}.{attribute}: values are at most {MAX_ID_LENGTH} characters")
+    return filters
+
+
+# --- /recommend and /similar_items ---------------------------------------------------------------------------
+
+
+class RecommendRequest(_Request):
+    """``POST /recommend``: the follow-up purchases to show a customer now."""
+
+    customer_id: CustomerId
+    n: int = Field(10, ge=1, le=MAX_N)
+    filters: ItemFilters | None = None
+    """Include/exclude by item attribute, e.g. ``{"include": {"colour": "white"}, "exclude": {"brand": "Apex"}}``."""
+    exclude_purchased: bool = True
+    context: Context = Field(default_factory=dict)
+    """Free request context (``channel``, ``page`` …); accepted for clients' convenience, not used by the
+    ranking yet."""
+
+    @field_validator("filters")
+    @classmethod
+    def _bounded(cls, v: ItemFilters | None) -> ItemFilters | None:
+        return _check_filters(v)
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float
+    reasons: list[str]
+    """Human-readable reasons, e.g. "matches your preferred sport: cycling", "often bought after X"."""
+
+
+class RecommendResponse(BaseModel):
+    customer_id: str
+    items: list[RecommendedItem]
+    personalised: bool
+    """False when the list is not about this customer: no personalisation consent, or nothing known yet."""
+    basis: str
+    """How the list was made: ``model``, ``session`` (similar to this session's items), ``segment_popularity``
+    or ``popularity``."""
+    note: str = ""
+    """Why the list is not personalised, when it is not."""
+    model_version: str
+    arm: str
+
+
+class SimilarItemsRequest(_Request):
+    """``POST /similar_items``: items like one item (e.g. for a product page)."""
+
+    item_id: ItemId
+    n: int = Field(10, ge=1, le=MAX_N)
+    filters: ItemFilters | None = None
+    customer_id: CustomerId | None = None
+    """Optional: picks the champion/challenger arm of this customer."""
+
+    @field_validator("filters")
+    @classmethod
+    def _bounded(cls, v: ItemFilters | None) -> ItemFilters | None:
+        return _check_filters(v)
+
+
+class SimilarItemsResponse(BaseModel):
+    item_id: str
+    items: list[RecommendedItem]
+    basis: str
+    """``model`` (learned item similarity) or ``attributes`` (an item the model has not seen: same attributes)."""
+    model_version: str
+    arm: str
+
+
+# --- /propensity and /next_best_action -----------------------------------------------------------------------
+
+
+class PropensityRequest(_Request):
+    """``POST /propensity``: calibrated probabilities that the customer responds to each action."""
+
+    customer_id: CustomerId
+    action_ids: Annotated[list[ActionId], Field(min_length=1, max_length=MAX_N)] | None = None
+    """Actions to score (default: every action the model knows)."""
+    channel: Channel | None = None
+    context: Context = Field(default_factory=dict)
+
+
+class ActionPropensity(BaseModel):
+    action_id: str
+    propensity: float
+
+
+class PropensityResponse(BaseModel):
+    customer_id: str
+    propensities: list[ActionPropensity]
+    personalised: bool
+    """False without personalisation consent: the probabilities are those of the customer's segment."""
+    model_version: str
+    arm: str
+
+
+class NextBestActionRequest(_Request):
+    """``POST /next_best_action``: the best actions now, by P × V × L within rules, consent and contact limits."""
+
+    customer_id: CustomerId
+    channel: Channel | None = None
+    n: int = Field(3, ge=1, le=MAX_N)
+    context: Context = Field(default_factory=dict)
+    record_contact: bool = True
+    """Record the chosen action as a contact (turn off to preview a decision without counting it)."""
+    explain: bool = False
+    """Also return the actions that were filtered out, each with its reason."""
+
+
+class NextBestActionResponse(BaseModel):
+    decision_id: str
+    customer_id: str
+    channel: str | None
+    actions: list[ScoredAction]
+    """Offered actions, best first; the no-action alternative is a legitimate answer."""
+    no_action: bool
+    """True when the best answer is to do nothing."""
+    personalised: bool
+    policy_version: str
+    model_versions: dict[str, str]
+    arm: str
+    contact_recorded: bool
+    filtered: list[ScoredAction] = Field(default_factory=list)
+    """With ``explain``: every action not offered, with the reason."""
+
+
+# --- /events ---------------------------------------------------------------------------------------------------
+
+
+class EventIn(_Request):
+    """One interaction, as in the events table of the data contract."""
+
+    customer_id: CustomerId
+    item_id: ItemId
+    event_type: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32)]
+    timestamp: datetime | None = None
+    """Naive UTC or with an offset; default: the time the service receives it."""
+    session_id: Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)] | None = None
+    channel: Channel | None = None
+    quantity: int | None = Field(None, ge=0, le=100_000)
+    price: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
+
+
+class OfferResponseIn(_Request):
+    """The customer's answer to an action they were offered (updates the contact policy state)."""
+
+    customer_id: CustomerId
+    action_id: ActionId
+    accepted: bool
+    channel: Channel | None = None
+    timestamp: datetime | None = None
+
+
+class EventsRequest(_Request):
+    """``POST /events``: interactions and offer responses, stored durably before the call returns."""
+
+    events: Annotated[list[EventIn], Field(max_length=MAX_EVENTS)] = Field(default_factory=list)
+    responses: Annotated[list[OfferResponseIn], Field(max_length=MAX_EVENTS)] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _something(self) -> EventsRequest:
+        if not self.events and not self.responses:
+            raise ValueError("send at least one entry in events or responses")
+        return self
+
+
+class EventsResponse(BaseModel):
+    accepted: int
+    """Events stored (durably) and applied."""
+    responses: int
+    """Offer responses stored and applied to the contact policy state."""
+    customers: list[str]
+    """Customers whose live state changed."""
+
+
+# --- /profile and /forget ----------------------------------------------------------------------------------
+
+
+class CustomerRequest(_Request):
+    """``POST /profile`` and ``POST /forget``: one customer."""
+
+    customer_id: CustomerId
+
+
+class ProfileResponse(BaseModel):
+    """Everything the service stores and derives about a customer (the GDPR right of access)."""
+
+    customer_id: str
+    known: bool
+    """The dataset holds data about this customer (events, profile, demographics or consent)."""
+    consent: dict[str, bool | None]
+    """The recorded consent per purpose (null: no record)."""
+    consent_effective: dict[str, bool]
+    """What the service applies (a missing record takes the dataset's default)."""
+    demographics: dict[str, Any] | None
+    profile: dict[str, Any] | None
+    """The derived profile (segments, preferences, RFM, churn risk), live events included."""
+    live_profile: bool
+    """The profile was recomputed from events received by the service."""
+    interactions: list[dict[str, Any]]
+    """Item → interaction weight the recommender sees."""
+    purchases: list[str]
+    events: list[dict[str, Any]]
+    """Events held in the dataset."""
+    live_events: list[dict[str, Any]]
+    """Events received by the service."""
+    contacts: list[ContactEntry]
+    decisions: list[dict[str, Any]]
+    arm: str
+
+
+class ForgetResponse(BaseModel):
+    customer_id: str
+    ids_erased: int
+    """The customer's id and every id linked to it."""
+    live_state: bool
+    """The service held live state about the customer (now erased)."""
+    events_removed: int
+    contacts_removed: int
+    decisions_removed: int
+    erasure_log: str
+    """Where the erasure is recorded (by digest), so the next feature build and training leave the ids out."""
+
+
+# --- /levers ---------------------------------------------------------------------------------------------------
+
+
+class LeversRequest(_Request):
+    """``POST /levers`` (admin): read the levers, or change one (give ``action_id`` and ``lever``)."""
+
+    action_id: ActionId | None = None
+    lever: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
+    actor: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)
+    ] = "admin"
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> LeversRequest:
+        if (self.action_id is None) != (self.lever is None):
+            raise ValueError("give both action_id and lever to change a lever, or neither to read them")
+        return self
+
+
+class LeversResponse(BaseModel):
+    policy_version: str
+    levers: dict[str, float]
+    changed: LeverChange | None = None
+    history: list[LeverChange]
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error the service itself answers (4xx, 503)."""
+
+    error: str

@@ -1,0 +1,1869 @@
+"""The serving runtime: registry models, the dataset's features and live state, and every endpoint's logic.
+
+:class:`Engine` is plain Python (the BentoML class in :mod:`serving.service` only parses, calls and serialises):
+
+* **Models** — the ``champion`` (and, when a share of customers is assigned to it, the ``challenger``) of
+  ``nextbest-recommender`` and ``nextbest-propensity`` from the MLflow registry (:func:`load_serving_models`).
+* **Data** — the dataset's feature output (interaction matrix, profiles, consent state, manifest), its items,
+  customers and action catalogue, and its retained events, indexed by customer (:class:`ServingData`).
+* **Live state** — events received through ``/events`` are appended to a durable :class:`~serving.event_log.EventLog`
+  first, then added to the customer's live interaction row and their profile is recomputed with the same
+  :func:`~features.profiles.build_profiles` the pipeline uses; on start-up the log is replayed. The contact
+  ledger, the decision log and the run-time levers live beside it in the state directory.
+
+How a recommendation is made: without personalisation consent, items popular in the customer's segment (the
+answer says so); a customer the model was fitted on gets the model's ranking, their fresh events folded in
+(ALS ``recalculate_user``); a customer the model never saw gets item similarity to the items of their history
+and session; a customer with nothing known gets segment popularity — never an error.
+
+Errors a client can fix raise :class:`ServiceError` subclasses carrying an HTTP status (400, 401, 403, 404);
+start-up problems raise :class:`EngineLoadError` with one line saying what to run first.
+"""
+
+from __future__ import annotations
+
+import gc
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from features.dataset import Dataset, DatasetError
+from features.identity import UNLINKED_SEPARATOR, linked_ids
+from features.interactions import Interactions
+from features.pipeline import CONSENT_FILE, PROFILES_FILE, FeatureConfig, resolved_events
+from features.privacy import ERASURE_LOG, apply_retention, erased_digests, id_digest
+from features.profiles import AGE_BANDS, build_profiles
+from features.schema import (
+    CHANNEL,
+    CONSENT_PURPOSES,
+    CUSTOMER_ID,
+    EVENT_TYPE,
+    ITEM_ID,
+    PRICE,
+    QUANTITY,
+    SESSION_ID,
+    TIMESTAMP_COL,
+    Vocabulary,
+)
+from serving import api
+from serving.arms import CHALLENGER, CHAMPION, Arm, assign_arm
+from serving.contact import ContactLedger, naive_utc
+from serving.decision_log import DecisionLog, DecisionRecord
+from serving.decisions import MARKETING, PERSONALISATION, ActionCandidate, arbitrate
+from serving.event_log import EventLog, EventRejected
+from serving.explain import FilterError, ItemAttributes, ItemFilters, item_reasons
+from serving.policy import (
+    DEFAULT_POLICY_PATH,
+    ActionPolicy,
+    PolicyError,
+    PolicyState,
+    attach_catalog,
+    load_policy,
+    unpoliced_actions,
+)
+
+logger = logging.getLogger("nextbest.serving")
+
+RECOMMENDER_MODEL = "nextbest-recommender"
+PROPENSITY_MODEL = "nextbest-propensity"
+PROFILING = "profiling"
+EVENTS_FILE = "events.jsonl"
+CONTACTS_FILE = "contacts.jsonl"
+DECISIONS_FILE = "decisions.jsonl"
+LEVERS_FILE = "levers.json"
+DEFAULT_STATE_DIR = "service"
+"""The state directory's default name, inside the dataset directory."""
+
+EVENT_RANK: dict[str, int] = {"view": 1, "click": 2, "add_to_cart": 3, "purchase": 4}
+"""Which event says most about a customer's interest in an item (the strongest one explains a recommendation)."""
+RANK_EVENT: dict[int, str] = {v: k for k, v in EVENT_RANK.items()}
+PURCHASE = "purchase"
+SEGMENT_FEATURES: tuple[str, ...] = ("age_band", "region")
+"""What the propensity model sees of a customer without personalisation consent: their segment only."""
+DEMOGRAPHICS: tuple[str, ...] = ("age", "gender", "region")
+SIMILAR_ATTRIBUTES: tuple[str, ...] = ("category", "sport", "brand", "colour")
+SESSION_ITEMS = 20
+"""At most this many of a customer's items (strongest first) seed session-based item similarity."""
+EVENT_COLUMNS: tuple[str, ...] = (
+    CUSTOMER_ID,
+    ITEM_ID,
+    EVENT_TYPE,
+    TIMESTAMP_COL,
+    SESSION_ID,
+    CHANNEL,
+    QUANTITY,
+    PRICE,
+)
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+
+class ServiceError(Exception):
+    """A request the service cannot answer as asked; ``status`` is the HTTP status to answer with."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class Forbidden(ServiceError):
+    status = 403
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class NotReady(ServiceError):
+    status = 503
+
+
+class EngineLoadError(RuntimeError):
+    """The service cannot start; the message is one line saying what is missing and what to run first."""
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class EngineConfig(BaseModel):
+    """Where the engine finds its data, models and state. Round-trips through JSON (the admin token excepted).
+
+    Attributes:
+        data: the dataset directory (features built).
+        state_dir: live state (event log, contact ledger, decision log, levers); default ``DATA/service``.
+        tracking_uri: MLflow tracking/registry URI; default ``MLFLOW_TRACKING_URI`` or ``mlruns/mlflow.db``.
+        admin_token: bearer token of the admin endpoints; None disables them. Never serialised.
+        challenger_share: share of customers (by a stable hash of the id) served by the challenger models.
+        arm_salt: salt of that hash (change it to draw a fresh split).
+        policy: the action policy file; default the policy shipped with nextbest.
+        clock: ``wall`` (decisions happen now) or ``data`` (time runs on from the dataset's last event, for
+            demonstrations on a dataset from the past).
+        recommender_model: registry name of the recommender.
+        propensity_model: registry name of the propensity model.
+        segment_column: the profile column whose values are the segments of non-personalised popularity.
+        min_segment_customers: segments with fewer customers fall back to overall popularity.
+        bought_days: purchases this recent count as owned (``bought_brand`` … in policy rules).
+        fsync: fsync every append to the event log and the contact ledger (off only where durability does not
+            matter).
+        fsync_decisions: fsync the decision log too. Off by default: each decision is still flushed to the
+            operating system before the answer (a crashed process loses nothing), only a power cut could lose
+            the last ones, and an fsync per decision would cost more than the decision.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path
+    state_dir: Path | None = None
+    tracking_uri: str | None = None
+    admin_token: str | None = Field(default=None, exclude=True, repr=False)
+    challenger_share: float = Field(0.0, ge=0, le=1)
+    arm_salt: str = ""
+    policy: Path | None = None
+    clock: Literal["wall", "data"] = "wall"
+    recommender_model: str = RECOMMENDER_MODEL
+    propensity_model: str = PROPENSITY_MODEL
+    segment_column: str = "age_band"
+    min_segment_customers: int = Field(20, ge=1)
+    bought_days: int = Field(90, ge=1)
+    fsync: bool = True
+    fsync_decisions: bool = False
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.data / DEFAULT_STATE_DIR
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineConfig:
+        """The config from ``NEXTBEST_DATA``, ``NEXTBEST_STATE_DIR``, ``MLFLOW_TRACKING_URI``,
+        ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``, ``NEXTBEST_POLICY`` and ``NEXTBEST_CLOCK``.
+
+        Raises:
+            EngineLoadError: a variable holds an invalid value (the message names it).
+        """
+        env = os.environ if environ is None else environ
+        fields: dict[str, Any] = {"data": env.get("NEXTBEST_DATA", "data/world")}
+        for var, name in (
+            ("NEXTBEST_STATE_DIR", "state_dir"),
+            ("MLFLOW_TRACKING_URI", "tracking_uri"),
+            ("NEXTBEST_ADMIN_TOKEN", "admin_token"),
+            ("NEXTBEST_CHALLENGER_SHARE", "challenger_share"),
+            ("NEXTBEST_POLICY", "policy"),
+            ("NEXTBEST_CLOCK", "clock"),
+        ):
+            if env.get(var):
+                fields[name] = env[var]
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as e:
+            names = {
+                "state_dir": "NEXTBEST_STATE_DIR",
+                "challenger_share": "NEXTBEST_CHALLENGER_SHARE",
+                "policy": "NEXTBEST_POLICY",
+                "clock": "NEXTBEST_CLOCK",
+                "data": "NEXTBEST_DATA",
+            }
+            problems = [f"{names.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}" for err in e.errors()]
+            raise EngineLoadError("invalid service configuration: " + "; ".join(problems)) from None
+
+
+# --- models from the registry ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A model object with the registry version it came from.
+
+    Attributes:
+        name: the registered model name.
+        version: the registry version ("local" for a model handed over in code).
+        alias: the alias it was resolved through.
+        model: a :class:`~training.recommender_bundle.RecommenderBundle` or a
+            :class:`~training.propensity.PropensityModel`.
+    """
+
+    name: str
+    version: str
+    alias: str
+    model: Any
+
+    @property
+    def label(self) -> str:
+        """``name/version``, as responses and the decision log report it."""
+        return f"{self.name}/{self.version}"
+
+
+@dataclass
+class ServingModels:
+    """The models by arm: ``champion`` always, ``challenger`` only when it is a different version."""
+
+    recommender: dict[str, RegisteredModel]
+    propensity: dict[str, RegisteredModel]
+
+    def __post_init__(self) -> None:
+        for kind, slots in (("recommender", self.recommender), ("propensity", self.propensity)):
+            if CHAMPION not in slots:
+                raise EngineLoadError(f"no champion {kind} was given")
+
+
+def _train_hint(kind: str, data: Path) -> str:
+    return (
+        f"nextbest train cf --data {data}"
+        if kind == "recommender"
+        else f"nextbest train propensity --data {data}"
+    )
+
+
+def _resolve_version(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def check_registry(config: EngineConfig) -> dict[str, str]:
+    """Check that both champions exist, without loading them; return their ``name/version`` labels.
+
+    Raises:
+        EngineLoadError: no registry, no registered model or no champion (the message says what to run).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from training.tracking import resolve_tracking_uri, sqlite_path
+
+    uri = config.tracking_uri or resolve_tracking_uri()
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise EngineLoadError(
+            f"no MLflow registry at {uri}: run '{_train_hint('recommender', config.data)}' and "
+            f"'{_train_hint('propensity', config.data)}' first (or set MLFLOW_TRACKING_URI)"
+        )
+    client = MlflowClient(uri, uri)
+    labels = {}
+    for kind, name in (("recommender", config.recommender_model), ("propensity", config.propensity_model)):
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            raise EngineLoadError(
+                f"no model {name!r} in the MLflow registry at {uri}: run '{_train_hint(kind, config.data)}' first"
+            ) from None
+        version = _resolve_version(client, name, CHAMPION)
+        if version is None:
+            raise EngineLoadError(
+                f"{name} has no '{CHAMPION}' version in the MLflow registry at {uri}: train one with "
+                f"'{_train_hint(kind, config.data)}' and promote it to champion"
+            )
+        labels[kind] = f"{name}/{version.version}"
+    return labels
+
+
+def load_serving_models(config: EngineConfig) -> ServingModels:
+    """Load the champion (and challenger) of the recommender and the propensity model from the registry.
+
+    The challenger is loaded only when ``challenger_share`` > 0 and the alias points at another version than
+    the champion.
+
+    Raises:
+        EngineLoadError: the registry or a champion is missing.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from training.propensity import PropensityModel, find_model_dir
+    from training.recommender_bundle import BUNDLE_FILE, RecommenderBundle
+    from training.tracking import quiet_mlflow, resolve_tracking_uri
+
+    check_registry(config)
+    uri = config.tracking_uri or resolve_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+
+    def download(name: str, version: str) -> Path:
+        with quiet_mlflow():
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+
+    def load_bundle(name: str, version: str) -> Any:
+        root = download(name, version)
+        found = sorted(root.rglob(BUNDLE_FILE))
+        if not found:
+            raise EngineLoadError(f"{name} version {version} holds no recommender bundle ({BUNDLE_FILE})")
+        return RecommenderBundle.load(found[0].parent)
+
+    def load_propensity(name: str, version: str) -> Any:
+        return PropensityModel.load(find_model_dir(download(name, version)), device="cpu")
+
+    out: dict[str, dict[str, RegisteredModel]] = {}
+    for kind, name, loader in (
+        ("recommender", config.recommender_model, load_bundle),
+        ("propensity", config.propensity_model, load_propensity),
+    ):
+        champion = _resolve_version(client, name, CHAMPION)
+        assert champion is not None  # check_registry made sure
+        slots = {
+            CHAMPION: RegisteredModel(name, str(champion.version), CHAMPION, loader(name, champion.version))
+        }
+        if config.challenger_share > 0:
+            challenger = _resolve_version(client, name, CHALLENGER)
+            if challenger is not None and str(challenger.version) != str(champion.version):
+                slots[CHALLENGER] = RegisteredModel(
+                    name, str(challenger.version), CHALLENGER, loader(name, challenger.version)
+                )
+            else:
+                logger.info(
+                    "%s has no challenger other than the champion: every customer gets the champion", name
+                )
+        out[kind] = slots
+    return ServingModels(recommender=out["recommender"], propensity=out["propensity"])
+
+
+# --- the dataset's side ---------------------------------------------------------------------------------------
+
+
+class _RowIndex:
+    """A frame with a key column and a dict from key to row, for one-row lookups in microseconds."""
+
+    def __init__(self, frame: pl.DataFrame, key: str = CUSTOMER_ID) -> None:
+        self.frame = frame
+        self.index: dict[str, int] = (
+            {k: i for i, k in enumerate(frame[key].to_list())} if key in frame else {}
+        )
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        i = self.index.get(key)
+        return None if i is None else self.frame.row(i, named=True)
+
+    def frame_of(self, key: str) -> pl.DataFrame:
+        i = self.index.get(key)
+        return self.frame.slice(i, 1) if i is not None else self.frame.clear()
+
+    def drop(self, key: str) -> bool:
+        return self.index.pop(key, None) is not None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def keys(self) -> Iterable[str]:
+        return self.index.keys()
+
+
+def _row(matrix: sp.csr_matrix, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices and values of row ``i`` (zeros left out: erasure zeroes rows in place)."""
+    if i < 0 or i >= matrix.shape[0]:
+        return np.empty(0, np.int64), np.empty(0, matrix.dtype)
+    lo, hi = matrix.indptr[i], matrix.indptr[i + 1]
+    idx, val = matrix.indices[lo:hi], matrix.data[lo:hi]
+    keep = val != 0
+    return idx[keep].astype(np.int64), val[keep]
+
+
+def _age_band(age: Any) -> str | None:
+    if not isinstance(age, int | float) or isinstance(age, bool) or not math.isfinite(age):
+        return None
+    for lo, hi, name in AGE_BANDS:
+        if lo <= age <= hi:
+            return name
+    return None
+
+
+def _epoch_seconds(ts: datetime) -> float:
+    return (naive_utc(ts) - datetime(1970, 1, 1)).total_seconds()
+
+
+@dataclass
+class ServingData:
+    """Everything the service reads from a dataset, indexed for per-customer lookups.
+
+    The item space of the service (``item_vocab``) is every item of the items table and of the events; each
+    model's own item vocabulary is mapped onto it.
+
+    Attributes:
+        dataset: the dataset.
+        manifest: the feature manifest.
+        feature_config: the config the features were built with.
+        as_of: the dataset's "now" (its last event).
+        items: the items table.
+        item_vocab: the service's item space.
+        item_attributes: item attributes aligned with ``item_vocab`` (filters, reasons).
+        interactions: personalisation-consented interaction weights, customers × ``item_vocab``.
+        interaction_customers: rows of ``interactions``.
+        events: retained, identity-resolved events of every customer, sorted by customer and time.
+        event_customers: customers of ``events``; ``event_starts``/``event_counts`` locate their rows.
+        purchased_at: epoch seconds of each customer's latest purchase of each item (``event_customers`` rows).
+        strongest: the strongest event type (:data:`EVENT_RANK`) per customer and item.
+        features: profile and activity columns per customer (what rules and the propensity model read).
+        customers: the customers table (demographics).
+        consent: recorded consent per purpose.
+        popularity: distinct consenting customers per item.
+        segment_popularity: the same within each segment (``segment_column`` value).
+        channels: event channels whose shares are activity features of the propensity models.
+    """
+
+    dataset: Dataset
+    manifest: dict[str, Any]
+    feature_config: FeatureConfig
+    as_of: datetime
+    items: pl.DataFrame
+    item_vocab: Vocabulary
+    item_attributes: ItemAttributes
+    interactions: sp.csr_matrix
+    interaction_customers: Vocabulary
+    events: pl.DataFrame
+    event_customers: Vocabulary
+    event_starts: np.ndarray
+    event_counts: np.ndarray
+    purchased_at: sp.csr_matrix
+    strongest: sp.csr_matrix
+    features: _RowIndex
+    customers: _RowIndex
+    consent: _RowIndex
+    popularity: np.ndarray
+    segment_popularity: dict[str, np.ndarray]
+    segment_column: str
+    channels: list[str]
+    value_thresholds: tuple[float, float]
+
+    @classmethod
+    def load(
+        cls,
+        dataset: Dataset,
+        *,
+        channels: Sequence[str] = (),
+        segment_column: str = "age_band",
+        min_segment_customers: int = 20,
+    ) -> ServingData:
+        """Read a dataset's features and tables.
+
+        Args:
+            dataset: the dataset (features built).
+            channels: event channels whose shares the propensity models read as activity features.
+            segment_column: profile column that defines the popularity segments.
+            min_segment_customers: smaller segments use overall popularity.
+
+        Raises:
+            EngineLoadError: the dataset or its features are missing (the message says what to run).
+        """
+        from training.propensity_data import customer_activity
+
+        try:
+            dataset.require()
+            manifest = dataset.read_manifest()
+        except DatasetError as e:
+            raise EngineLoadError(" ".join(str(e).split())) from None
+        feats = dataset.features_dir
+        for name in (PROFILES_FILE, "interactions.npz"):
+            if not (feats / name).exists():
+                raise EngineLoadError(
+                    f"{feats} has no {name}: run 'nextbest features build --data {dataset.root}' first"
+                )
+        config = FeatureConfig.model_validate(manifest.get("config", {}))
+        as_of = datetime.fromisoformat(manifest["as_of"])
+        items = dataset.read("items", required=False)
+        interactions = Interactions.load(feats)
+        events = (
+            apply_retention(resolved_events(dataset), as_of=as_of, days=config.retention_days)
+            .filter(pl.col(TIMESTAMP_COL) <= as_of)
+            .select(EVENT_COLUMNS)
+            .collect()
+            .sort(CUSTOMER_ID, TIMESTAMP_COL, maintain_order=True)
+        )
+        item_ids = set(items[ITEM_ID].to_list()) | set(interactions.items.ids)
+        item_ids |= set(events[ITEM_ID].unique().to_list())
+        item_vocab = Vocabulary.from_ids(item_ids)
+        # The feature matrix is re-indexed onto the service's item space once.
+        column_map = item_vocab.indices(interactions.items.ids)
+        m = interactions.matrix.tocsr()
+        inter = sp.csr_matrix(
+            (m.data, column_map[m.indices], m.indptr), shape=(m.shape[0], len(item_vocab)), dtype=np.float32
+        )
+        inter.sort_indices()
+
+        runs = events.group_by(CUSTOMER_ID, maintain_order=True).len()
+        event_customers = Vocabulary(tuple(runs[CUSTOMER_ID].to_list()))
+        counts = runs["len"].to_numpy().astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        coded = events.select(
+            pl.Series("u", np.repeat(np.arange(len(event_customers), dtype=np.int64), counts)),
+            pl.col(ITEM_ID).cast(item_vocab.enum()).to_physical().cast(pl.Int64).alias("i"),
+            pl.col(EVENT_TYPE).replace_strict(EVENT_RANK, default=1, return_dtype=pl.Int32).alias("rank"),
+            (pl.col(TIMESTAMP_COL).dt.epoch("us") / 1e6).alias("t"),
+        )
+        shape = (len(event_customers), len(item_vocab))
+        strongest_pairs = coded.group_by("u", "i").agg(pl.col("rank").max())
+        strongest = sp.csr_matrix(
+            (
+                strongest_pairs["rank"].to_numpy(),
+                (strongest_pairs["u"].to_numpy(), strongest_pairs["i"].to_numpy()),
+            ),
+            shape=shape,
+            dtype=np.int8,
+        )
+        bought = (
+            coded.filter(pl.col("rank") == EVENT_RANK[PURCHASE]).group_by("u", "i").agg(pl.col("t").max())
+        )
+        purchased_at = sp.csr_matrix(
+            (bought["t"].to_numpy(), (bought["u"].to_numpy(), bought["i"].to_numpy())),
+            shape=shape,
+            dtype=np.float64,
+        )
+
+        consent_path = feats / CONSENT_FILE
+        consent = (
+            pl.read_parquet(consent_path)
+            if consent_path.exists()
+            else pl.DataFrame(schema={CUSTOMER_ID: pl.String, **{p: pl.Boolean for p in CONSENT_PURPOSES}})
+        )
+        profiles = pl.read_parquet(feats / PROFILES_FILE)
+        customers = dataset.read("customers", required=False)
+        # Activity features (what the propensity model reads besides the profile) of every profiled customer,
+        # from their events before the dataset's "now".
+        profiled = events.join(profiles.select(CUSTOMER_ID), on=CUSTOMER_ID, how="semi")
+        activity = customer_activity(
+            profiled, items.lazy(), as_of=as_of + timedelta(microseconds=1), channels=list(channels)
+        )
+        features = profiles.join(activity, on=CUSTOMER_ID, how="left")
+
+        binary = inter.copy()
+        binary.data = (binary.data > 0).astype(np.float32)
+        popularity = np.asarray(binary.sum(axis=0)).ravel().astype(np.float32)
+        segment_popularity: dict[str, np.ndarray] = {}
+        if segment_column in profiles.columns and inter.shape[0]:
+            seg = (
+                pl.DataFrame({CUSTOMER_ID: list(interactions.customers.ids)})
+                .join(
+                    profiles.select(CUSTOMER_ID, pl.col(segment_column).cast(pl.String)),
+                    on=CUSTOMER_ID,
+                    how="left",
+                )
+                .get_column(segment_column)
+            )
+            values = sorted(v for v in seg.unique().to_list() if v is not None)
+            code = {v: k for k, v in enumerate(values)}
+            codes = np.array([code.get(v, -1) for v in seg.to_list()], dtype=np.int64)
+            has = codes >= 0
+            indicator = sp.csr_matrix(
+                (np.ones(int(has.sum()), np.float32), (codes[has], np.flatnonzero(has))),
+                shape=(len(values), inter.shape[0]),
+            )
+            per_segment = np.asarray((indicator @ binary).todense())
+            sizes = np.bincount(codes[has], minlength=len(values))
+            for k, v in enumerate(values):
+                if sizes[k] >= min_segment_customers:
+                    segment_popularity[v] = per_segment[k].astype(np.float32)
+        thresholds = manifest.get("value_tier_thresholds") or [0.0, 0.0]
+        return cls(
+            dataset=dataset,
+            manifest=manifest,
+            feature_config=config,
+            as_of=as_of,
+            items=items,
+            item_vocab=item_vocab,
+            item_attributes=ItemAttributes.from_frame(items, item_vocab),
+            interactions=inter,
+            interaction_customers=interactions.customers,
+            events=events,
+            event_customers=event_customers,
+            event_starts=starts,
+            event_counts=counts,
+            purchased_at=purchased_at,
+            strongest=strongest,
+            features=_RowIndex(features),
+            customers=_RowIndex(customers),
+            consent=_RowIndex(consent),
+            popularity=popularity,
+            segment_popularity=segment_popularity,
+            segment_column=segment_column,
+            channels=list(channels),
+            value_thresholds=(float(thresholds[0]), float(thresholds[1])),
+        )
+
+    @property
+    def consent_default(self) -> bool:
+        return self.feature_config.consent_default
+
+    def customer_events(self, customer_id: str) -> pl.DataFrame:
+        """The customer's retained events in the dataset (empty when none or erased)."""
+        i = self.event_customers.get(customer_id)
+        if i < 0 or self.event_counts[i] == 0:
+            return self.events.clear()
+        return self.events.slice(int(self.event_starts[i]), int(self.event_counts[i]))
+
+    def knows(self, customer_id: str) -> bool:
+        """Whether the dataset holds anything about the customer."""
+        i = self.event_customers.get(customer_id)
+        return (
+            (i >= 0 and self.event_counts[i] > 0)
+            or customer_id in self.features
+            or customer_id in self.customers
+            or customer_id in self.consent
+        )
+
+    def all_customer_ids(self) -> set[str]:
+        ids = {c for i, c in enumerate(self.event_customers.ids) if self.event_counts[i] > 0}
+        return ids | set(self.features.keys()) | set(self.customers.keys()) | set(self.consent.keys())
+
+    def drop_customer(self, customer_id: str) -> bool:
+        """Make everything about the customer unreachable (erasure); True if anything was held."""
+        held = False
+        for index in (self.features, self.customers, self.consent):
+            held = index.drop(customer_id) or held
+        i = self.event_customers.get(customer_id)
+        if i >= 0 and self.event_counts[i] > 0:
+            self.event_counts[i] = 0
+            for m in (self.purchased_at, self.strongest):
+                m.data[m.indptr[i] : m.indptr[i + 1]] = 0
+            held = True
+        r = self.interaction_customers.get(customer_id)
+        if r >= 0:
+            self.interactions.data[self.interactions.indptr[r] : self.interactions.indptr[r + 1]] = 0
+            held = True
+        return held
+
+
+# --- per-model helpers ------------------------------------------------------------------------------------------
+
+
+def _item_factors(model: Any) -> np.ndarray | None:
+    implicit_model = getattr(model, "implicit_model", None)
+    factors = getattr(implicit_model, "item_factors", None)
+    if factors is not None:
+        return np.asarray(factors)
+    cf = getattr(model, "cf", None)
+    return _item_factors(cf) if cf is not None else None
+
+
+def _folds_in(model: Any) -> bool:
+    # BPR cannot recalculate a user from their history; popularity has nothing to recalculate.
+    name = getattr(model, "name", "")
+    if name == "blend":
+        return _folds_in(model.cf)
+    return name not in ("bpr", "popularity")
+
+
+@dataclass
+class RecommenderSlot:
+    """A recommender bundle mapped onto the service's item space."""
+
+    registered: RegisteredModel
+    items: ItemAttributes
+    from_base: np.ndarray
+    """Service item index → the model's item index (−1: the model does not know the item)."""
+    to_base: np.ndarray
+    """The model's item index → service item index."""
+    item_factors: np.ndarray | None
+    unit_factors: np.ndarray | None
+    """Item factors scaled to unit length (cosine similarity by one product), for reasons."""
+    folds_in: bool
+
+    @classmethod
+    def create(cls, registered: RegisteredModel, data: ServingData) -> RecommenderSlot:
+        bundle = registered.model
+        vocab = bundle.history.items
+        factors = _item_factors(bundle.model)
+        unit = None
+        if factors is not None:
+            norms = np.linalg.norm(factors, axis=1, keepdims=True)
+            unit = (factors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        return cls(
+            registered=registered,
+            items=ItemAttributes.from_frame(data.items, vocab),
+            from_base=vocab.indices(data.item_vocab.ids),
+            to_base=data.item_vocab.indices(vocab.ids),
+            item_factors=factors,
+            unit_factors=unit,
+            folds_in=_folds_in(bundle.model),
+        )
+
+    @property
+    def model(self) -> Any:
+        return self.registered.model.model
+
+    @property
+    def n_items(self) -> int:
+        return len(self.to_base)
+
+    def customer_row(self, customer_id: str) -> int:
+        """The customer's fitted row, or −1 when the model was not fitted on them (or they had no history)."""
+        row = self.registered.model.history.customers.get(customer_id)
+        if row < 0 or not bool(self.model.known(np.array([row]))[0]):
+            return -1
+        return row
+
+    def to_model(self, base: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:
+        """Service item indices and values → the model's indices and values (unknown items left out)."""
+        if not base:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        idx = np.fromiter(base.keys(), dtype=np.int64, count=len(base))
+        val = np.fromiter(base.values(), dtype=np.float32, count=len(base))
+        mapped = self.from_base[idx]
+        keep = mapped >= 0
+        return mapped[keep], val[keep]
+
+    def row_matrix(self, base: Mapping[int, float]) -> sp.csr_matrix:
+        idx, val = self.to_model(base)
+        order = np.argsort(idx)
+        return sp.csr_matrix(
+            (val[order], idx[order], np.array([0, len(idx)])), shape=(1, self.n_items), dtype=np.float32
+        )
+
+
+@dataclass
+class PropensitySlot:
+    registered: RegisteredModel
+    scorer: Any
+    action_ids: frozenset[str]
+
+
+# --- live state -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LiveCustomer:
+    """What the service learned about a customer from ``/events`` since the dataset was built."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    weights: dict[int, float] = field(default_factory=dict)
+    """Service item index → interaction weight added by live events."""
+    strongest: dict[int, int] = field(default_factory=dict)
+    purchased_at: dict[int, float] = field(default_factory=dict)
+    profile: dict[str, Any] | None = None
+    """The profile recomputed with the live events (None: not recomputed, or no profiling consent)."""
+    dirty: bool = True
+    version: int = 0
+    """Counts applied events, so a profile computed from older events is never stored over a newer one."""
+
+
+@dataclass
+class CustomerView:
+    """A customer as one request sees them: consent, profile, history (base data and live events together)."""
+
+    customer_id: str
+    consent: dict[str, bool]
+    recorded_consent: dict[str, bool | None]
+    known: bool
+    demographics: dict[str, Any] | None
+    profile: dict[str, Any] | None
+    live_profile: bool
+    items: dict[int, float]
+    """Service item index → interaction weight (only with personalisation consent)."""
+    strongest: dict[int, int]
+    purchased_at: dict[int, float]
+    live_events: list[dict[str, Any]]
+
+    @property
+    def has_live_events(self) -> bool:
+        return bool(self.live_events)
+
+
+@dataclass
+class _RankPlan:
+    """A personalised ranking still to be made (model or session based)."""
+
+    slot: RecommenderSlot
+    arm: str
+    view: CustomerView
+    n: int
+    mask: np.ndarray | None
+    exclude: set[int]
+    row: int
+    basis: str
+    recalc: bool
+    position: int = 0
+    ranking: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.float32))
+
+
+@dataclass
+class _DecisionPlan:
+    """A next-best-action request with its encoded model input, waiting for the batch's forward pass."""
+
+    position: int
+    request: api.NextBestActionRequest
+    arm: str
+    pslot: PropensitySlot
+    now: datetime
+    view: CustomerView
+    wanted: list[str]
+    rows: Any
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, np.generic):
+        return _json_value(v.item())
+    if isinstance(v, list | tuple):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def _json_row(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if row is None else {k: _json_value(v) for k, v in row.items()}
+
+
+def _parse_time(value: Any, where: str) -> datetime:
+    if isinstance(value, datetime):
+        return naive_utc(value)
+    if isinstance(value, str):
+        try:
+            return naive_utc(datetime.fromisoformat(value))
+        except ValueError:
+            pass
+    raise BadRequest(f"{where}: {value!r} is not an ISO date-time (e.g. 2026-05-01T12:00:00)")
+
+
+# --- the engine ---------------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Every endpoint's logic over the loaded models, the dataset and the live state. Thread-safe.
+
+    Args:
+        config: the engine config.
+        models: the registry models (:func:`load_serving_models`, or built in code for tests).
+        data: the dataset's side; loaded from ``config.data`` when None.
+    """
+
+    def __init__(self, config: EngineConfig, models: ServingModels, data: ServingData | None = None) -> None:
+        # One thread per forward pass: the propensity network is tiny, and torch's intra-op threads on a
+        # couple of cores cost ten times more than the work (measured: 24 ms against 0.6 ms per call).
+        import torch
+
+        torch.set_num_threads(1)
+        from training.propensity import PropensityScorer
+
+        self.config = config
+        self.models = models
+        self._started_wall = _utcnow()
+        self._started = time.monotonic()
+        self._lock = threading.RLock()
+        channels = sorted(
+            {
+                name.removeprefix("channel_share_")
+                for slot in models.propensity.values()
+                for name in slot.model.encoder.spec.customer_numeric
+                if name.startswith("channel_share_")
+            }
+        )
+        self.data = data or ServingData.load(
+            Dataset.at(config.data),
+            channels=channels,
+            segment_column=config.segment_column,
+            min_segment_customers=config.min_segment_customers,
+        )
+        self.recommenders = {
+            arm: RecommenderSlot.create(r, self.data) for arm, r in models.recommender.items()
+        }
+        self.propensities = {
+            arm: PropensitySlot(r, PropensityScorer(r.model), frozenset(r.model.encoder.action_ids))
+            for arm, r in models.propensity.items()
+        }
+        self.policy = self._load_policy()
+        self._bought_attributes = sorted(
+            {f.removeprefix("bought_") for f in self.policy.referenced_fields() if f.startswith("bought_")}
+        )
+        state = config.state_path
+        state.mkdir(parents=True, exist_ok=True)
+        self.levers = PolicyState(self.policy, state / LEVERS_FILE)
+        self.ledger = ContactLedger(state / CONTACTS_FILE, self.policy, fsync=config.fsync)
+        self.decision_log = DecisionLog(state / DECISIONS_FILE, fsync=config.fsync and config.fsync_decisions)
+        self.event_log = EventLog(state / EVENTS_FILE, event_types=self.data.feature_config.event_types)
+        self._live: dict[str, LiveCustomer] = {}
+        self._erased: set[str] = set()
+        replay = self.event_log.replay()
+        erased = self._forget_logged_erasures(set(replay[CUSTOMER_ID].to_list()))
+        if erased:
+            replay = replay.filter(~pl.col(CUSTOMER_ID).is_in(sorted(erased)))
+        replayed = self._apply_events(replay)
+        logger.info(
+            "nextbest engine ready: %s, %s; %d live customers replayed from %s",
+            self.recommenders[CHAMPION].registered.label,
+            self.propensities[CHAMPION].registered.label,
+            len(replayed),
+            state / EVENTS_FILE,
+        )
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> Engine:
+        """Load models from the registry and the dataset, then replay the live state.
+
+        Raises:
+            EngineLoadError: something is missing; the message says what to run first.
+        """
+        models = load_serving_models(config)
+        try:
+            engine = cls(config, models)
+        except PolicyError as e:
+            raise EngineLoadError(" ".join(str(e).split())) from None
+        # Everything loaded so far lives as long as the process. Left to the collector, its half a million
+        # objects make every full collection a pause of a few hundred milliseconds in the middle of a request.
+        gc.collect()
+        gc.freeze()
+        return engine
+
+    def _load_policy(self) -> ActionPolicy:
+        policy = load_policy(self.config.policy or DEFAULT_POLICY_PATH)
+        ds = self.data.dataset
+        if ds.has_table("action_catalog"):
+            catalog = ds.read("action_catalog")
+        else:
+            catalog = self.propensities[CHAMPION].registered.model.encoder.catalog
+        try:
+            attached = attach_catalog(policy, catalog)
+        except PolicyError as e:
+            raise PolicyError(
+                f"{e} — give a policy for this dataset's actions with NEXTBEST_POLICY"
+            ) from None
+        lost = unpoliced_actions(attached, catalog)
+        if lost:
+            logger.warning("actions without a policy entry are never offered: %s", ", ".join(lost))
+        return attached
+
+    def close(self) -> None:
+        """Close the durable logs."""
+        for log in (self.ledger, self.decision_log):
+            log.close()
+
+    # --- time, arms, consent -------------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """The decision time: wall-clock UTC, or (``clock="data"``) the dataset's time running on since start."""
+        if self.config.clock == "data":
+            return self.data.as_of + timedelta(seconds=time.monotonic() - self._started)
+        return _utcnow()
+
+    def _request_time(self, context: Mapping[str, Any]) -> datetime:
+        if context.get("now") is not None:
+            return _parse_time(context["now"], "context.now")
+        return self.now()
+
+    def arm(self, customer_id: str) -> Arm:
+        """The customer's arm: challenger for a stable share of ids when a challenger is loaded."""
+        if len(self.recommenders) == 1 and len(self.propensities) == 1:
+            return CHAMPION
+        return assign_arm(customer_id, self.config.challenger_share, self.config.arm_salt)
+
+    def _recommender(self, arm: str) -> RecommenderSlot:
+        return self.recommenders.get(arm) or self.recommenders[CHAMPION]
+
+    def _propensity(self, arm: str) -> PropensitySlot:
+        return self.propensities.get(arm) or self.propensities[CHAMPION]
+
+    def _consent(self, customer_id: str) -> tuple[dict[str, bool], dict[str, bool | None]]:
+        recorded = self.data.consent.get(customer_id) if customer_id not in self._erased else None
+        recorded_values = {p: (recorded or {}).get(p) for p in CONSENT_PURPOSES}
+        default = self.data.consent_default
+        unlinked = UNLINKED_SEPARATOR in customer_id
+        effective = {}
+        for p in CONSENT_PURPOSES:
+            value = recorded_values[p]
+            if value is None:
+                # As the feature pipeline decides: ids of unlinked source systems may be personalised (their own
+                # session) but are never profiled or marketed to.
+                value = default if (not unlinked or p == PERSONALISATION) else False
+            effective[p] = bool(value)
+        return effective, recorded_values
+
+    # --- the customer as a request sees them -------------------------------------------------------------------
+
+    def _view(self, customer_id: str) -> CustomerView:
+        consent, recorded = self._consent(customer_id)
+        data = self.data
+        erased = customer_id in self._erased
+        items: dict[int, float] = {}
+        strongest: dict[int, int] = {}
+        purchased: dict[int, float] = {}
+        demographics = None if erased else data.customers.get(customer_id)
+        profile = None
+        if not erased:
+            r = data.interaction_customers.get(customer_id)
+            if r >= 0 and consent[PERSONALISATION]:
+                idx, val = _row(data.interactions, r)
+                items = dict(zip(idx.tolist(), val.tolist(), strict=True))
+            e = data.event_customers.get(customer_id)
+            if e >= 0:
+                idx, val = _row(data.strongest, e)
+                strongest = dict(zip(idx.tolist(), val.tolist(), strict=True))
+                idx, val = _row(data.purchased_at, e)
+                purchased = dict(zip(idx.tolist(), val.tolist(), strict=True))
+            if consent[PROFILING]:
+                profile = data.features.get(customer_id)
+        live_events: list[dict[str, Any]] = []
+        live_profile = False
+        live = self._live.get(customer_id)
+        if live is not None and live.dirty:
+            self._refresh(customer_id)
+        if live is not None:
+            with self._lock:
+                live_events = list(live.events)
+                if consent[PERSONALISATION]:
+                    for i, w in live.weights.items():
+                        items[i] = items.get(i, 0.0) + w
+                for i, k in live.strongest.items():
+                    strongest[i] = max(strongest.get(i, 0), k)
+                for i, t in live.purchased_at.items():
+                    purchased[i] = max(purchased.get(i, 0.0), t)
+                if live.profile is not None:
+                    profile, live_profile = live.profile, True
+        if not consent[PROFILING]:
+            profile = None
+        return CustomerView(
+            customer_id=customer_id,
+            consent=consent,
+            recorded_consent=recorded,
+            known=not erased and data.knows(customer_id),
+            demographics=demographics,
+            profile=profile,
+            live_profile=live_profile,
+            items=items,
+            strongest=strongest,
+            purchased_at=purchased,
+            live_events=live_events,
+        )
+
+    def _segment(self, view: CustomerView) -> tuple[str | None, np.ndarray]:
+        """The customer's segment value and its item popularity (overall popularity when unknown or small)."""
+        column = self.data.segment_column
+        value = (view.profile or {}).get(column)
+        if value is None and column == "age_band":
+            value = _age_band((view.demographics or {}).get("age"))
+        if value is not None and str(value) in self.data.segment_popularity:
+            return str(value), self.data.segment_popularity[str(value)]
+        return None, self.data.popularity
+
+    def _segment_text(self, value: str | None) -> str:
+        if value is None:
+            return "popular right now"
+        if self.data.segment_column == "age_band":
+            return f"popular with customers aged {value}"
+        return f"popular with customers in {self.data.segment_column.replace('_', ' ')} {value}"
+
+    # --- filters ------------------------------------------------------------------------------------------
+
+    def _filter_mask(self, filters: ItemFilters | None) -> np.ndarray | None:
+        """Mask over the service's items; unknown attributes, values of include filters and items are 400s."""
+        if filters is None or filters.is_empty:
+            return None
+        attrs = self.data.item_attributes
+        for which, table in (("include", filters.include), ("exclude", filters.exclude)):
+            for attribute, value in table.items():
+                if attribute not in attrs.levels:
+                    continue  # the mask names it below
+                values = value if isinstance(value, list) else [value]
+                unknown = [v for v in values if v not in attrs.levels[attribute]]
+                if unknown and (which == "include" or attribute == ITEM_ID):
+                    known = sorted(map(str, attrs.levels[attribute]))
+                    shown = ", ".join(known[:20]) + (" …" if len(known) > 20 else "")
+                    what = "item" if attribute == ITEM_ID else f"value of {attribute!r}"
+                    raise BadRequest(
+                        f"filters.{which}.{attribute}: unknown {what} {', '.join(map(repr, unknown[:5]))}"
+                        + ("" if attribute == ITEM_ID else f"; known: {shown}")
+                    )
+        try:
+            return attrs.mask(filters)
+        except FilterError as e:
+            raise BadRequest(f"filters: {e}") from None
+
+    # --- /recommend -----------------------------------------------------------------------------------------
+
+    def recommend(self, request: api.RecommendRequest) -> api.RecommendResponse:
+        """Follow-up purchases for a customer now (see the module docstring for how).
+
+        Raises:
+            BadRequest: a filter names an unknown attribute, value or item.
+        """
+        answer = self.recommend_many([request])[0]
+        if isinstance(answer, ServiceError):
+            raise answer
+        return answer
+
+    def recommend_many(
+        self, requests: Sequence[api.RecommendRequest]
+    ) -> list[api.RecommendResponse | ServiceError]:
+        """Answer several ``/recommend`` requests at once (adaptive batching in the service).
+
+        Customers the model was fitted on are ranked together, one matrix product per model and fold-in
+        setting, which is where a batch saves time; the rest are answered one by one. A request that fails
+        gets its :class:`ServiceError` in its place, so one bad request never fails the others.
+        """
+        out: list[api.RecommendResponse | ServiceError | None] = [None] * len(requests)
+        pending: list[_RankPlan] = []
+        for k, request in enumerate(requests):
+            try:
+                plan = self._plan(request)
+            except ServiceError as e:
+                out[k] = e
+                continue
+            if isinstance(plan, api.RecommendResponse):
+                out[k] = plan
+            else:
+                plan.position = k
+                pending.append(plan)
+        groups: dict[tuple[int, bool], list[_RankPlan]] = {}
+        for plan in pending:
+            if plan.basis == "model" and plan.mask is None:
+                groups.setdefault((id(plan.slot), plan.recalc), []).append(plan)
+            elif plan.basis == "model":
+                plan.ranking = self._model_ranking(plan.slot, [plan])[0]
+            else:
+                plan.ranking = self._session_ranking(plan.slot, plan.view, plan.n, plan.mask, plan.exclude)
+        for group in groups.values():
+            for plan, ranking in zip(group, self._model_ranking(group[0].slot, group), strict=True):
+                plan.ranking = ranking
+        for plan in pending:
+            ids, scores = plan.ranking
+            reasons = self._reasons(plan.slot, plan.view, ids)
+            vocab = plan.slot.registered.model.history.items
+            out[plan.position] = api.RecommendResponse(
+                customer_id=plan.view.customer_id,
+                items=[
+                    api.RecommendedItem(item_id=vocab.ids[i], score=float(s), reasons=r)
+                    for i, s, r in zip(ids.tolist(), scores.tolist(), reasons, strict=True)
+                ],
+                personalised=True,
+                basis=plan.basis,
+                model_version=plan.slot.registered.label,
+                arm=plan.arm,
+            )
+        return [o for o in out if o is not None]
+
+    def _plan(self, request: api.RecommendRequest) -> _RankPlan | api.RecommendResponse:
+        """Decide how to answer a request; the non-personalised answers are made here at once."""
+        cid = request.customer_id
+        arm = self.arm(cid)
+        slot = self._recommender(arm)
+        mask = self._filter_mask(request.filters)
+        view = self._view(cid)
+        exclude = set(view.purchased_at) if request.exclude_purchased else set()
+        if not view.consent[PERSONALISATION] or not view.items:
+            consented = view.consent[PERSONALISATION]
+            # Without consent their history is not used at all, not even to leave out what they bought.
+            items, segment = self._popular(view, request.n, mask, exclude=exclude if consented else None)
+            why = "nothing known about this customer yet" if consented else "no consent to personalisation"
+            return api.RecommendResponse(
+                customer_id=cid,
+                items=items,
+                personalised=False,
+                basis="segment_popularity" if segment else "popularity",
+                note=f"not personalised: {why}; {self._segment_text(segment)}",
+                model_version=slot.registered.label,
+                arm=arm,
+            )
+        row = slot.customer_row(cid) if cid not in self._erased else -1
+        return _RankPlan(
+            slot=slot,
+            arm=arm,
+            view=view,
+            n=request.n,
+            mask=mask,
+            exclude=exclude,
+            row=row,
+            basis="model" if row >= 0 else "session",
+            recalc=view.has_live_events and slot.folds_in,
+        )
+
+    def _reasons(self, slot: RecommenderSlot, view: CustomerView, ids: np.ndarray) -> list[list[str]]:
+        """Reasons per recommended item: the customer's preferences it matches, and the history item most
+        like it (one matrix product for the whole list rather than one per item)."""
+        history = {
+            int(m): RANK_EVENT.get(view.strongest.get(int(b), 1), "view")
+            for b in view.items
+            if (m := slot.from_base[b]) >= 0
+        }
+        because: list[int | None] = [None] * len(ids)
+        if slot.unit_factors is not None and history and len(ids):
+            rows = np.array(sorted(history), dtype=np.int64)
+            sims = slot.unit_factors[ids] @ slot.unit_factors[rows].T
+            sims[ids[:, None] == rows[None, :]] = -np.inf
+            # Ties go to the smallest item index (rows are sorted), as in serving.explain.most_similar_item.
+            best = np.argmax(sims, axis=1)
+            found = np.isfinite(sims[np.arange(len(ids)), best]) & (sims[np.arange(len(ids)), best] != 0)
+            because = [
+                int(rows[b]) if ok else None for b, ok in zip(best.tolist(), found.tolist(), strict=True)
+            ]
+        out = []
+        for i, b in zip(ids.tolist(), because, strict=True):
+            out.append(
+                item_reasons(
+                    view.profile,
+                    slot.items.item(slot.items.ids[i]),
+                    because_of=None if b is None else slot.items.item(slot.items.ids[b]),
+                    because_of_event=history.get(b, PURCHASE) if b is not None else PURCHASE,
+                )
+            )
+        return out
+
+    def _exclusion(self, slot: RecommenderSlot, exclude: set[int]) -> np.ndarray:
+        if not exclude:
+            return np.empty(0, np.int64)
+        idx = slot.from_base[np.fromiter(exclude, dtype=np.int64, count=len(exclude))]
+        return np.sort(idx[idx >= 0])
+
+    @staticmethod
+    def _stack(rows: list[tuple[np.ndarray, np.ndarray]], n_items: int) -> sp.csr_matrix:
+        """One CSR matrix from (sorted indices, values) rows, without scipy's per-row overhead."""
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        indptr[1:] = np.cumsum([len(i) for i, _ in rows])
+        indices = np.concatenate([i for i, _ in rows]) if rows else np.empty(0, np.int64)
+        data = np.concatenate([v for _, v in rows]).astype(np.float32) if rows else np.empty(0, np.float32)
+        return sp.csr_matrix((data, indices.astype(np.int32), indptr), shape=(len(rows), n_items))
+
+    def _model_ranking(
+        self, slot: RecommenderSlot, plans: Sequence[_RankPlan]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The model's ranking for customers it was fitted on: one call for the whole group."""
+        from training.recommenders import MISSING_ID, RecommenderError
+
+        histories = []
+        for plan in plans:
+            idx, val = slot.to_model(plan.view.items)
+            order = np.argsort(idx)
+            histories.append((idx[order], val[order]))
+        user_items = self._stack(histories, slot.n_items)
+        excluded = [self._exclusion(slot, p.exclude) for p in plans]
+        exclude = (
+            self._stack([(e, np.ones(len(e), np.float32)) for e in excluded], slot.n_items)
+            if any(len(e) for e in excluded)
+            else None
+        )
+        candidates = None
+        mask = plans[0].mask
+        if mask is not None:  # only single plans carry a filter
+            model_mask = np.zeros(slot.n_items, dtype=bool)
+            ok = slot.to_base >= 0
+            model_mask[ok] = mask[slot.to_base[ok]]
+            candidates = np.flatnonzero(model_mask)
+        rows = np.array([p.row for p in plans], dtype=np.int64)
+        n = max(p.n for p in plans)
+        recalc = plans[0].recalc
+        kwargs = {"filter_already_liked": False, "exclude": exclude, "candidates": candidates}
+        try:
+            ids, scores = slot.model.recommend(rows, user_items, n, recalculate_user=recalc, **kwargs)
+        except RecommenderError:
+            if not recalc:
+                raise
+            ids, scores = slot.model.recommend(rows, user_items, n, **kwargs)
+        out = []
+        for r, plan in enumerate(plans):
+            keep = ids[r] != MISSING_ID
+            out.append((ids[r][keep][: plan.n], scores[r][keep][: plan.n]))
+        return out
+
+    def _session_ranking(
+        self,
+        slot: RecommenderSlot,
+        view: CustomerView,
+        n: int,
+        mask: np.ndarray | None,
+        exclude: set[int],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Item similarity to the customer's items (strongest first), popularity after them."""
+        from training.recommenders import top_n
+
+        model = slot.model
+        idx, val = slot.to_model(view.items)
+        if len(idx) > SESSION_ITEMS:
+            keep = np.argsort(-val, kind="stable")[:SESSION_ITEMS]
+            idx, val = idx[keep], val[keep]
+        scores = np.zeros(slot.n_items, dtype=np.float64)
+        if len(idx):
+            k = min(slot.n_items - 1, max(50, 5 * n))
+            sim_ids, sims = model.similar_items(idx, n=k)
+            ok = (sim_ids >= 0) & np.isfinite(sims)
+            weights = np.broadcast_to(val[:, None], sim_ids.shape)
+            np.add.at(scores, sim_ids[ok], (weights[ok] * sims[ok]).astype(np.float64))
+        # Popularity orders the items no history item points to (and breaks ties).
+        scores += 1e-6 * model.popularity_scores()
+        s = scores.astype(np.float32)[None, :]
+        if mask is not None:
+            model_mask = np.zeros(slot.n_items, dtype=bool)
+            ok = slot.to_base >= 0
+            model_mask[ok] = mask[slot.to_base[ok]]
+            s[0, ~model_mask] = -np.inf
+        excluded = self._exclusion(slot, exclude)
+        if len(excluded):
+            s[0, excluded] = -np.inf
+        ids, vals = top_n(s, n, model.tie_order)
+        keep = ids[0] >= 0
+        return ids[0][keep], vals[0][keep]
+
+    def _popular(
+        self, view: CustomerView, n: int, mask: np.ndarray | None, *, exclude: set[int] | None
+    ) -> tuple[list[api.RecommendedItem], str | None]:
+        from training.recommenders import top_n
+
+        segment, popularity = self._segment(view)
+        s = popularity.astype(np.float32).copy()[None, :]
+        if mask is not None:
+            s[0, ~mask] = -np.inf
+        if exclude:
+            s[0, np.fromiter(exclude, dtype=np.int64, count=len(exclude))] = -np.inf
+        ids, vals = top_n(s, n)
+        reason = self._segment_text(segment)
+        top = float(popularity.max()) if popularity.size else 0.0
+        return [
+            api.RecommendedItem(
+                item_id=self.data.item_vocab.ids[i],
+                score=float(v) / top if top > 0 else 0.0,
+                reasons=[reason],
+            )
+            for i, v in zip(ids[0].tolist(), vals[0].tolist(), strict=True)
+            if i >= 0
+        ], segment
+
+    # --- /similar_items ---------------------------------------------------------------------------------------
+
+    def similar_items(self, request: api.SimilarItemsRequest) -> api.SimilarItemsResponse:
+        """Items like one item: learned similarity, or shared attributes for an item the model has not seen.
+
+        Raises:
+            NotFound: the item is in neither the items table nor the events.
+        """
+        arm = self.arm(request.customer_id) if request.customer_id else CHAMPION
+        slot = self._recommender(arm)
+        base = self.data.item_vocab.get(request.item_id)
+        if base < 0:
+            raise NotFound(f"item_id: unknown item {request.item_id!r}")
+        mask = self._filter_mask(request.filters)
+        target = self.data.item_attributes.item(request.item_id)
+        model_index = int(slot.from_base[base])
+        vocab = slot.registered.model.history.items
+        if model_index >= 0:
+            k = slot.n_items - 1 if mask is not None else min(request.n, slot.n_items - 1)
+            ids, sims = slot.model.similar_items(model_index, n=max(k, 0))
+            pairs = [
+                (vocab.ids[i], float(s))
+                for i, s in zip(ids.tolist(), sims.tolist(), strict=True)
+                if mask is None or (slot.to_base[i] >= 0 and mask[slot.to_base[i]])
+            ][: request.n]
+            basis = "model"
+        else:
+            pairs = self._attribute_neighbours(base, target, request.n, mask)
+            basis = "attributes"
+        items = [
+            api.RecommendedItem(
+                item_id=i, score=s, reasons=self._shared_attributes(target, self.data.item_attributes.item(i))
+            )
+            for i, s in pairs
+        ]
+        return api.SimilarItemsResponse(
+            item_id=request.item_id, items=items, basis=basis, model_version=slot.registered.label, arm=arm
+        )
+
+    def _attribute_neighbours(
+        self, base: int, target: Mapping[str, Any], n: int, mask: np.ndarray | None
+    ) -> list[tuple[str, float]]:
+        from training.recommenders import top_n
+
+        attrs = self.data.item_attributes
+        shared = np.zeros(len(attrs), dtype=np.float32)
+        for a in SIMILAR_ATTRIBUTES:
+            if a in attrs.codes and target.get(a) is not None:
+                code = attrs.levels[a].get(target[a])
+                if code is not None:
+                    shared += attrs.codes[a] == code
+        pop = self.data.popularity
+        s = (shared + 1e-3 * pop / max(float(pop.max()), 1.0))[None, :]
+        s[0, base] = -np.inf
+        s[0, shared == 0] = -np.inf
+        if mask is not None:
+            s[0, ~mask] = -np.inf
+        ids, vals = top_n(s, n)
+        return [
+            (self.data.item_vocab.ids[i], float(v) / len(SIMILAR_ATTRIBUTES))
+            for i, v in zip(ids[0].tolist(), vals[0].tolist(), strict=True)
+            if i >= 0
+        ]
+
+    @staticmethod
+    def _shared_attributes(target: Mapping[str, Any], item: Mapping[str, Any]) -> list[str]:
+        return [
+            f"same {a}: {item[a]}"
+            for a in SIMILAR_ATTRIBUTES
+            if item.get(a) is not None and item.get(a) == target.get(a)
+        ][:3]
+
+    # --- /propensity and /next_best_action ----------------------------------------------------------------------
+
+    def _model_features(self, view: CustomerView) -> dict[str, Any]:
+        """What the propensity model sees: the whole profile, or only the segment without personalisation consent."""
+        profile = view.profile or {}
+        merged = {**{k: v for k, v in (view.demographics or {}).items() if k in DEMOGRAPHICS}, **profile}
+        if view.consent[PERSONALISATION]:
+            return merged
+        segment = {k: merged.get(k) for k in SEGMENT_FEATURES}
+        if segment.get("age_band") is None:
+            segment["age_band"] = _age_band(merged.get("age"))
+        return segment
+
+    def propensity(self, request: api.PropensityRequest) -> api.PropensityResponse:
+        """Calibrated response probabilities of actions for a customer.
+
+        Raises:
+            BadRequest: an action id the model does not know.
+        """
+        cid = request.customer_id
+        arm = self.arm(cid)
+        slot = self._propensity(arm)
+        if request.action_ids is not None:
+            unknown = [a for a in request.action_ids if a not in slot.action_ids]
+            if unknown:
+                raise BadRequest(
+                    f"action_ids: unknown action(s) {', '.join(map(repr, unknown[:10]))}; known: "
+                    + ", ".join(sorted(slot.action_ids))
+                )
+        now = self._request_time(request.context)
+        view = self._view(cid)
+        scores = slot.scorer.score(self._model_features(view), request.action_ids, request.channel, now=now)
+        return api.PropensityResponse(
+            customer_id=cid,
+            propensities=[api.ActionPropensity(action_id=a, propensity=float(p)) for a, p in scores.items()],
+            personalised=view.consent[PERSONALISATION],
+            model_version=slot.registered.label,
+            arm=arm,
+        )
+
+    def _rule_profile(self, view: CustomerView, now: datetime) -> dict[str, Any]:
+        profile: dict[str, Any] = {CUSTOMER_ID: view.customer_id}
+        profile.update({k: v for k, v in (view.demographics or {}).items() if k in DEMOGRAPHICS})
+        profile.update(view.profile or {})
+        since = _epoch_seconds(now - timedelta(days=self.config.bought_days))
+        recent = [self.data.item_vocab.ids[i] for i, t in view.purchased_at.items() if t >= since]
+        for a in self._bought_attributes:
+            values = {self.data.item_attributes.item(i).get(a) for i in recent}
+            profile[f"bought_{a}"] = sorted(v for v in values if v is not None)
+        return profile
+
+    def next_best_action(self, request: api.NextBestActionRequest) -> api.NextBestActionResponse:
+        """The best actions now by P × V × L; records the chosen action as a contact and logs the decision.
+
+        Raises:
+            BadRequest: ``context.now`` is not a date-time.
+        """
+        answer = self.next_best_action_many([request])[0]
+        if isinstance(answer, ServiceError):
+            raise answer
+        return answer
+
+    def next_best_action_many(
+        self, requests: Sequence[api.NextBestActionRequest]
+    ) -> list[api.NextBestActionResponse | ServiceError]:
+        """Decide for several requests at once: one forward pass of each propensity model for all of them,
+        then arbitration, contact and decision log per request, in order."""
+        started = time.perf_counter()
+        out: list[api.NextBestActionResponse | ServiceError | None] = [None] * len(requests)
+        plans: list[_DecisionPlan] = []
+        for k, request in enumerate(requests):
+            try:
+                now = self._request_time(request.context)
+            except ServiceError as e:
+                out[k] = e
+                continue
+            arm = self.arm(request.customer_id)
+            pslot = self._propensity(arm)
+            view = self._view(request.customer_id)
+            wanted = [a for a in self.policy.actions if a in pslot.action_ids]
+            rows = (
+                pslot.scorer.encoder.encode_one(self._model_features(view), wanted, request.channel, now)
+                if wanted
+                else None
+            )
+            plans.append(_DecisionPlan(k, request, arm, pslot, now, view, wanted, rows))
+        self._score_plans(plans)
+        for plan in plans:
+            out[plan.position] = self._decide(plan, started)
+        return [o for o in out if o is not None]
+
+    @staticmethod
+    def _score_plans(plans: Sequence[_DecisionPlan]) -> None:
+        """Calibrated propensities of every plan: one forward pass per propensity model."""
+        import torch
+
+        groups: dict[int, list[_DecisionPlan]] = {}
+        for plan in plans:
+            if plan.rows is not None:
+                groups.setdefault(id(plan.pslot), []).append(plan)
+        for group in groups.values():
+            model = group[0].pslot.scorer.model
+            categorical = np.concatenate([p.rows.categorical for p in group])
+            numeric = np.concatenate([p.rows.numeric for p in group])
+            with torch.inference_mode():
+                z = model.net(torch.from_numpy(categorical), torch.from_numpy(numeric)).numpy()
+            probabilities = model.calibration.apply(z)
+            offset = 0
+            for plan in group:
+                n = len(plan.wanted)
+                plan.scores = dict(zip(plan.wanted, probabilities[offset : offset + n].tolist(), strict=True))
+                offset += n
+
+    def _decide(self, plan: _DecisionPlan, started: float) -> api.NextBestActionResponse:
+        request, view, now = plan.request, plan.view, plan.now
+        cid = request.customer_id
+        candidates = [ActionCandidate(a, min(max(float(p), 0.0), 1.0)) for a, p in plan.scores.items()]
+        context = {**request.context, CHANNEL: request.channel, "now": now}
+        consent = {PERSONALISATION: view.consent[PERSONALISATION], MARKETING: view.consent[MARKETING]}
+        decision = arbitrate(
+            candidates,
+            self.policy,
+            self._rule_profile(view, now),
+            context,
+            consent,
+            self.ledger,
+            request.n,
+            levers=self.levers.levers,
+            customer_id=cid,
+            now=now,
+        )
+        chosen = decision.chosen
+        recorded = False
+        if request.record_contact and chosen is not None and not decision.is_no_action:
+            self.ledger.record_contact(cid, chosen.action_id, chosen.delivery_channel, now)
+            recorded = True
+        versions = {
+            "recommender": self._recommender(plan.arm).registered.label,
+            "propensity": plan.pslot.registered.label,
+        }
+        record = DecisionRecord.from_decision(
+            decision,
+            arm=plan.arm,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+            model_versions=versions,
+            timestamp=now,
+        )
+        self.decision_log.append(record)
+        return api.NextBestActionResponse(
+            decision_id=record.decision_id,
+            customer_id=cid,
+            channel=request.channel,
+            actions=decision.actions,
+            no_action=decision.is_no_action,
+            personalised=decision.personalised,
+            policy_version=decision.policy_version,
+            model_versions=versions,
+            arm=plan.arm,
+            contact_recorded=recorded,
+            filtered=decision.filtered if request.explain else [],
+        )
+
+    # --- /events ----------------------------------------------------------------------------------------------
+
+    def events(self, request: api.EventsRequest) -> api.EventsResponse:
+        """Store events and offer responses durably, then apply them to the live state at once.
+
+        Raises:
+            BadRequest: an invalid event (named by position and field) or an action not in the policy.
+        """
+        now = self.now()
+        rows = []
+        for e in request.events:
+            row = e.model_dump(exclude_none=True)
+            row[TIMESTAMP_COL] = naive_utc(e.timestamp) if e.timestamp is not None else now
+            rows.append(row)
+        for k, r in enumerate(request.responses):
+            if r.action_id not in self.policy.actions:
+                raise BadRequest(
+                    f"responses[{k}].action_id: unknown action {r.action_id!r}; known: "
+                    + ", ".join(sorted(self.policy.actions))
+                )
+        with self._lock:
+            accepted = pl.DataFrame()
+            if rows:
+                try:
+                    accepted = self.event_log.append(rows)
+                except EventRejected as e:
+                    raise BadRequest("; ".join(e.reasons)) from None
+            for r in request.responses:
+                at = naive_utc(r.timestamp) if r.timestamp is not None else now
+                self.ledger.record_response(r.customer_id, r.action_id, r.accepted, at, channel=r.channel)
+            changed = self._apply_events(accepted)
+        # Outside the lock: a profile takes milliseconds to rebuild, and other requests need not wait for it.
+        for cid in changed:
+            self._refresh(cid)
+        customers = sorted(changed | {r.customer_id for r in request.responses})
+        return api.EventsResponse(
+            accepted=accepted.height, responses=len(request.responses), customers=customers
+        )
+
+    def _apply_events(self, frame: pl.DataFrame) -> set[str]:
+        """Add accepted events to the live state (rows, strongest event, purchases); marks profiles stale."""
+        if frame.is_empty():
+            return set()
+        weights = self.data.feature_config.interactions.weights
+        vocab = self.data.item_vocab
+        changed: set[str] = set()
+        with self._lock:
+            for row in frame.select([c for c in EVENT_COLUMNS if c in frame.columns]).iter_rows(named=True):
+                cid = row[CUSTOMER_ID]
+                live = self._live.get(cid)
+                if live is None:
+                    live = self._live[cid] = LiveCustomer()
+                live.events.append(row)
+                live.dirty = True
+                live.version += 1
+                changed.add(cid)
+                i = vocab.get(row[ITEM_ID])
+                if i < 0:
+                    continue  # an item the catalogue does not have: kept for the profile, not for the models
+                w = float(weights.get(row[EVENT_TYPE], 0.0))
+                if w > 0:
+                    live.weights[i] = live.weights.get(i, 0.0) + w
+                rank = EVENT_RANK.get(row[EVENT_TYPE], 1)
+                live.strongest[i] = max(live.strongest.get(i, 0), rank)
+                if row[EVENT_TYPE] == PURCHASE:
+                    live.purchased_at[i] = max(
+                        live.purchased_at.get(i, 0.0), _epoch_seconds(row[TIMESTAMP_COL])
+                    )
+        return changed
+
+    def _refresh(self, customer_id: str) -> None:
+        """Recompute the customer's profile and activity features from their dataset and live events."""
+        from training.propensity_data import customer_activity
+
+        with self._lock:
+            live = self._live.get(customer_id)
+            if live is None:
+                return
+            version = live.version
+            live_events = list(live.events)
+            erased = customer_id in self._erased
+        consent, _ = self._consent(customer_id)
+        row: dict[str, Any] | None = None
+        if consent[PROFILING]:
+            data = self.data
+            base = data.customer_events(customer_id) if not erased else data.events.clear()
+            fresh = pl.DataFrame(
+                [{c: e.get(c) for c in EVENT_COLUMNS} for e in live_events],
+                schema={c: data.events.schema[c] for c in EVENT_COLUMNS},
+            )
+            events = pl.concat([base, fresh]).sort(TIMESTAMP_COL, maintain_order=True)
+            as_of = max(data.as_of, events[TIMESTAMP_COL].max())
+            customer = data.customers.frame_of(customer_id) if not erased else data.customers.frame.clear()
+            try:
+                profile = build_profiles(
+                    events.lazy(),
+                    data.items.lazy(),
+                    customer.lazy(),
+                    as_of=as_of,
+                    config=data.feature_config.profiles,
+                    value_thresholds=data.value_thresholds,
+                ).collect()
+                activity = customer_activity(
+                    events, data.items.lazy(), as_of=as_of + timedelta(microseconds=1), channels=data.channels
+                )
+                row = profile.row(0, named=True) if profile.height else {CUSTOMER_ID: customer_id}
+                if activity.height:
+                    row.update(activity.row(0, named=True))
+            except Exception:
+                # A live profile must never break serving: the dataset's profile stays in use.
+                logger.exception("cannot recompute the live profile of a customer")
+        with self._lock:
+            if self._live.get(customer_id) is live and live.version == version:
+                live.profile = row
+                live.dirty = False
+
+    # --- /profile ---------------------------------------------------------------------------------------------
+
+    def profile(self, request: api.CustomerRequest) -> api.ProfileResponse:
+        """Everything stored and derived about a customer (GDPR access)."""
+        cid = request.customer_id
+        view = self._view(cid)
+        vocab = self.data.item_vocab
+        held = self.data.customer_events(cid) if cid not in self._erased else self.data.events.clear()
+        decisions = [r.model_dump(mode="json") for r in self.decision_log.records() if r.customer_id == cid]
+        return api.ProfileResponse(
+            customer_id=cid,
+            known=view.known,
+            consent=view.recorded_consent,
+            consent_effective=view.consent,
+            demographics=_json_row(view.demographics),
+            profile=_json_row(view.profile),
+            live_profile=view.live_profile,
+            interactions=[
+                {ITEM_ID: vocab.ids[i], "weight": float(w)}
+                for i, w in sorted(view.items.items(), key=lambda kv: -kv[1])
+            ],
+            purchases=sorted(vocab.ids[i] for i in view.purchased_at),
+            events=[_json_row(r) or {} for r in held.iter_rows(named=True)],
+            live_events=[_json_row(r) or {} for r in view.live_events],
+            contacts=self.ledger.entries(cid),
+            decisions=decisions,
+            arm=self.arm(cid),
+        )
+
+    # --- admin: /forget and /levers -----------------------------------------------------------------------------
+
+    def check_admin(self, authorization: str | None) -> None:
+        """Check an ``Authorization: Bearer <token>`` header against the admin token.
+
+        Raises:
+            Forbidden: no admin token is configured (admin endpoints are disabled).
+            Unauthorized: the header is missing or the token is wrong.
+        """
+        token = self.config.admin_token
+        if not token:
+            raise Forbidden("admin endpoints are disabled: set NEXTBEST_ADMIN_TOKEN to enable them")
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise Unauthorized(
+                "missing or wrong admin token: send 'Authorization: Bearer <NEXTBEST_ADMIN_TOKEN>'"
+            )
+
+    def forget(self, request: api.CustomerRequest, authorization: str | None) -> api.ForgetResponse:
+        """Erase a customer (and their linked ids) from live state, the event log, the contact ledger and the
+        decision log, and log the erasure by digest so the next feature build and training leave them out."""
+        self.check_admin(authorization)
+        cid = request.customer_id
+        ds = self.data.dataset
+        identities = ds.scan("identities", required=False)
+        ids = linked_ids(identities, cid)
+        with self._lock:
+            live = any(self._live.pop(i, None) is not None for i in ids)
+            for i in ids:
+                self.data.drop_customer(i)
+            self._erased.update(ids)
+            events_removed = self.event_log.forget(ids)
+            contacts_removed = sum(self.ledger.forget(i) for i in ids)
+            decisions_removed = sum(self.decision_log.forget(i) for i in ids)
+            log = ds.root / ERASURE_LOG
+            stamp = _utcnow().isoformat()
+            with open(log, "a", encoding="utf-8") as fh:
+                for i in ids:
+                    fh.write(json.dumps({"sha256": id_digest(i), "erased_at": stamp}) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        logger.info("erased a customer (%d id(s)) on request", len(ids))
+        return api.ForgetResponse(
+            customer_id=cid,
+            ids_erased=len(ids),
+            live_state=live,
+            events_removed=events_removed,
+            contacts_removed=contacts_removed,
+            decisions_removed=decisions_removed,
+            erasure_log=str(log),
+        )
+
+    def _forget_logged_erasures(self, live_ids: set[str]) -> set[str]:
+        """Hide customers whose erasure was logged (by the service or by ``nextbest forget``) and purge them
+        from the service's own logs, so a restart never brings an erased customer back."""
+        digests = erased_digests(self.data.dataset)
+        if not digests:
+            return set()
+        candidates = self.data.all_customer_ids() | live_ids
+        erased = {c for c in candidates if id_digest(c) in digests}
+        for c in erased:
+            self.data.drop_customer(c)
+        if erased:
+            self.event_log.forget(sorted(erased))
+            for c in erased:
+                self.ledger.forget(c)
+                self.decision_log.forget(c)
+        self._erased |= erased
+        return erased
+
+    def levers_request(self, request: api.LeversRequest, authorization: str | None) -> api.LeversResponse:
+        """Read the levers, or change one (logged with who and when, persisted across restarts)."""
+        self.check_admin(authorization)
+        changed = None
+        if request.action_id is not None and request.lever is not None:
+            try:
+                changed = self.levers.set_lever(request.action_id, request.lever, request.actor)
+            except PolicyError as e:
+                raise BadRequest(f"action_id: {' '.join(str(e).split())}") from None
+            logger.info(
+                "lever of %s changed from %g to %g by %s",
+                changed.action_id,
+                changed.old,
+                changed.new,
+                changed.actor,
+            )
+        return api.LeversResponse(
+            policy_version=self.policy.version,
+            levers=self.levers.levers,
+            changed=changed,
+            history=self.levers.history,
+        )
+
+    # --- introspection --------------------------------------------------------------------------------------
+
+    def live_customers(self) -> list[str]:
+        """Customers with live state (events received by the service)."""
+        with self._lock:
+            return sorted(self._live)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line (what start-up failures print)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

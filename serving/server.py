@@ -1,0 +1,304 @@
+"""Start the BentoML service (``python -m bentoml serve serving.service:NextBest``) with its environment set.
+
+:func:`serve` runs it in the foreground (what ``nextbest serve`` calls); :func:`start` runs it in the background
+and returns a :class:`ServiceProcess` (tests and benchmarks). Both check first that the features and both
+champions exist, so a missing piece is one line saying what to run, not a server that never becomes ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from serving.engine import EngineConfig, EngineLoadError, check_registry
+
+SERVICE = "serving.service:NextBest"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PORT = 3000
+
+
+def service_env(
+    config: EngineConfig, *, threads: int | None = None, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of the service process: ``base`` (default ``os.environ``) plus the config's variables."""
+    env = dict(os.environ if base is None else base)
+    env["NEXTBEST_DATA"] = str(config.data)
+    env["NEXTBEST_STATE_DIR"] = str(config.state_path)
+    env["NEXTBEST_CHALLENGER_SHARE"] = str(config.challenger_share)
+    env["NEXTBEST_CLOCK"] = config.clock
+    if config.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = config.tracking_uri
+    if config.policy is not None:
+        env["NEXTBEST_POLICY"] = str(config.policy)
+    if config.admin_token:
+        env["NEXTBEST_ADMIN_TOKEN"] = config.admin_token
+    else:
+        env.pop("NEXTBEST_ADMIN_TOKEN", None)
+    if threads is not None:
+        env["NEXTBEST_THREADS"] = str(threads)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # BentoML would otherwise phone home with usage statistics.
+    env.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    return env
+
+
+def preflight(config: EngineConfig) -> dict[str, str]:
+    """Check that the dataset's features and both champion models exist; return the champions' labels.
+
+    Raises:
+        EngineLoadError: one line naming what is missing and what to run first.
+    """
+    manifest = Path(config.data) / "features" / "manifest.json"
+    if not manifest.exists():
+        raise EngineLoadError(
+            f"{config.data} has no features: run 'nextbest features build --data {config.data}' first"
+        )
+    return check_registry(config)
+
+
+def _command(host: str, port: int, extra: Sequence[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        SERVICE,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--working-dir",
+        str(PROJECT_ROOT),
+        *extra,
+    ]
+
+
+def _config(
+    data: str | Path,
+    state_dir: str | Path | None,
+    tracking_uri: str | None,
+    policy: str | Path | None,
+    challenger_share: float,
+    admin_token: str | None,
+    clock: Literal["wall", "data"],
+) -> EngineConfig:
+    return EngineConfig(
+        data=Path(data).resolve(),
+        state_dir=Path(state_dir).resolve() if state_dir is not None else None,
+        tracking_uri=tracking_uri,
+        admin_token=admin_token if admin_token is not None else os.environ.get("NEXTBEST_ADMIN_TOKEN"),
+        challenger_share=challenger_share,
+        policy=Path(policy).resolve() if policy is not None else None,
+        clock=clock,
+    )
+
+
+def serve(
+    port: int = DEFAULT_PORT,
+    host: str = "127.0.0.1",
+    data: str | Path = "data/world",
+    *,
+    state_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    policy: str | Path | None = None,
+    challenger_share: float = 0.0,
+    admin_token: str | None = None,
+    clock: Literal["wall", "data"] = "wall",
+    threads: int | None = None,
+    check: bool = True,
+    extra_args: Sequence[str] = (),
+) -> int:
+    """Run ``bentoml serve`` for the service in the foreground until it stops; return its exit status.
+
+    Args:
+        port, host: where to listen.
+        data: the dataset directory (features built, models trained and promoted).
+        state_dir: live state (default ``DATA/service``).
+        tracking_uri: the MLflow registry (default ``MLFLOW_TRACKING_URI`` or ``mlruns/mlflow.db``).
+        policy: the action policy file (default: the shipped one).
+        challenger_share: share of customers served by the challenger models.
+        admin_token: bearer token of the admin endpoints (default ``NEXTBEST_ADMIN_TOKEN``; none: disabled).
+        clock: ``wall`` or ``data`` (time runs on from the dataset's last event).
+        threads: request threads of the worker (default 16).
+        check: check the features and the champions first (:func:`preflight`).
+        extra_args: more ``bentoml serve`` arguments.
+
+    Raises:
+        EngineLoadError: the preflight check failed (one line saying what to run first).
+    """
+    config = _config(data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock)
+    if check:
+        preflight(config)
+    env = service_env(config, threads=threads)
+    try:
+        return subprocess.run(_command(host, port, extra_args), env=env, check=False).returncode
+    except KeyboardInterrupt:
+        return 130
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    """A ``bentoml serve`` process in its own session (so the whole process group can be signalled).
+
+    Attributes:
+        url: the base URL (``http://host:port``).
+        process: the Popen handle.
+        log_path: where its stdout and stderr go.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log_path: Path | None) -> None:
+        self.process = process
+        self.url = url
+        self.log_path = log_path
+
+    def log(self) -> str:
+        """What the server printed so far (empty without a log file)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120.0) -> ServiceProcess:
+        """Wait until ``/readyz`` answers 200.
+
+        Raises:
+            RuntimeError: the process exited or the timeout passed; the message holds the end of its log.
+        """
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the service exited with {self.process.returncode}:\n{self.log()[-4000:]}"
+                )
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the service was not ready within {timeout:.0f} s:\n{self.log()[-4000:]}")
+
+    def _tree(self) -> list[int]:
+        """The server and every process under it. BentoML's workers run in sessions of their own, so the
+        process group of the server does not reach them."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root.pid, *(p.pid for p in root.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the server's process group and to every worker under it."""
+        if self.process.poll() is not None:
+            return
+        tree = self._tree()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+        for pid in tree[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM the server and its workers, SIGKILL what is left after ``timeout``; return the exit status."""
+        tree = self._tree()
+        self.signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.process.wait()
+        self._reap(tree)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers at once (a crash: nothing gets to flush or clean up)."""
+        tree = self._tree()
+        self.signal(signal.SIGKILL)
+        self.process.wait()
+        self._reap(tree)
+
+    @staticmethod
+    def _reap(pids: list[int], timeout: float = 10.0) -> None:
+        """Wait until the processes of ``pids`` are gone, SIGKILLing any that linger."""
+        import psutil
+
+        alive = []
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                alive.append(psutil.Process(pid))
+        _, left = psutil.wait_procs(alive, timeout=timeout)
+        for p in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(left, timeout=timeout)
+
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def start(
+    data: str | Path,
+    *,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    state_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    policy: str | Path | None = None,
+    challenger_share: float = 0.0,
+    admin_token: str | None = None,
+    clock: Literal["wall", "data"] = "wall",
+    threads: int | None = None,
+    log_path: str | Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> ServiceProcess:
+    """Start the service in the background (its own session); call :meth:`ServiceProcess.wait_ready` next.
+
+    Arguments as for :func:`serve`; ``port`` None picks a free one, ``log_path`` receives its output.
+
+    Raises:
+        EngineLoadError: the preflight check failed.
+    """
+    config = _config(data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock)
+    if check:
+        preflight(config)
+    env = service_env(config, threads=threads)
+    env.update(extra_env or {})
+    port = port or free_port(host)
+    log = Path(log_path) if log_path is not None else None
+    out: Any = subprocess.DEVNULL
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "ab")  # noqa: SIM115 -- handed to the child, closed below
+    try:
+        process = subprocess.Popen(
+            _command(host, port, ()),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        if log is not None:
+            out.close()
+    return ServiceProcess(process, f"http://{host}:{port}", log)

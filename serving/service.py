@@ -1,0 +1,293 @@
+"""The BentoML service: a thin class that parses requests, calls :class:`serving.engine.Engine`, serialises answers.
+
+Configuration comes from the environment (see :meth:`serving.engine.EngineConfig.from_env`): ``NEXTBEST_DATA``,
+``NEXTBEST_STATE_DIR``, ``MLFLOW_TRACKING_URI``, ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``,
+``NEXTBEST_POLICY`` (and ``NEXTBEST_CLOCK``, ``NEXTBEST_MAX_BODY_BYTES``). Models and data load in a background
+thread, so ``/livez`` answers at once and ``/readyz`` only once everything is loaded. One worker: the live state
+and its durable logs belong to one process.
+
+Every endpoint takes a flat JSON body validated by its model in :mod:`serving.api`; BentoML answers invalid
+bodies with 400 and pydantic's detail (the field named). The engine's own refusals (an unknown item in a
+filter, an unknown action, a wrong admin token) come back as ``{"error": "..."}`` with their 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import bentoml
+from starlette.responses import JSONResponse
+
+from serving.api import (
+    CustomerRequest,
+    EventsRequest,
+    EventsResponse,
+    ForgetResponse,
+    LeversRequest,
+    LeversResponse,
+    NextBestActionRequest,
+    NextBestActionResponse,
+    ProfileResponse,
+    PropensityRequest,
+    PropensityResponse,
+    RecommendRequest,
+    RecommendResponse,
+    SimilarItemsRequest,
+    SimilarItemsResponse,
+)
+
+with bentoml.importing():
+    from serving.engine import Engine, EngineConfig, EngineLoadError, ServiceError, one_line
+
+logger = logging.getLogger("nextbest.service")
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+"""1 MiB: a thousand events with room to spare; larger bodies are refused with 413 before they are read."""
+THREADS = int(os.environ.get("NEXTBEST_THREADS", "8"))
+MAX_BATCH = int(os.environ.get("NEXTBEST_MAX_BATCH", "64"))
+"""Most ``/recommend`` requests answered by one call (1: no batching)."""
+UNTRACED = [u for u in os.environ.get("NEXTBEST_UNTRACED", "").split(",") if u]
+METRICS = os.environ.get("NEXTBEST_METRICS", "1") != "0"
+ACCESS_LOG = os.environ.get("NEXTBEST_ACCESS_LOG", "").lower() in ("1", "true", "yes")
+"""One log line per request costs about a tenth of a request's time; off unless asked for."""
+
+
+class BodySizeLimit:
+    """ASGI middleware refusing request bodies above ``max_bytes`` with 413, by Content-Length or as they stream."""
+
+    def __init__(self, app: Any, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > limit:
+                    await self._refuse(scope, receive, send, declared)
+                    return
+        seen = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge as e:
+            await self._refuse(scope, receive, send, e.size)
+
+    async def _refuse(self, scope: dict[str, Any], receive: Callable, send: Callable, size: int) -> None:
+        response = JSONResponse(
+            {"error": f"request body of {size} bytes is larger than the limit of {self.max_bytes} bytes"},
+            status_code=413,
+        )
+        await response(scope, receive, send)
+
+
+class AdaptiveBatcher:
+    """Answers the requests that arrive while the event loop is busy with one call.
+
+    A request enqueues itself and, if no flush is pending, schedules one on the event loop. The flush waits
+    while the queue keeps growing from one loop iteration to the next (the requests already read are still
+    being parsed), at most ``max_ticks`` iterations, then answers up to ``max_batch`` requests with one call
+    of ``answer_many``. One client waits two loop iterations; many clients share one matrix product.
+    """
+
+    def __init__(
+        self, answer_many: Callable[[list[Any]], list[Any]], max_batch: int = 64, max_ticks: int = 4
+    ):
+        self.answer_many = answer_many
+        self.max_batch = max_batch
+        self.max_ticks = max_ticks
+        self._queue: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self._seen = 0
+        self._ticks = 0
+
+    async def submit(self, request: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((request, future))
+        if not self._scheduled:
+            self._scheduled, self._seen, self._ticks = True, 0, 0
+            loop.call_soon(self._tick)
+        return await future
+
+    def _tick(self) -> None:
+        n = len(self._queue)
+        if n < self.max_batch and n > self._seen and self._ticks < self.max_ticks:
+            self._seen, self._ticks = n, self._ticks + 1
+            asyncio.get_running_loop().call_soon(self._tick)
+            return
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        if self._queue:
+            self._seen, self._ticks = 0, 0
+            asyncio.get_running_loop().call_soon(self._tick)
+        else:
+            self._scheduled = False
+        live = [(r, f) for r, f in batch if not f.cancelled()]
+        if not live:
+            return
+        try:
+            answers = self.answer_many([r for r, _ in live])
+        except Exception as e:
+            for _, f in live:
+                if not f.done():
+                    f.set_exception(e)
+            return
+        for (_, f), answer in zip(live, answers, strict=True):
+            if not f.done():  # a client that gave up meanwhile
+                f.set_result(answer)
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _error(status: int, message: str, ctx: bentoml.Context | None = None) -> JSONResponse:
+    if ctx is not None:
+        # With a context parameter BentoML copies the context's status onto the response.
+        ctx.response.status_code = status
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@bentoml.service(
+    name="nextbest",
+    workers=1,
+    threads=THREADS,
+    traffic={"timeout": 30},
+    logging={"access": {"enabled": ACCESS_LOG}},
+    tracing={"excluded_urls": UNTRACED},
+    metrics={"enabled": METRICS},
+)
+class NextBest:
+    """nextbest: follow-up purchases, action propensities and the next best action, in real time."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.recommend_batcher = AdaptiveBatcher(self._recommend_many, max_batch=MAX_BATCH)
+        self.decision_batcher = AdaptiveBatcher(self._decide_many, max_batch=MAX_BATCH)
+        try:
+            self.config: EngineConfig | None = EngineConfig.from_env()
+        except EngineLoadError as e:
+            self.config = None
+            self.load_error = one_line(e)
+            logger.error("nextbest: cannot start: %s", self.load_error)
+            return
+        threading.Thread(target=self._load, name="nextbest-load", daemon=True).start()
+
+    def _load(self) -> None:
+        assert self.config is not None
+        try:
+            self.engine = Engine.load(self.config)
+        except EngineLoadError as e:
+            self.load_error = one_line(e)
+            logger.error("nextbest: cannot start: %s", self.load_error)
+        except Exception as e:  # the service must say why it will never be ready
+            self.load_error = one_line(e)
+            logger.exception("nextbest: cannot start: %s", self.load_error)
+
+    def __is_ready__(self) -> bool:
+        return self.engine is not None
+
+    def _call(self, work: Callable[[Engine], Any], ctx: bentoml.Context | None = None) -> Any:
+        engine = self.engine
+        if engine is None:
+            why = self.load_error or "models and data are still loading"
+            return _error(503, f"not ready: {why}", ctx)
+        try:
+            return work(engine)
+        except ServiceError as e:
+            return _error(e.status, e.message, ctx)
+
+    def _recommend_many(self, requests: list[RecommendRequest]) -> list[Any]:
+        assert self.engine is not None
+        return self.engine.recommend_many(requests)
+
+    def _decide_many(self, requests: list[NextBestActionRequest]) -> list[Any]:
+        assert self.engine is not None
+        return self.engine.next_best_action_many(requests)
+
+    async def _batched(self, batcher: AdaptiveBatcher, request: Any, single: Callable[[Engine], Any]) -> Any:
+        if self.engine is None or MAX_BATCH <= 1:
+            return self._call(single)
+        answer = await batcher.submit(request)
+        if isinstance(answer, ServiceError):
+            return _error(answer.status, answer.message)
+        return answer
+
+    @staticmethod
+    def _authorization(ctx: bentoml.Context) -> str | None:
+        return ctx.request.headers.get("authorization")
+
+    @bentoml.api(route="/recommend", input_spec=RecommendRequest)
+    async def recommend(self, **params: Any) -> RecommendResponse:
+        """Follow-up purchases for a customer now, with reasons (concurrent requests are batched)."""
+        request = RecommendRequest.model_construct(**params)
+        return await self._batched(self.recommend_batcher, request, lambda e: e.recommend(request))
+
+    @bentoml.api(route="/similar_items", input_spec=SimilarItemsRequest)
+    async def similar_items(self, **params: Any) -> SimilarItemsResponse:
+        """Items like one item."""
+        return self._call(lambda e: e.similar_items(SimilarItemsRequest.model_construct(**params)))
+
+    @bentoml.api(route="/propensity", input_spec=PropensityRequest)
+    async def propensity(self, **params: Any) -> PropensityResponse:
+        """Calibrated response probability per action."""
+        return self._call(lambda e: e.propensity(PropensityRequest.model_construct(**params)))
+
+    @bentoml.api(route="/next_best_action", input_spec=NextBestActionRequest)
+    async def next_best_action(self, **params: Any) -> NextBestActionResponse:
+        """The best actions now by propensity × value × lever, within rules, consent and contact limits
+        (concurrent requests share one forward pass of the propensity model)."""
+        request = NextBestActionRequest.model_construct(**params)
+        return await self._batched(self.decision_batcher, request, lambda e: e.next_best_action(request))
+
+    @bentoml.api(route="/events", input_spec=EventsRequest)
+    def events(self, **params: Any) -> EventsResponse:
+        """Interactions and offer responses: stored durably, then applied to the live state at once."""
+        return self._call(lambda e: e.events(EventsRequest.model_construct(**params)))
+
+    @bentoml.api(route="/profile", input_spec=CustomerRequest)
+    def profile(self, **params: Any) -> ProfileResponse:
+        """Everything stored and derived about a customer (GDPR right of access)."""
+        return self._call(lambda e: e.profile(CustomerRequest.model_construct(**params)))
+
+    @bentoml.api(route="/forget", input_spec=CustomerRequest)
+    def forget(self, ctx: bentoml.Context, **params: Any) -> ForgetResponse:
+        """Admin: erase a customer; the next training run leaves them out."""
+        return self._call(
+            lambda e: e.forget(CustomerRequest.model_construct(**params), self._authorization(ctx)), ctx
+        )
+
+    @bentoml.api(route="/levers", input_spec=LeversRequest)
+    def levers(self, ctx: bentoml.Context, **params: Any) -> LeversResponse:
+        """Admin: read the action levers, or change one (logged)."""
+        return self._call(
+            lambda e: e.levers_request(LeversRequest.model_construct(**params), self._authorization(ctx)), ctx
+        )
+
+
+NextBest.add_asgi_middleware(
+    BodySizeLimit, max_bytes=int(os.environ.get("NEXTBEST_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
+)
