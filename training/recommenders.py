@@ -211,12 +211,20 @@ def top_n(scores: np.ndarray, n: int, tie_order: np.ndarray | None = None) -> tu
     k = int(min(n, m, n_valid.max() if rows else 0))
     if k <= 0:
         return np.empty((rows, 0), dtype=np.int64), np.empty((rows, 0), dtype=np.float32)
-    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]
+    kth = np.partition(s, m - k, axis=1)[:, m - k]
     above = s > kth[:, None]
     tied = s == kth[:, None]
     room = k - above.sum(axis=1)
-    # Among tied columns take the first ones in tie order; np.nonzero below keeps that order per row.
-    take = above | (tied & (np.cumsum(tied, axis=1) <= room[:, None]))
+    take = above | tied
+    # Among tied columns take the first ones in tie order (np.nonzero below keeps that order per row). Only rows
+    # with more tied columns than room need trimming, and a running count over whole rows is slow at 60k items.
+    crowded = np.nonzero(tied.sum(axis=1) > room)[0]
+    if crowded.size:
+        r, c = np.nonzero(tied[crowded])
+        rank = np.arange(len(r)) - np.searchsorted(r, r)
+        keep = rank < room[crowded][r]
+        take[crowded] = above[crowded]
+        take[crowded[r[keep]], c[keep]] = True
     cols = np.nonzero(take)[1].reshape(rows, k)
     vals = np.take_along_axis(s, cols, axis=1)
     o = np.argsort(-vals, axis=1, kind="stable")
