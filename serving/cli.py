@@ -410,6 +410,53 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"bentoml serve exited with status {code}")
 
 
+def offer_responses(contacts_path: Path) -> Any:
+    """The offer responses the service recorded (``customer_id, action_id, timestamp, responded``)."""
+    import polars as pl
+
+    from serving.jsonl import read_lines
+
+    rows = [
+        {
+            "customer_id": r["customer_id"],
+            "action_id": r["action_id"],
+            "timestamp": r["at"],
+            "responded": r["accepted"],
+        }
+        for r in read_lines(contacts_path)
+        if r.get("type") == "response"
+    ]
+    schema = {
+        "customer_id": pl.String,
+        "action_id": pl.String,
+        "timestamp": pl.String,
+        "responded": pl.Boolean,
+    }
+    frame = pl.DataFrame(rows, schema=schema)
+    return frame.with_columns(pl.col("timestamp").str.to_datetime(time_unit="us", strict=False))
+
+
+def cmd_report_decisions(args: argparse.Namespace) -> None:
+    from serving.decision_log import summarise_decisions
+    from serving.engine import CONTACTS_FILE, DECISIONS_FILE
+
+    state = Path(args.state_dir) if args.state_dir else Path(args.data) / "service"
+    log = state / DECISIONS_FILE
+    if not log.exists():
+        raise UsageError(
+            f"no decision log at {log}: serve with 'nextbest serve --data {args.data}' and ask for decisions first"
+        )
+    table = summarise_decisions(log, offer_responses(state / CONTACTS_FILE), window_days=args.window_days)
+    rows = table.to_dicts()
+    lines = [f"decisions in {log} (responses within {args.window_days:g} days count as accepted):"]
+    lines += [
+        f"  {r['arm']:<10} {r['action_id'] or '(no action)':<20} decisions {r['decisions']:>6}  offers {r['offers']:>6}  "
+        f"accepted {r['accepted']:>5}  rate {'' if r['acceptance_rate'] is None else format(r['acceptance_rate'], '.1%')}"
+        for r in rows
+    ]
+    _emit(args, {"command": "report decisions", "log": str(log), "rows": rows}, lines)
+
+
 # --- the main job -----------------------------------------------------------------------------------------
 
 
@@ -607,6 +654,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--clock", choices=["wall", "data"], default="data", help="'data': time runs on from the last event"
     )
     sv.set_defaults(func=cmd_serve, json=False, quiet=False)
+
+    rp = sub.add_parser("report", help="reports over what the service logged").add_subparsers(
+        dest="report_command", required=True, metavar="REPORT"
+    )
+    rd = rp.add_parser("decisions", help="acceptance of next best actions by arm and action")
+    rd.add_argument("--data", default=str(DEFAULT_DATA))
+    rd.add_argument("--state-dir", help="the service's state folder (default DATA/service)")
+    rd.add_argument("--window-days", type=float, default=7.0)
+    _common(rd)
+    rd.set_defaults(func=cmd_report_decisions)
     return parser
 
 

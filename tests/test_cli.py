@@ -149,3 +149,28 @@ def test_train_and_promote_propensity_through_the_cli(tmp_path, capsys, monkeypa
     assert 0.5 < trained["oracle_auc"] <= 1.0 and trained["version"] == "1"
     assert main(["promote", "propensity", "--data", data, "--tracking-uri", uri, "--json", "--quiet"]) == 0
     assert _last_json(capsys)["promoted"] is True
+
+
+def test_report_decisions_counts_acceptance_by_arm_and_action(tmp_path, capsys):
+    from datetime import datetime, timedelta
+
+    from serving.contact import ContactLedger
+    from serving.decision_log import DecisionLog
+    from tests.test_decision_log import POLICY, record
+
+    state = tmp_path / "service"
+    t0 = datetime(2026, 3, 1, 9)
+    log = DecisionLog(state / "decisions.jsonl")
+    log.append(record("C1", "champion", "a", t0))
+    log.append(record("C2", "champion", "a", t0))
+    log.append(record("C3", "challenger", "b", t0))
+    ledger = ContactLedger(state / "contacts.jsonl", POLICY)
+    ledger.record_response("C1", "a", True, t0 + timedelta(days=1))  # accepted within the window
+    ledger.record_response("C2", "a", True, t0 + timedelta(days=30))  # too late
+    ledger.record_response("C3", "b", False, t0 + timedelta(hours=1))  # a rejection
+    assert main(["report", "decisions", "--state-dir", str(state), "--json", "--quiet"]) == 0
+    rows = {(r["arm"], r["action_id"]): r for r in _last_json(capsys)["rows"]}
+    assert rows[("champion", "a")]["decisions"] == 2 and rows[("champion", "a")]["accepted"] == 1
+    assert rows[("champion", "a")]["acceptance_rate"] == 0.5
+    assert rows[("challenger", "b")]["accepted"] == 0
+    assert main(["report", "decisions", "--state-dir", str(tmp_path / "none")]) == 2
