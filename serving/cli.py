@@ -410,33 +410,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"bentoml serve exited with status {code}")
 
 
-def offer_responses(contacts_path: Path) -> Any:
-    """The offer responses the service recorded (``customer_id, action_id, timestamp, responded``)."""
-    import polars as pl
-
-    from serving.jsonl import read_lines
-
-    rows = [
-        {
-            "customer_id": r["customer_id"],
-            "action_id": r["action_id"],
-            "timestamp": r["at"],
-            "responded": r["accepted"],
-        }
-        for r in read_lines(contacts_path)
-        if r.get("type") == "response"
-    ]
-    schema = {
-        "customer_id": pl.String,
-        "action_id": pl.String,
-        "timestamp": pl.String,
-        "responded": pl.Boolean,
-    }
-    frame = pl.DataFrame(rows, schema=schema)
-    return frame.with_columns(pl.col("timestamp").str.to_datetime(time_unit="us", strict=False))
-
-
 def cmd_report_decisions(args: argparse.Namespace) -> None:
+    from serving.dashboard import offer_responses
     from serving.decision_log import summarise_decisions
     from serving.engine import CONTACTS_FILE, DECISIONS_FILE
 
@@ -455,6 +430,13 @@ def cmd_report_decisions(args: argparse.Namespace) -> None:
         for r in rows
     ]
     _emit(args, {"command": "report decisions", "log": str(log), "rows": rows}, lines)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    from serving.dashboard import write_dashboard
+
+    result = write_dashboard(args.data, args.out, tracking_uri=args.tracking_uri)
+    _emit(args, {"command": "dashboard", **result.to_dict()}, [f"dashboard: {result.path}", *result.notes])
 
 
 # --- the main job -----------------------------------------------------------------------------------------
@@ -664,6 +646,13 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--window-days", type=float, default=7.0)
     _common(rd)
     rd.set_defaults(func=cmd_report_decisions)
+
+    db = sub.add_parser("dashboard", help="write the customer dashboard (one self-contained HTML page)")
+    db.add_argument("--data", default=str(DEFAULT_DATA))
+    db.add_argument("--out", help="output file (default DATA/dashboard.html)")
+    db.add_argument("--tracking-uri", help="registry of the champion recommender (default as for training)")
+    _common(db)
+    db.set_defaults(func=cmd_dashboard)
     return parser
 
 
