@@ -14,7 +14,10 @@ Prepares (once, then reuses) a generated world with trained and promoted models 
 
 A separate process drives each server on loopback with 1, 8 and 32 concurrent keep-alive clients (a lean
 asyncio HTTP/1.1 client, so that the load generator takes as little of the shared CPU as it can) and reports
-p50/p99 latency and throughput. Targets (issue 5): at one client p99 ≤ 10 ms for ``/recommend`` and ≤ 15 ms for
+p50/p99 latency, throughput and the server's CPU time per request (its process tree's user + system time over
+the run, divided by the requests it answered: unlike wall-clock figures, barely moved by other work on a shared
+machine). Both servers run at once and are measured interleaved, their order alternating, ``--repeats`` times per
+point (the median is reported). Targets (issue 5): at one client p99 ≤ 10 ms for ``/recommend`` and ≤ 15 ms for
 ``/next_best_action``; at saturation at least 0.8× the Starlette app's throughput. Results are printed and
 written to ``DATA/../serving-results.json`` and ``.md``.
 """

@@ -8,6 +8,7 @@ champions exist, so a missing piece is one line saying what to run, not a server
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -142,6 +143,30 @@ def serve(
         return subprocess.run(_command(host, port, extra_args), env=env, check=False).returncode
     except KeyboardInterrupt:
         return 130
+
+
+def example_requests(data: str | Path, url: str = f"http://127.0.0.1:{DEFAULT_PORT}") -> list[str]:
+    """``curl`` commands to try against a running service, for a real customer and item of the dataset."""
+    import polars as pl
+
+    feats = Path(data) / "features"
+    customer, item = "C0000001", "I00001"
+    if (feats / "profiles.parquet").exists():
+        ids = pl.read_parquet(feats / "profiles.parquet", columns=["customer_id"])["customer_id"]
+        customer = ids[0] if len(ids) else customer
+    if (feats / "items.parquet").exists():
+        items = pl.read_parquet(feats / "items.parquet", columns=["item_id"])["item_id"]
+        item = items[0] if len(items) else item
+
+    def curl(path: str, body: dict[str, Any]) -> str:
+        return f"curl -s -X POST {url}{path} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
+
+    return [
+        curl("/recommend", {"customer_id": customer, "n": 5}),
+        curl("/next_best_action", {"customer_id": customer, "channel": "web"}),
+        curl("/events", {"events": [{"customer_id": customer, "item_id": item, "event_type": "view"}]}),
+        curl("/similar_items", {"item_id": item, "n": 5}),
+    ]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -2,9 +2,15 @@
 
 Configuration comes from the environment (see :meth:`serving.engine.EngineConfig.from_env`): ``NEXTBEST_DATA``,
 ``NEXTBEST_STATE_DIR``, ``MLFLOW_TRACKING_URI``, ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``,
-``NEXTBEST_POLICY`` (and ``NEXTBEST_CLOCK``, ``NEXTBEST_MAX_BODY_BYTES``). Models and data load in a background
-thread, so ``/livez`` answers at once and ``/readyz`` only once everything is loaded. One worker: the live state
-and its durable logs belong to one process.
+``NEXTBEST_POLICY``, ``NEXTBEST_CLOCK``; and for the server itself ``NEXTBEST_THREADS`` (threads for the
+blocking endpoints, default 8), ``NEXTBEST_MAX_BATCH`` (64; 1 turns batching off), ``NEXTBEST_MAX_BODY_BYTES``
+(1 MiB), ``NEXTBEST_ACCESS_LOG`` and ``NEXTBEST_TRACING`` (both off), ``NEXTBEST_METRICS`` (on). Models and data load in a background thread,
+so ``/livez`` answers at once and ``/readyz`` only once everything is loaded. One worker: the live state and its
+durable logs belong to one process.
+
+``/recommend`` and ``/next_best_action`` run on the event loop through an :class:`AdaptiveBatcher`: requests
+that arrive together are answered with one call of the engine (one matrix product, one forward pass). The
+endpoints that write or rebuild (``/events``, ``/profile``, ``/forget``, ``/levers``) run in worker threads.
 
 Every endpoint takes a flat JSON body validated by its model in :mod:`serving.api`; BentoML answers invalid
 bodies with 400 and pydantic's detail (the field named). The engine's own refusals (an unknown item in a
@@ -51,8 +57,21 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 THREADS = int(os.environ.get("NEXTBEST_THREADS", "8"))
 MAX_BATCH = int(os.environ.get("NEXTBEST_MAX_BATCH", "64"))
 """Most ``/recommend`` requests answered by one call (1: no batching)."""
-UNTRACED = [u for u in os.environ.get("NEXTBEST_UNTRACED", "").split(",") if u]
-METRICS = os.environ.get("NEXTBEST_METRICS", "1") != "0"
+API_ROUTES = (
+    "/recommend",
+    "/similar_items",
+    "/propensity",
+    "/next_best_action",
+    "/events",
+    "/profile",
+    "/forget",
+    "/levers",
+)
+METRICS = os.environ.get("NEXTBEST_METRICS", "1").lower() not in ("0", "false", "no")
+"""Prometheus metrics on ``/metrics`` (a fifth of a millisecond per request; ``NEXTBEST_METRICS=0`` drops them)."""
+TRACING = os.environ.get("NEXTBEST_TRACING", "").lower() in ("1", "true", "yes")
+"""OpenTelemetry spans per request (BentoML opens several per request, even with no exporter configured, at
+a cost of a fair share of a millisecond): off for the API routes unless asked for."""
 ACCESS_LOG = os.environ.get("NEXTBEST_ACCESS_LOG", "").lower() in ("1", "true", "yes")
 """One log line per request costs about a tenth of a request's time; off unless asked for."""
 
@@ -176,7 +195,7 @@ def _error(status: int, message: str, ctx: bentoml.Context | None = None) -> JSO
     threads=THREADS,
     traffic={"timeout": 30},
     logging={"access": {"enabled": ACCESS_LOG}},
-    tracing={"excluded_urls": UNTRACED},
+    tracing={"excluded_urls": [] if TRACING else list(API_ROUTES)},
     metrics={"enabled": METRICS},
 )
 class NextBest:

@@ -29,7 +29,12 @@ from training.cf import train_cf
 from training.propensity_tuning import promote_propensity, train_propensity
 from training.tracking import TrackingConfig, promote_recommender
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    # BentoML 1.4 and its dependency pathspec warn about APIs they use themselves, on import.
+    pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211"),
+]
 
 TOKEN = "http-test-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
