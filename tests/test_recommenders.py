@@ -15,6 +15,7 @@ from training.recommenders import (
     MODEL_NAMES,
     ALSConfig,
     BlendConfig,
+    BlendRecommender,
     BPRConfig,
     ItemKNNConfig,
     PopularityConfig,
@@ -39,8 +40,12 @@ CONTRACT = {
     "popularity": ("popularity", PopularityConfig()),
     "repeat": ("repeat", RepeatConfig()),
     "blend": ("blend", BlendConfig(cf=ALSConfig(factors=2, regularization=0.01))),
+    "blend-knn": (
+        "blend",
+        BlendConfig(cf=ALSConfig(factors=2, regularization=0.01), knn=ItemKNNConfig(K=50), knn_weight=0.5),
+    ),
 }
-CF_MODELS = ["als", "bpr", "itemknn-cosine", "itemknn-bm25", "blend"]
+CF_MODELS = ["als", "bpr", "itemknn-cosine", "itemknn-bm25", "blend", "blend-knn"]
 
 
 def checkerboard() -> tuple[sp.csr_matrix, sp.csr_matrix]:
@@ -252,6 +257,37 @@ def test_blend_extremes():
     np.testing.assert_array_equal(
         cf_only.recommend(users, TRAIN[users], 5)[0], als.recommend(users, TRAIN[users], 5)[0]
     )
+
+
+def test_blend_knn_weight_one_ranks_new_items_like_item_knn():
+    # repeat_weight 0 and knn_weight 1: the score is item-kNN's, min-max scaled per customer (same order)
+    config = BlendConfig(repeat_weight=0.0, cf=ALSConfig(factors=2), knn=ItemKNNConfig(K=50), knn_weight=1.0)
+    blend = make_recommender("blend", config, seed=3).fit(TRAIN)
+    knn = make_recommender("itemknn", ItemKNNConfig(K=50), seed=3).fit(TRAIN)
+    users = np.arange(N)
+    ours, _ = blend.recommend(users, TRAIN[users], HELD_OUT)
+    theirs, _ = knn.recommend(users, TRAIN[users], HELD_OUT)
+    np.testing.assert_array_equal(np.sort(ours, axis=1), np.sort(theirs, axis=1))
+
+
+def test_blend_from_fitted_parts_equals_a_fitted_blend():
+    config = BlendConfig(repeat_weight=0.3, cf=ALSConfig(factors=2), knn=ItemKNNConfig(K=50), knn_weight=0.4)
+    fitted = make_recommender("blend", config, seed=3).fit(TRAIN)
+    repeat = make_recommender("repeat", config.repeat, seed=3).fit(TRAIN)
+    als = make_recommender("als", config.cf, seed=3).fit(TRAIN)
+    knn = make_recommender("itemknn", config.knn, seed=3).fit(TRAIN)
+    joined = BlendRecommender.from_parts(config, repeat, als, knn)
+    users = np.arange(N)
+    np.testing.assert_array_equal(
+        joined.recommend(users, TRAIN[users], 5)[0], fitted.recommend(users, TRAIN[users], 5)[0]
+    )
+    with pytest.raises(RecommenderError, match="blend part knn: config and model"):
+        BlendRecommender.from_parts(config, repeat, als)
+    with pytest.raises(RecommenderError, match="blend part cf: fitted with"):
+        BlendRecommender.from_parts(config.model_copy(update={"cf": ALSConfig(factors=3)}), repeat, als, knn)
+    small = make_recommender("itemknn", config.knn).fit(TRAIN[:10])
+    with pytest.raises(RecommenderError, match="blend part knn was fitted on 10"):
+        BlendRecommender.from_parts(config, repeat, als, small)
 
 
 # --- implicit equivalence, fold-in and configs ----------------------------------------------------------------
