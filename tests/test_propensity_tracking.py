@@ -115,7 +115,7 @@ def test_tune_logs_nested_trial_runs_and_registers_the_best(world):
     best = min(children, key=lambda c: c.data.metrics.get("val_log_loss", math.inf))
     assert best.data.metrics["val_log_loss"] == pytest.approx(out["best_value"])
     parent = MlflowClient(out["tracking_uri"]).get_run(out["parent_run_id"])
-    assert "auc" in parent.data.metrics and parent.data.tags["nextbest.stage"] == "tune"
+    assert "auc" in parent.data.metrics and parent.data.tags["nextbest.stage"] == "study"
 
 
 def test_promote_moves_champion_only_to_a_better_challenger(world):

@@ -13,7 +13,6 @@ The protocol, the same for ``train_cf`` and for the best trial of ``tune_cf``:
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,7 +44,20 @@ from training.evaluation import (
 from training.histories import purchase_matrix, recency_matrix
 from training.recommender_bundle import RecommenderBundle
 from training.recommenders import MODEL_NAMES, Recommender, config_for, make_recommender
-from training.tracking import TrackingConfig, flat_params, log_recommender_bundle, use_tracking
+from training.tracking import (
+    DataManifest,
+    TrackingConfig,
+    flat_params,
+    log_recommender_bundle,
+    log_run_inputs,
+    log_trial_run,
+    mask_credentials,
+    run_name,
+    run_tags,
+    study_parent_run,
+    use_tracking,
+    version_description,
+)
 
 ITERATIVE_MODELS = ("als", "bpr")
 TEST_PREFIX = "test_"
@@ -91,6 +103,8 @@ class CFData:
         validation: the validation period, aligned with ``train``.
         full: matrices of the events before ``test_start`` (None without test evaluation).
         test: the test period aligned with ``full`` (None without test evaluation).
+        event_counts: clean personalisation events in all (``events``) and per period (``train_events``,
+            ``validation_events``, ``test_events``), for the run's data manifest.
     """
 
     dataset: Dataset
@@ -101,12 +115,42 @@ class CFData:
     validation: EvaluationTask
     full: PeriodMatrices | None = None
     test: EvaluationTask | None = None
+    event_counts: dict[str, int] = field(default_factory=dict)
 
     def cutoffs(self) -> dict[str, str]:
         return {
             "validation_start": self.validation_start.isoformat(),
             "test_start": self.test_start.isoformat(),
         }
+
+    def manifest(self) -> DataManifest:
+        """The run's data manifest: cut-offs from the feature manifest, events, interactions and customers."""
+        rows = dict(self.event_counts)
+        matrix = self.train.interactions.matrix
+        rows.update(
+            {
+                "train_interactions": int(matrix.nnz),
+                "train_customers": int(matrix.shape[0]),
+                "train_items": int(matrix.shape[1]),
+                "validation_purchases": self.validation.counts.get("period_purchases", 0),
+                "validation_customers": self.validation.counts.get("customers", 0),
+            }
+        )
+        if self.full is not None and self.test is not None:
+            rows.update(
+                {
+                    "full_interactions": int(self.full.interactions.matrix.nnz),
+                    "test_purchases": self.test.counts.get("period_purchases", 0),
+                    "test_customers": self.test.counts.get("customers", 0),
+                }
+            )
+        return DataManifest.describe(
+            self.dataset,
+            validation_start=self.validation_start,
+            test_start=self.test_start,
+            split={"source": "feature manifest"},
+            rows=rows,
+        )
 
 
 def _period_matrices(events: pl.LazyFrame, config: FeatureConfig, as_of: datetime) -> PeriodMatrices:
@@ -158,6 +202,17 @@ def prepare_cf_data(
     evaluation = evaluation or EvaluationConfig()
     steps = tqdm(total=4 if with_test else 2, desc="preparing data", disable=not progress, unit="step")
     events = clean_events(ds, config, purpose="personalisation").collect().lazy()
+    ts = pl.col(TIMESTAMP_COL)
+    event_counts = (
+        events.select(
+            pl.len().alias("events"),
+            (ts < validation_start).sum().alias("train_events"),
+            ((ts >= validation_start) & (ts < test_start)).sum().alias("validation_events"),
+            (ts >= test_start).sum().alias("test_events"),
+        )
+        .collect()
+        .row(0, named=True)
+    )
     split = temporal_split(events, validation_start=validation_start, test_start=test_start)
     train = _period_matrices(split.train, config, validation_start)
     if train.interactions.matrix.nnz == 0:
@@ -184,7 +239,17 @@ def prepare_cf_data(
         )
         steps.update()
     steps.close()
-    return CFData(ds, validation_start, test_start, config, train, validation, full, test)
+    return CFData(
+        ds,
+        validation_start,
+        test_start,
+        config,
+        train,
+        validation,
+        full,
+        test,
+        {k: int(v) for k, v in event_counts.items()},
+    )
 
 
 # --- fitting and the outcome of one configuration -------------------------------------------------------------
@@ -289,14 +354,8 @@ def _log_outcome(
 
     from training import plots
 
-    params = {
-        "model": outcome.model,
-        **flat_params(outcome.config),
-        "validation_start": data.validation_start.isoformat(),
-        "test_start": data.test_start.isoformat(),
-        "train_customers": str(data.train.interactions.matrix.shape[0]),
-        "train_items": str(data.train.interactions.matrix.shape[1]),
-    }
+    # Cut-offs and row counts are the data.* params of the data manifest (see training.tracking).
+    params = {"model": outcome.model, **flat_params(outcome.config)}
     if params_as_tags:
         mlflow.set_tags({f"best.{k}": v for k, v in params.items()})
     else:
@@ -310,17 +369,26 @@ def _log_outcome(
     if outcome.refit_seconds is not None:
         metrics["refit_seconds"] = outcome.refit_seconds
     mlflow.log_metrics(metrics)
-    mlflow.set_tags({"nextbest.model": outcome.model, "nextbest.dataset": str(data.dataset.root.resolve())})
     with tempfile.TemporaryDirectory(prefix="nextbest-cf-") as tmp:
         out = Path(tmp)
         plots.metrics_by_k(
             outcome.validation.metrics, ks, out / "metrics_by_k.png", title=f"{outcome.model} on validation"
+        )
+        plots.segment_bars(
+            outcome.validation.by_segment,
+            out / "segments_validation.png",
+            title=f"{outcome.model} on validation, by segment",
         )
         outcome.validation.by_segment.write_csv(out / "segments_validation.csv")
         (out / "segments_validation.html").write_text(_segment_html(outcome.validation.by_segment))
         if outcome.test is not None:
             plots.metrics_by_k(
                 outcome.test.metrics, ks, out / "metrics_by_k_test.png", title=f"{outcome.model} on test"
+            )
+            plots.segment_bars(
+                outcome.test.by_segment,
+                out / "segments_test.png",
+                title=f"{outcome.model} on test, by segment",
             )
             outcome.test.by_segment.write_csv(out / "segments_test.csv")
         summary = {
@@ -336,6 +404,8 @@ def _log_outcome(
         bundle_dir = outcome.bundle.save(out / "bundle")
         history = outcome.bundle.history
         example = list(history.customers.ids[:2])
+        run = mlflow.active_run().info
+        shown = ("ndcg_at_10", "new_ndcg_at_10", "recall_at_20")
         logged = log_recommender_bundle(
             bundle_dir,
             example_customers=example,
@@ -345,6 +415,12 @@ def _log_outcome(
                 "model": outcome.model,
                 "validation_ndcg_at_10": f"{outcome.validation.metrics.get('ndcg_at_10', float('nan')):.6f}",
             },
+            description=f"{outcome.model} on {data.dataset.root.resolve().name}. "
+            + version_description(
+                {k: outcome.validation.metrics[k] for k in shown if k in outcome.validation.metrics},
+                run_id=run.run_id,
+                experiment_id=run.experiment_id,
+            ),
         )
     return logged
 
@@ -391,6 +467,20 @@ class TrainResult:
 
 def _experiment_name(ds: Dataset) -> str:
     return ds.root.resolve().name
+
+
+def _run_configs(
+    model: str, config: BaseModel, evaluation: EvaluationConfig, data: CFData, seed: int, threads: int
+) -> dict[str, Any]:
+    """The configs a recommender run logs as ``config.json``: read ``config`` back with
+    ``config_for(model, ...)``, ``evaluation`` with ``EvaluationConfig``, ``features`` with ``FeatureConfig``."""
+    return {
+        "model": model,
+        "config": config,
+        "evaluation": evaluation,
+        "features": data.feature_config,
+        "run_options": {"seed": seed, "threads": threads},
+    }
 
 
 def train_cf(
@@ -443,9 +533,13 @@ def train_cf(
         import mlflow
 
         experiment_id = use_tracking(tracking, _experiment_name(data_.dataset))
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"train {model}") as run:
-            mlflow.set_tag("nextbest.stage", "train")
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name(model, "train", data_.dataset.root.resolve().name),
+            tags=run_tags(model, "train", data_.dataset),
+        ) as run:
             mlflow.log_param("seed", seed)
+            log_run_inputs(_run_configs(model, typed, evaluation, data_, seed, threads), data_.manifest())
             logged = _log_outcome(outcome, data_, tracking, ks=evaluation.ks)
         info = {
             "run_id": run.info.run_id,
@@ -542,11 +636,6 @@ def suggest_config(trial: Any, model: str) -> BaseModel:
     raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODEL_NAMES)}")
 
 
-def mask_credentials(url: str) -> str:
-    """``postgresql://user:secret@host/db`` → ``postgresql://***@host/db`` (for logs and results)."""
-    return re.sub(r"//[^/@]+@", "//***@", url)
-
-
 @dataclass
 class TuneResult:
     """What :func:`tune_cf` did. ``to_dict`` is the JSON the CLI prints."""
@@ -575,32 +664,6 @@ class TuneResult:
             "parent_run_id": self.parent_run_id,
             **self.best.to_dict(),
         }
-
-
-def _parent_run(
-    client: Any, study: Any, experiment_id: str, study_name: str, storage: str, metric: str
-) -> str:
-    """The study's MLflow parent run: the one recorded on the study (resumed), or a new one."""
-    from mlflow.exceptions import MlflowException
-
-    known = study.user_attrs.get("mlflow_parent_run_id")
-    if known:
-        try:
-            run = client.get_run(known)
-            if run.info.experiment_id == experiment_id:
-                return known
-        except MlflowException:
-            pass
-    run = client.create_run(
-        experiment_id,
-        run_name=f"study {study_name}",
-        tags={"nextbest.stage": "tune", "optuna.study": study_name},
-    )
-    client.log_param(run.info.run_id, "study_name", study_name)
-    client.log_param(run.info.run_id, "storage", mask_credentials(storage))
-    client.log_param(run.info.run_id, "objective", metric)
-    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
-    return run.info.run_id
 
 
 def tune_cf(
@@ -682,7 +745,15 @@ def tune_cf(
 
         experiment_id = use_tracking(tracking, _experiment_name(data_.dataset))
         client = MlflowClient()
-        parent_id = _parent_run(client, study, experiment_id, name, storage_url, metric)
+        parent_id = study_parent_run(
+            client,
+            study,
+            experiment_id,
+            model=model,
+            dataset=data_.dataset,
+            storage=storage_url,
+            objective=metric,
+        )
 
     task = data_.validation
     # The objective's K is always evaluated, even when it is not among the configured ones.
@@ -696,22 +767,21 @@ def tune_cf(
         started: float,
         history: list[tuple[int, float]],
     ) -> None:
-        if client is None:
+        if client is None or parent_id is None:
             return
-        from mlflow.entities import Metric, Param, RunTag
-
-        run = client.create_run(
+        log_trial_run(
+            client,
             experiment_id,
-            run_name=f"trial {trial.number}",
-            tags={"mlflow.parentRunId": parent_id, "optuna.study": name, "optuna.trial": str(trial.number)},
+            parent_run_id=parent_id,
+            model=model,
+            dataset=data_.dataset,
+            study_name=name,
+            trial=trial.number,
+            params={"model": model, **flat_params(config)},
+            metrics={**metrics, "trial_seconds": time.perf_counter() - started},
+            steps={f"{metric}_by_iteration": history},
+            state=state,
         )
-        now = int(time.time() * 1000)
-        params = [Param(k, v) for k, v in {"model": model, **flat_params(config)}.items()]
-        values = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        values += [Metric(f"{metric}_by_iteration", float(v), now, int(step)) for step, v in history]
-        values.append(Metric("trial_seconds", time.perf_counter() - started, now, 0))
-        client.log_batch(run.info.run_id, metrics=values, params=params, tags=[RunTag("optuna.state", state)])
-        client.set_terminated(run.info.run_id, "FINISHED" if state != "FAIL" else "FAILED")
 
     def objective(trial: Any) -> float:
         started = time.perf_counter()
@@ -775,23 +845,16 @@ def tune_cf(
             def study_plots(out: Path) -> None:
                 from training import plots
 
-                plots.optimisation_history(study, out / "optuna_history.png", metric=metric)
-                try:
-                    importances = optuna.importance.get_param_importances(study)
-                except (RuntimeError, ValueError, ZeroDivisionError):
-                    importances = {}  # too few completed trials, or no parameter varied
-                if importances:
-                    plots.parameter_importance(
-                        importances, out / "optuna_importance.png", title=f"{model}: {metric}"
-                    )
-                trials_frame = study.trials_dataframe(
-                    attrs=("number", "value", "state", "params", "duration")
-                )
-                trials_frame.to_csv(out / "optuna_trials.csv", index=False)
+                plots.study_artifacts(study, out, metric=metric, title=f"{model}: {metric}")
 
             with mlflow.start_run(run_id=parent_id):
                 mlflow.log_metrics(
                     {"best_value": best.value, "best_trial": best.number, "trials": len(states)}
+                )
+                log_run_inputs(
+                    _run_configs(model, best_config, evaluation, data_, seed, threads),
+                    data_.manifest(),
+                    mutable=True,
                 )
                 logged = _log_outcome(
                     outcome, data_, tracking, ks=ks, extra_artifacts=study_plots, params_as_tags=True

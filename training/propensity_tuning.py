@@ -11,8 +11,9 @@
 * :func:`promote_propensity` moves ``champion`` to the challenger only if it is better on a validation metric
   (``val_log_loss`` by default: it rewards calibration as well as ranking), and says why either way.
 
-MLflow locations, experiments and registry helpers come from :mod:`training.tracking`; the propensity runs go
-to the experiment ``<dataset directory name>-propensity``.
+MLflow locations, experiments, run names, tags, ``config.json`` / ``data_manifest.json`` and registry helpers
+come from :mod:`training.tracking`; the propensity runs go to the experiment
+``<dataset directory name>-propensity``, named ``propensity train · <dataset>`` and ``propensity study · <dataset>``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from features.dataset import Dataset
-from features.schema import RESPONDED
+from features.schema import CUSTOMER_ID, RESPONDED
 from training import tracking as tracking_module
 from training.propensity import (
     PropensityConfig,
@@ -42,16 +43,27 @@ from training.propensity import (
 )
 from training.propensity_data import PropensityData, PropensityDataConfig, load_propensity_data
 from training.tracking import (
+    DataManifest,
     PromotionDecision,
     TrackingConfig,
     flat_params,
+    log_run_inputs,
+    log_trial_run,
+    mask_credentials,
     promote,
     quiet_mlflow,
+    register_logged_model,
     resolve_tracking_uri,
+    run_name,
+    run_tags,
+    study_parent_run,
     use_tracking,
+    version_description,
 )
 
 REGISTERED_MODEL = "nextbest-propensity"
+MODEL_TAG = "propensity"
+"""The ``nextbest.model`` tag and the first word of the run names."""
 MODEL_NAME_IN_RUN = "model"
 MODEL_CODE = Path(__file__).with_name("propensity_model_code.py")
 PROPENSITY_ARTIFACT = "propensity"
@@ -149,6 +161,35 @@ def _summary(
     return out
 
 
+def data_manifest(ds: Dataset, data: PropensityData, config: PropensityDataConfig) -> DataManifest:
+    """The run's data manifest: exposures and responses per period, customers, actions, and how the cut-offs
+    were chosen (explicit dates, or the fractions of exposures by time)."""
+    periods = {"train": data.train, "validation": data.validation, "test": data.test}
+    rows: dict[str, int] = {}
+    for name, part in periods.items():
+        rows[f"{name}_exposures"] = part.height
+        rows[f"{name}_responses"] = int(part[RESPONDED].cast(pl.Int64).sum())
+    rows["exposures"] = sum(part.height for part in periods.values())
+    rows["customers"] = pl.concat([p.select(CUSTOMER_ID) for p in periods.values()])[CUSTOMER_ID].n_unique()
+    rows["actions"] = data.catalog.height
+    explicit = config.validation_start is not None and config.test_start is not None
+    split: dict[str, str | float | None] = {
+        "source": "explicit" if explicit else "fractions",
+        "target": data.target,
+        "validation_fraction": None if explicit else config.validation_fraction,
+        "test_fraction": None if explicit else config.test_fraction,
+    }
+    return DataManifest.describe(
+        ds, validation_start=data.validation_start, test_start=data.test_start, split=split, rows=rows
+    )
+
+
+def _run_configs(config: PropensityConfig, data_config: PropensityDataConfig, device: str) -> dict[str, Any]:
+    """The configs a propensity run logs as ``config.json`` (``config``: :class:`PropensityConfig`,
+    ``data_config``: :class:`PropensityDataConfig`)."""
+    return {"config": config, "data_config": data_config, "run_options": {"device": device}}
+
+
 def log_propensity_run(
     fit: PropensityFit,
     report: PropensityReport,
@@ -162,23 +203,23 @@ def log_propensity_run(
 ) -> dict[str, Any]:
     """Log a trained model into the active MLflow run and register it with the tracking alias.
 
-    Logs params (config, data config, periods), metrics (test, baselines, oracle, validation; the validation
-    loss per epoch as steps), artifacts (``evaluation/reliability.png``, ``per_action.csv``/``.html``,
-    ``history.csv``, ``evaluation.json``) and the pyfunc model whose artifact is the saved model directory.
+    Logs params (config, ``data_config.*``, target, device; the run's ``config.json``, ``data_manifest.json``
+    and ``data.*`` params come from :func:`training.tracking.log_run_inputs`), metrics (test, baselines, oracle,
+    validation; the validation loss per epoch as steps), artifacts (``evaluation/reliability.png``,
+    ``per_action.csv``/``.html``, ``history.csv``, ``evaluation.json``) and the pyfunc model whose artifact is
+    the saved model directory; registers it (see :func:`training.tracking.register_logged_model`).
 
     Returns:
         ``model_uri``, ``model_id`` and, when registered, ``registered_model``, ``version`` and ``alias``.
     """
     import mlflow
-    from mlflow import MlflowClient
 
     model = fit.model
+    # Cut-offs, fractions and row counts are the data.* params of the data manifest (see training.tracking).
     params = {
         **flat_params(model.config),
-        **flat_params(data_config, "data."),
+        **flat_params(data_config, "data_config."),
         "target": data.target,
-        "validation_start": data.validation_start.isoformat(),
-        "test_start": data.test_start.isoformat(),
         "device": fit.device,
     }
     if params_as_tags:
@@ -193,9 +234,7 @@ def log_propensity_run(
             step=int(h["epoch"]),
         )
     dataset = str(ds.root.resolve())
-    mlflow.set_tags(
-        {"nextbest.model": "propensity", "nextbest.dataset": dataset, "nextbest.target": data.target}
-    )
+    mlflow.set_tag("nextbest.target", data.target)
     with tempfile.TemporaryDirectory(prefix="nextbest-propensity-") as tmp:
         out = Path(tmp)
         evaluation = out / "evaluation"
@@ -234,23 +273,24 @@ def log_propensity_run(
                 pip_requirements=pip_requirements(),
                 registered_model_name=tracking.registered_model if tracking.register_model else None,
             )
-    logged: dict[str, Any] = {"model_uri": info.model_uri, "model_id": info.model_id}
-    if tracking.register_model:
-        version = str(info.registered_model_version)
-        client = MlflowClient()
-        tags = {
+    run = mlflow.active_run().info
+    shown = ("val_log_loss", "val_auc", "val_ece", "auc", "ece")
+    return register_logged_model(
+        info,
+        tracking,
+        version_tags={
             "dataset": dataset,
             "target": data.target,
             "val_log_loss": f"{report.metrics.get('val_log_loss', float('nan')):.6f}",
             "val_auc": f"{report.metrics.get('val_auc', float('nan')):.6f}",
-        }
-        for key, value in tags.items():
-            client.set_model_version_tag(tracking.registered_model, version, key, value)
-        client.set_registered_model_alias(tracking.registered_model, tracking.alias, version)
-        logged.update(
-            {"registered_model": tracking.registered_model, "version": version, "alias": tracking.alias}
-        )
-    return logged
+        },
+        description=f"Propensity ({data.target}) on {ds.root.resolve().name}. "
+        + version_description(
+            {k: report.metrics[k] for k in shown if k in report.metrics},
+            run_id=run.run_id,
+            experiment_id=run.experiment_id,
+        ),
+    )
 
 
 def train_propensity(
@@ -298,8 +338,12 @@ def train_propensity(
         import mlflow
 
         experiment_id = use_tracking(tracking, experiment_name(ds))
-        with mlflow.start_run(experiment_id=experiment_id, run_name="train propensity") as run:
-            mlflow.set_tag("nextbest.stage", "train")
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name(MODEL_TAG, "train", ds.root.resolve().name),
+            tags=run_tags(MODEL_TAG, "train", ds),
+        ) as run:
+            log_run_inputs(_run_configs(typed, data_config, device), data_manifest(ds, table, data_config))
             logged = log_propensity_run(fit, report, table, ds, tracking, data_config=data_config)
         summary.update(
             {
@@ -334,31 +378,6 @@ def suggest_propensity_config(trial: Any, base: PropensityConfig) -> PropensityC
             "batch_size": trial.suggest_categorical("batch_size", [256, 512, 1024, 2048]),
         }
     )
-
-
-def _parent_run(client: Any, study: Any, experiment_id: str, study_name: str, storage: str) -> str:
-    """The study's MLflow parent run: the one recorded on the study (resumed), or a new one."""
-    from mlflow.exceptions import MlflowException
-
-    from training.cf import mask_credentials
-
-    known = study.user_attrs.get("mlflow_parent_run_id")
-    if known:
-        try:
-            if client.get_run(known).info.experiment_id == experiment_id:
-                return known
-        except MlflowException:
-            pass
-    run = client.create_run(
-        experiment_id,
-        run_name=f"study {study_name}",
-        tags={"nextbest.stage": "tune", "optuna.study": study_name},
-    )
-    client.log_param(run.info.run_id, "study_name", study_name)
-    client.log_param(run.info.run_id, "storage", mask_credentials(storage))
-    client.log_param(run.info.run_id, "objective", "val_log_loss")
-    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
-    return run.info.run_id
 
 
 def tune_propensity(
@@ -434,30 +453,36 @@ def tune_propensity(
 
         experiment_id = use_tracking(tracking, experiment_name(ds))
         client = MlflowClient()
-        parent_id = _parent_run(client, study, experiment_id, name, storage_url)
+        parent_id = study_parent_run(
+            client,
+            study,
+            experiment_id,
+            model=MODEL_TAG,
+            dataset=ds,
+            storage=storage_url,
+            objective="val_log_loss",
+        )
 
     y_val = table.validation[RESPONDED].cast(pl.Float64).to_numpy()
 
     def log_trial(
         trial: Any, cfg: PropensityConfig, metrics: dict[str, float], state: str, history: list
     ) -> None:
-        if client is None:
+        if client is None or parent_id is None:
             return
-        from mlflow.entities import Metric, Param, RunTag
-
-        run = client.create_run(
+        log_trial_run(
+            client,
             experiment_id,
-            run_name=f"trial {trial.number}",
-            tags={"mlflow.parentRunId": parent_id, "optuna.study": name, "optuna.trial": str(trial.number)},
+            parent_run_id=parent_id,
+            model=MODEL_TAG,
+            dataset=ds,
+            study_name=name,
+            trial=trial.number,
+            params=flat_params(cfg),
+            metrics=metrics,
+            steps={"epoch_val_loss": history},
+            state=state,
         )
-        now = int(time.time() * 1000)
-        params = [Param(k, v) for k, v in flat_params(cfg).items()]
-        values = [Metric(k, v, now, 0) for k, v in _finite(metrics).items()]
-        values += [
-            Metric("epoch_val_loss", float(v), now, int(step)) for step, v in history if math.isfinite(v)
-        ]
-        client.log_batch(run.info.run_id, metrics=values, params=params, tags=[RunTag("optuna.state", state)])
-        client.set_terminated(run.info.run_id, "FAILED" if state == "FAIL" else "FINISHED")
 
     def objective(trial: Any) -> float:
         started = time.perf_counter()
@@ -513,14 +538,16 @@ def tune_propensity(
             def study_plots(out: Path) -> None:
                 from training import plots
 
-                plots.optimisation_history(study, out / "optuna_history.png", metric="val_log_loss")
-                study.trials_dataframe(attrs=("number", "value", "state", "params", "duration")).to_csv(
-                    out / "optuna_trials.csv", index=False
-                )
+                plots.study_artifacts(study, out, metric="val_log_loss", title="propensity: val_log_loss")
 
             with mlflow.start_run(run_id=parent_id):
                 mlflow.log_metrics(
                     {"best_value": float(best.value), "best_trial": best.number, "trials": len(states)}
+                )
+                log_run_inputs(
+                    _run_configs(best_config, data_config, device),
+                    data_manifest(ds, table, data_config),
+                    mutable=True,
                 )
                 logged = log_propensity_run(
                     fit,
@@ -544,8 +571,6 @@ def tune_propensity(
         if client is not None and parent_id is not None:
             client.set_terminated(parent_id, "FAILED")
         raise
-    from training.cf import mask_credentials
-
     states = [t.state for t in study.trials]
     summary.update(
         {

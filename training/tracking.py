@@ -1,23 +1,43 @@
-"""MLflow tracking for recommenders: where runs go, logging the pyfunc model, the registry aliases, promotion.
+"""MLflow tracking: where runs go, what every run carries, logging the pyfunc model, registry aliases, promotion.
 
 Tracking URI: ``TrackingConfig.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else
 ``sqlite:///<cwd>/mlruns/mlflow.db``. With a SQLite URI, artifacts go to ``artifacts/`` beside the database
 file (``mlruns/artifacts`` by default). One experiment per dataset, named after the dataset directory.
 Registered model ``nextbest-recommender``; new models get the alias ``challenger``, and
 :func:`promote_recommender` moves ``champion`` to it only when it is better on the validation metric.
+
+What a reviewer sees, the same for the recommender and the propensity model:
+
+* run names ``<model> <stage> · <dataset>`` (``als train · world``, ``als study · world``,
+  ``als trial 3 · world``) and tags ``nextbest.model``, ``nextbest.stage`` (``train``, ``study``, ``trial``),
+  ``nextbest.dataset`` (the dataset's name; ``nextbest.dataset_path`` the resolved directory);
+* every top-level run (train, study parent) logs ``config.json`` (its typed configs) and
+  ``data_manifest.json`` (:class:`DataManifest`), and the manifest's key facts as ``data.*`` params;
+* a run whose model is registered carries ``nextbest.registered_model``, ``nextbest.model_version`` and
+  ``nextbest.alias`` (``challenger``, ``champion`` or ``previous-champion``), kept in step with the registry
+  aliases by :func:`sync_alias_tags` whenever a model is registered or promoted, so that the filter
+  ``tags.nextbest.alias = "champion"`` finds the champion's run.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import time
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import polars as pl
 from pydantic import BaseModel, ConfigDict
+
+from features.dataset import Dataset
 
 REGISTERED_MODEL = "nextbest-recommender"
 CHALLENGER = "challenger"
@@ -25,6 +45,18 @@ CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous-champion"
 MODEL_NAME_IN_RUN = "model"
 MODEL_CODE = Path(__file__).with_name("recommender_model_code.py")
+CONFIG_ARTIFACT = "config.json"
+DATA_MANIFEST_ARTIFACT = "data_manifest.json"
+TAG_MODEL = "nextbest.model"
+TAG_STAGE = "nextbest.stage"
+TAG_DATASET = "nextbest.dataset"
+TAG_DATASET_PATH = "nextbest.dataset_path"
+TAG_REGISTERED_MODEL = "nextbest.registered_model"
+TAG_MODEL_VERSION = "nextbest.model_version"
+TAG_ALIAS = "nextbest.alias"
+ALIAS_PRECEDENCE = (CHAMPION, CHALLENGER, PREVIOUS_CHAMPION)
+"""A run whose registered versions hold several aliases is tagged with the first of these it holds."""
+Stage = Literal["train", "study", "trial"]
 
 
 class TrackingConfig(BaseModel):
@@ -120,6 +152,235 @@ def flat_params(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[st
     return out
 
 
+def mask_credentials(url: str) -> str:
+    """``postgresql://user:secret@host/db`` → ``postgresql://***@host/db`` (for logs and results)."""
+    return re.sub(r"//[^/@]+@", "//***@", url)
+
+
+# --- what every run carries: names, tags, configs and the data manifest -----------------------------------------
+
+
+def run_name(model: str, stage: Stage, dataset: str, *, trial: int | None = None) -> str:
+    """``als train · world``, ``als study · world``, ``als trial 3 · world``."""
+    what = stage if trial is None else f"{stage} {trial}"
+    return f"{model} {what} · {dataset}"
+
+
+def run_tags(model: str, stage: Stage, dataset: Dataset) -> dict[str, str]:
+    """The ``nextbest.*`` tags the compare view filters and groups by."""
+    root = dataset.root.resolve()
+    return {
+        TAG_MODEL: model,
+        TAG_STAGE: stage,
+        TAG_DATASET: root.name,
+        TAG_DATASET_PATH: str(root),
+    }
+
+
+class DataManifest(BaseModel):
+    """What data a run was trained and evaluated on, logged as ``data_manifest.json`` and ``data.*`` params.
+
+    Attributes:
+        dataset: the dataset's name (its directory's name).
+        dataset_path: the resolved dataset directory.
+        code_version: nextbest's version (and commit) that trained the run.
+        features_code_version: the code version in the feature manifest (None before ``features build``).
+        features_built_at: when the features were built (None before ``features build``).
+        validation_start: first time of the validation period.
+        test_start: first time of the test period.
+        split: how the cut-offs were chosen (``source`` and, where used, the fractions).
+        rows: row counts (events, interactions or exposures per period, customers, items …).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str
+    dataset_path: str
+    code_version: str
+    features_code_version: str | None = None
+    features_built_at: str | None = None
+    validation_start: datetime
+    test_start: datetime
+    split: dict[str, str | float | None]
+    rows: dict[str, int]
+
+    @classmethod
+    def describe(
+        cls,
+        ds: Dataset,
+        *,
+        validation_start: datetime,
+        test_start: datetime,
+        split: Mapping[str, str | float | None],
+        rows: Mapping[str, int],
+    ) -> DataManifest:
+        """The manifest of a run on ``ds``: the feature manifest's facts (when built) and ``raw_events`` added
+        to ``rows`` (counted from the raw files now, so a re-import since the feature build shows)."""
+        from features.pipeline import code_version
+
+        built: dict[str, Any] = ds.read_manifest() if ds.manifest_path.exists() else {}
+        raw_events = ds.scan("events").select(pl.len()).collect().item() if ds.has_table("events") else 0
+        root = ds.root.resolve()
+        return cls(
+            dataset=root.name,
+            dataset_path=str(root),
+            code_version=code_version(),
+            features_code_version=built.get("code_version"),
+            features_built_at=built.get("built_at"),
+            validation_start=validation_start,
+            test_start=test_start,
+            split=dict(split),
+            rows={"raw_events": int(raw_events), **{k: int(v) for k, v in rows.items()}},
+        )
+
+    def params(self) -> dict[str, str]:
+        """The key facts as ``data.*`` MLflow params (columns of the compare view)."""
+        out = {
+            "data.dataset": self.dataset,
+            "data.features_code_version": str(self.features_code_version),
+            "data.validation_start": self.validation_start.isoformat(),
+            "data.test_start": self.test_start.isoformat(),
+        }
+        out.update({f"data.split.{k}": str(v) for k, v in self.split.items()})
+        out.update({f"data.{k}": str(v) for k, v in self.rows.items()})
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def log_run_inputs(
+    configs: Mapping[str, Any], manifest: DataManifest, *, run_id: str | None = None, mutable: bool = False
+) -> None:
+    """Log ``config.json`` (every config of the run under its name), ``data_manifest.json`` and the manifest's
+    ``data.*`` params into a run (default the active one).
+
+    Args:
+        configs: name → typed config (pydantic models are dumped as JSON) or plain JSON value.
+        manifest: the data the run used.
+        run_id: the run (default: the active run).
+        mutable: the run is logged again later (a study's parent run when a resumed study finds a new best):
+            params already logged with another value are recorded as tags of the same name instead, since
+            MLflow params cannot change.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    if run_id is None:
+        active = mlflow.active_run()
+        if active is None:
+            raise RuntimeError("log_run_inputs needs a run: pass run_id or call it inside mlflow.start_run()")
+        run_id = active.info.run_id
+    client = MlflowClient()
+    config_text = json.dumps({k: _jsonable(v) for k, v in configs.items()}, indent=2, default=str)
+    client.log_text(run_id, config_text + "\n", CONFIG_ARTIFACT)
+    client.log_text(run_id, manifest.model_dump_json(indent=2) + "\n", DATA_MANIFEST_ARTIFACT)
+    params = manifest.params()
+    logged = client.get_run(run_id).data.params if mutable else {}
+    changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+    fresh = [k for k in params if k not in logged]
+    from mlflow.entities import Param, RunTag
+
+    client.log_batch(
+        run_id,
+        params=[Param(k, params[k]) for k in fresh],
+        tags=[RunTag(k, v) for k, v in changed.items()],
+    )
+
+
+def study_parent_run(
+    client: Any,
+    study: Any,
+    experiment_id: str,
+    *,
+    model: str,
+    dataset: Dataset,
+    storage: str,
+    objective: str,
+) -> str:
+    """An Optuna study's MLflow parent run: the one recorded on the study (resumed), or a new one.
+
+    The run is named ``<model> study · <dataset>`` and tagged with :func:`run_tags` (stage ``study``) and
+    ``optuna.study``; its id is kept in the study's user attributes.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name = run_name(model, "study", dataset.root.resolve().name)
+    tags = {**run_tags(model, "study", dataset), "optuna.study": study.study_name}
+    known = study.user_attrs.get("mlflow_parent_run_id")
+    if known:
+        try:
+            if client.get_run(known).info.experiment_id == experiment_id:
+                # Runs of an older naming scheme get today's name and tags.
+                for key, value in {**tags, "mlflow.runName": name}.items():
+                    client.set_tag(known, key, value)
+                return known
+        except MlflowException:
+            pass
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    client.log_param(run.info.run_id, "study_name", study.study_name)
+    client.log_param(run.info.run_id, "storage", mask_credentials(storage))
+    client.log_param(run.info.run_id, "objective", objective)
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def log_trial_run(
+    client: Any,
+    experiment_id: str,
+    *,
+    parent_run_id: str,
+    model: str,
+    dataset: Dataset,
+    study_name: str,
+    trial: int,
+    params: Mapping[str, str],
+    metrics: Mapping[str, float],
+    steps: Mapping[str, list[tuple[int, float]]] | None = None,
+    state: str,
+) -> str:
+    """One Optuna trial as a finished nested run (through the client, so that worker threads cannot mix runs).
+
+    Args:
+        client: an ``MlflowClient``.
+        experiment_id: the study's experiment.
+        parent_run_id: the study's parent run.
+        model, dataset: what the run name and the ``nextbest.*`` tags say.
+        study_name, trial: the Optuna study and trial number (``optuna.study``, ``optuna.trial`` tags).
+        params: the trial's sampled config, flat.
+        metrics: final metrics (non-finite values are left out).
+        steps: metric name → ``(step, value)`` pairs (learning curves).
+        state: ``COMPLETE``, ``PRUNED`` or ``FAIL`` (the ``optuna.state`` tag).
+
+    Returns:
+        the run id.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    tags = {
+        **run_tags(model, "trial", dataset),
+        "mlflow.parentRunId": parent_run_id,
+        "optuna.study": study_name,
+        "optuna.trial": str(trial),
+    }
+    run = client.create_run(
+        experiment_id, run_name=run_name(model, "trial", dataset.root.resolve().name, trial=trial), tags=tags
+    )
+    now = int(time.time() * 1000)
+    values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(float(v))]
+    for key, history in (steps or {}).items():
+        values += [Metric(key, float(v), now, int(step)) for step, v in history if math.isfinite(v)]
+    client.log_batch(
+        run.info.run_id,
+        metrics=values,
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag("optuna.state", state)],
+    )
+    client.set_terminated(run.info.run_id, "FAILED" if state == "FAIL" else "FINISHED")
+    return run.info.run_id
+
+
 @contextmanager
 def quiet_mlflow():
     """Silence MLflow's advice that does not apply to us and its artifact download bars.
@@ -176,15 +437,16 @@ def log_recommender_bundle(
     example_customers: list[str],
     tracking: TrackingConfig,
     version_tags: dict[str, str] | None = None,
+    description: str | None = None,
 ) -> dict[str, Any]:
-    """Log a saved bundle as a pyfunc model in the active run; register it and set the alias when asked.
+    """Log a saved bundle as a pyfunc model in the active run; register it and set the alias when asked
+    (see :func:`register_logged_model`).
 
     Returns:
         ``model_uri``, ``model_id`` and, when registered, ``registered_model``, ``version`` and ``alias``.
     """
     import mlflow
     import pandas as pd
-    from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
     from training.recommender_bundle import RecommenderBundle
@@ -205,17 +467,83 @@ def log_recommender_bundle(
             pip_requirements=pip_requirements(),
             registered_model_name=tracking.registered_model if tracking.register_model else None,
         )
+    return register_logged_model(info, tracking, version_tags=version_tags, description=description)
+
+
+def version_description(metrics: Mapping[str, float], *, run_id: str, experiment_id: str) -> str:
+    """A registered version's description: its key validation metrics and a link to its run in the UI."""
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None and math.isfinite(v))
+    link = f"[run {run_id[:8]}](#/experiments/{experiment_id}/runs/{run_id})"
+    return f"Validation: {shown or 'no metrics'}. Trained in {link}."
+
+
+def register_logged_model(
+    info: Any,
+    tracking: TrackingConfig,
+    *,
+    version_tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+) -> dict[str, Any]:
+    """After ``log_model(..., registered_model_name=...)`` in the active run: tag the version, describe it,
+    point ``tracking.alias`` at it, and tag the run (``nextbest.registered_model``, ``nextbest.model_version``,
+    ``nextbest.alias`` via :func:`sync_alias_tags`).
+
+    Returns:
+        ``model_uri``, ``model_id`` and, when registered, ``registered_model``, ``version`` and ``alias``.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
     out: dict[str, Any] = {"model_uri": info.model_uri, "model_id": info.model_id}
-    if tracking.register_model:
-        version = str(info.registered_model_version)
-        client = MlflowClient()
-        for key, value in (version_tags or {}).items():
-            client.set_model_version_tag(tracking.registered_model, version, key, value)
-        client.set_registered_model_alias(tracking.registered_model, tracking.alias, version)
-        out.update(
-            {"registered_model": tracking.registered_model, "version": version, "alias": tracking.alias}
-        )
+    if not tracking.register_model:
+        return out
+    name = tracking.registered_model
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in (version_tags or {}).items():
+        client.set_model_version_tag(name, version, key, value)
+    if description:
+        client.update_model_version(name, version, description=description)
+    client.set_registered_model_alias(name, tracking.alias, version)
+    run_id = mlflow.active_run().info.run_id
+    client.set_tag(run_id, TAG_REGISTERED_MODEL, name)
+    client.set_tag(run_id, TAG_MODEL_VERSION, version)
+    sync_alias_tags(client, name)
+    out.update({"registered_model": name, "version": version, "alias": tracking.alias})
     return out
+
+
+def sync_alias_tags(client: Any, registered_model: str) -> dict[str, str | None]:
+    """Set every run's ``nextbest.alias`` tag to the alias its versions of ``registered_model`` hold now
+    (the first of :data:`ALIAS_PRECEDENCE`), and remove it from runs whose versions hold none.
+
+    Returns:
+        run id → alias (None: tag removed or absent).
+    """
+    from mlflow.exceptions import MlflowException
+
+    # search_model_versions leaves ``aliases`` empty: the registered model's alias → version map is the truth.
+    version_run = {
+        str(v.version): v.run_id
+        for v in client.search_model_versions(f"name = '{registered_model}'")
+        if v.run_id
+    }
+    held = client.get_registered_model(registered_model).aliases or {}
+    best: dict[str, str | None] = dict.fromkeys(version_run.values())
+    for alias in reversed(ALIAS_PRECEDENCE):  # the most important alias is written last and wins
+        run_id = version_run.get(str(held.get(alias, "")))
+        if run_id is not None:
+            best[run_id] = alias
+    for run_id, alias in best.items():
+        try:
+            tags = client.get_run(run_id).data.tags
+            if alias is not None and tags.get(TAG_ALIAS) != alias:
+                client.set_tag(run_id, TAG_ALIAS, alias)
+            elif alias is None and TAG_ALIAS in tags:
+                client.delete_tag(run_id, TAG_ALIAS)
+        except MlflowException:
+            continue  # a deleted run: nothing to show in the UI
+    return best
 
 
 class PromotionDecision(BaseModel):
@@ -267,6 +595,9 @@ def promote(
     """Move ``champion`` to the challenger of ``tracking.registered_model`` only if it beats the champion on
     the logged validation ``metric`` (``higher``: larger is better), and say why either way.
 
+    When ``champion`` moves, the runs' ``nextbest.alias`` tags follow (``champion`` on the new champion's run,
+    ``previous-champion`` on the old one's; see :func:`sync_alias_tags`).
+
     Args:
         tracking: where the registry is and which registered model.
         metric: logged validation metric to compare.
@@ -279,10 +610,36 @@ def promote(
         the decision and its reason; the previous champion keeps the alias ``previous-champion``.
     """
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(tracking)
     client = MlflowClient(uri, uri)
+    decision = _decide_and_move(
+        client,
+        tracking,
+        metric=metric,
+        higher=higher,
+        train_command=train_command,
+        min_improvement=min_improvement,
+        data=data,
+    )
+    if decision.promoted:
+        sync_alias_tags(client, tracking.registered_model)
+    return decision
+
+
+def _decide_and_move(
+    client: Any,
+    tracking: TrackingConfig,
+    *,
+    metric: str,
+    higher: bool,
+    train_command: str,
+    min_improvement: float,
+    data: str | Path | None,
+) -> PromotionDecision:
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking)
     name = tracking.registered_model
 
     def decide(promoted: bool, reason: str, **kw: Any) -> PromotionDecision:
