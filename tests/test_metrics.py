@@ -158,3 +158,29 @@ def test_bad_input_raises():
         M.precision_at_k(np.zeros((1, 1), dtype=bool), 0)
     with pytest.raises(ValueError, match="rows"):
         M.hit_matrix(RECOMMENDED, _relevant()[:3])
+
+
+def test_paired_bootstrap_known_answers():
+    # A constant shift: every resample's difference is exactly 0.1, so the interval collapses onto it.
+    rng = np.random.default_rng(1)
+    theirs = rng.random(500)
+    out = M.paired_bootstrap(theirs + 0.1, theirs, resamples=200)
+    assert out["difference"] == pytest.approx(0.1)
+    assert out["low"] == pytest.approx(0.1) and out["high"] == pytest.approx(0.1)
+    assert out["customers"] == 500
+    # NaN pairs are left out of both sides: means over the 3 complete pairs
+    out = M.paired_bootstrap(np.array([1.0, 2.0, np.nan, 3.0]), np.array([0.5, np.nan, 1.0, 1.5]))
+    assert (out["ours"], out["theirs"], out["customers"]) == (2.0, 1.0, 2)
+    assert out["relative"] == pytest.approx(1.0)
+    # Pure noise around the same mean: the 95% interval of the difference contains 0 and is about
+    # ±1.96·sqrt(2/n)·σ wide (σ = 1/sqrt(12) for uniform noise, n = 2000 → ±0.0258)
+    a, b = rng.random(2000), rng.random(2000)
+    out = M.paired_bootstrap(a, b, resamples=4000, seed=3)
+    assert out["low"] < 0 < out["high"]
+    assert (out["high"] - out["low"]) / 2 == pytest.approx(
+        1.96 * math.sqrt(2 / 2000) / math.sqrt(12), rel=0.1
+    )
+    with pytest.raises(ValueError, match="one length"):
+        M.paired_bootstrap(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="no customer"):
+        M.paired_bootstrap(np.array([np.nan]), np.array([1.0]))

@@ -158,3 +158,49 @@ def popularity_bias_at_k(recommended: np.ndarray, item_popularity: np.ndarray, k
 def arp_at_k(recommended: np.ndarray, item_popularity: np.ndarray, k: int) -> np.ndarray:
     """Per-customer average recommendation popularity (raw popularity counts) of the top-K items."""
     return mean_item_value_at_k(recommended, item_popularity, k)
+
+
+def paired_bootstrap(
+    ours: np.ndarray, theirs: np.ndarray, *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """Paired bootstrap of the difference of two models' mean per-customer metric on the same customers.
+
+    Customers where either value is NaN (e.g. no new items to find) are left out of both. Each resample draws
+    customers with replacement and takes both means over the same draw, so customer-to-customer variation that
+    affects both models cancels.
+
+    Returns:
+        ``ours``, ``theirs`` (the means), ``difference`` (ours − theirs), ``low``/``high`` (the percentile
+        interval of the difference at ``level``), ``relative`` (ours / theirs − 1), ``relative_low`` /
+        ``relative_high`` (the same interval for the ratio) and ``customers`` (pairs used).
+
+    Raises:
+        ValueError: the arrays differ in length, no customer has both values, or ``level`` is not in (0, 1).
+    """
+    a, b = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_bootstrap needs two 1-d arrays of one length, got {a.shape} and {b.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if a.size == 0:
+        raise ValueError("paired_bootstrap: no customer has both values")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, a.size, size=(resamples, a.size))
+    mean_a, mean_b = a[draws].mean(axis=1), b[draws].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    diff = np.percentile(mean_a - mean_b, [tail, 100 - tail])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.percentile(mean_a / mean_b - 1, [tail, 100 - tail])
+    return {
+        "ours": float(a.mean()),
+        "theirs": float(b.mean()),
+        "difference": float(a.mean() - b.mean()),
+        "low": float(diff[0]),
+        "high": float(diff[1]),
+        "relative": float(a.mean() / b.mean() - 1) if b.mean() else float("inf"),
+        "relative_low": float(ratio[0]),
+        "relative_high": float(ratio[1]),
+        "customers": int(a.size),
+    }
