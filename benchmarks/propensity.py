@@ -10,6 +10,7 @@ logistic regression on the same encoded rows, and prints:
 
 * training throughput in rows/s (network: training rows × epochs / seconds of the epochs; logistic regression:
   training rows / seconds of its fit), and the quality of both on the test period (AUC, ECE) beside the oracle;
+* AUC and ECE per action kind (network, logistic regression, the planted oracle);
 * p50/p99 latency of scoring 100 actions for one customer in-process, on ``--score-threads`` torch threads (``PropensityScorer.score``: encoding and
   one forward pass; the logistic regression: the same encoding, one-hot, ``predict_proba``). The generated
   catalogue has 10 actions, so the 100 are its ids repeated: the work is 100 rows either way.
@@ -48,6 +49,37 @@ def _time(fn, repeats: int, warmup: int = 50) -> dict[str, float]:
         fn()
         samples.append(time.perf_counter() - started)
     return _percentiles(samples)
+
+
+def _per_kind(data, y, predictions: dict) -> dict[str, dict]:
+    """Test-period AUC and ECE of each model per action kind (from the catalogue's ``kind`` column), and overall."""
+    import numpy as np
+
+    from training.propensity import expected_calibration_error, roc_auc
+
+    if "kind" in data.catalog.columns:
+        kinds = (
+            data.test.select("action_id")
+            .join(data.catalog.select("action_id", "kind"), on="action_id", how="left", maintain_order="left")
+            .get_column("kind")
+            .fill_null("unknown")
+            .to_numpy()
+        )
+    else:
+        kinds = np.full(len(y), "all")
+    out: dict[str, dict] = {}
+    for kind in ["all", *sorted(set(kinds.tolist()) - {"all"})]:
+        mask = np.ones(len(y), dtype=bool) if kind == "all" else kinds == kind
+        row: dict = {"rows": int(mask.sum())}
+        for name, p in predictions.items():
+            if p is not None:
+                p = np.asarray(p, dtype=np.float64)
+                row[name] = {
+                    "auc": roc_auc(y[mask], p[mask]),
+                    "ece": expected_calibration_error(y[mask], p[mask]),
+                }
+        out[kind] = row
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,6 +152,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     logreg_latency = _time(logreg_score, args.repeats)
     m = report.metrics
+    per_kind = _per_kind(
+        data,
+        y_test,
+        {
+            "network": report.predictions["model"],
+            "logreg": logreg_p,
+            "oracle": report.predictions.get("oracle"),
+        },
+    )
     summary = {
         "dataset": str(root),
         "rows_train": data.train.height,
@@ -142,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
             "score_100_actions": logreg_latency,
         },
         "oracle_auc": m.get("oracle_auc"),
+        "per_kind": per_kind,
     }
     net, lr = summary["network"], summary["logreg"]
     print(f"world {root}: {data.train.height:,} training rows, {data.test.height:,} test rows")
@@ -155,6 +197,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if summary["oracle_auc"] is not None:
         print(f"oracle  : AUC {summary['oracle_auc']:.4f}")
+    models = [k for k in ("network", "logreg", "oracle") if k in next(iter(per_kind.values()), {})]
+    print(f"{'action kind':<16}{'rows':>6}" + "".join(f"{k + ' AUC':>14}{k + ' ECE':>14}" for k in models))
+    for kind, row in per_kind.items():
+        cells = "".join(f"{row[k]['auc']:>14.4f}{row[k]['ece']:>14.4f}" for k in models)
+        print(f"{kind:<16}{row['rows']:>6}{cells}")
     print(json.dumps(summary))
     return summary
 

@@ -44,6 +44,8 @@ from training.propensity_data import (
     build_training_table,
     customer_activity,
     derived_action_log,
+    price_reference_columns,
+    reference_prices,
     split_table,
     time_cutoffs,
 )
@@ -488,6 +490,113 @@ def test_exact_activity_equals_the_online_computation(leak_world):
         assert online.drop("customer_id").row(0, named=True) == offline.row(k, named=True)
     none_yet = customer_activity(events, items, as_of=T0, channels=channels)
     assert none_yet.is_empty() and set(offline.columns) <= set(none_yet.columns)
+
+
+def test_price_reference_groups_follow_what_explains_price():
+    """Equipment costs 800 in cycling and 40 in yoga, socks 10 everywhere; colour says nothing about price."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(120):
+        sport = ("cycling", "yoga")[k % 2]
+        category = ("equipment", "socks")[(k // 2) % 2]
+        base = {("cycling", "equipment"): 800.0, ("yoga", "equipment"): 40.0}.get((sport, category), 10.0)
+        colour = ("red", "blue", "green")[k % 3]
+        rows.append((f"I{k}", sport, category, colour, base * float(rng.lognormal(0.0, 0.1))))
+    items = pl.DataFrame(rows, schema=["item_id", "sport", "category", "colour", "price"], orient="row")
+    assert price_reference_columns(items) == ["category", "sport"]
+    refs = reference_prices(items).collect().join(items, on="item_id")
+    for (sport, category), base in {("cycling", "equipment"): 800, ("yoga", "equipment"): 40}.items():
+        group = refs.filter((pl.col("sport") == sport) & (pl.col("category") == category))
+        assert group["__reference"].n_unique() == 1
+        assert group["__reference"][0] == pytest.approx(group["price"].median())
+        assert group["__reference"][0] == pytest.approx(base, rel=0.1)
+    # Too few items per group: one reference for the whole catalogue.
+    tiny = items.head(6)
+    assert price_reference_columns(tiny) == []
+    assert reference_prices(tiny).collect()["__reference"].n_unique() == 1
+    assert price_reference_columns(items.drop("price")) == []
+
+
+@pytest.fixture
+def funnel_events():
+    """C1 on a catalogue whose reference price is 20 (I1 10, I2 20, I3 30):
+
+    S1 web:   cart I3 (above), bought      S2 app: cart I3 (above), abandoned
+    S3 app:   cart I1 (below), bought      S4 store: I2 bought without a cart (no funnel)
+    no session id, app, one day: two views (one fallback session)
+    """
+    items = pl.DataFrame({"item_id": ["I1", "I2", "I3"], "category": ["x"] * 3, "price": [10.0, 20.0, 30.0]})
+    d = lambda hours: T0 + timedelta(hours=hours)  # noqa: E731
+    rows = [
+        ("I3", "view", d(1), "S1", "web"),
+        ("I3", "add_to_cart", d(1.1), "S1", "web"),
+        ("I3", "purchase", d(1.2), "S1", "web"),
+        ("I3", "add_to_cart", d(5), "S2", "app"),
+        ("I1", "add_to_cart", d(9), "S3", "app"),
+        ("I1", "purchase", d(9.1), "S3", "app"),
+        ("I2", "purchase", d(30), "S4", "store"),
+        ("I1", "view", d(50), None, "app"),
+        ("I2", "view", d(51), None, "app"),
+    ]
+    events = pl.DataFrame(
+        [("C1", i, e, t, s, ch, 1 if e != "view" else None, None) for i, e, t, s, ch in rows],
+        schema={
+            "customer_id": pl.String,
+            "item_id": pl.String,
+            "event_type": pl.String,
+            "timestamp": pl.Datetime("us"),
+            "session_id": pl.String,
+            "channel": pl.String,
+            "quantity": pl.Int32,
+            "price": pl.Float64,
+        },
+        orient="row",
+    )
+    return events, items.lazy()
+
+
+def test_sessions_per_channel_and_cart_conversion_by_price(funnel_events):
+    events, items = funnel_events
+    channels = ["web", "app", "store"]
+    at = [T0 + timedelta(hours=h) for h in (1.2, 6, 100)]
+    keys = pl.DataFrame({"customer_id": ["C1"] * 3, "timestamp": at})
+    offline = activity_asof(keys, events, items, channels=channels)
+    expected = [
+        # At the S1 purchase itself: its cart is seen, the purchase is not (strictly before).
+        dict(
+            sessions_web=1,
+            sessions_app=0,
+            sessions_store=0,
+            carts_above_reference=1,
+            cart_conversion_above_reference=0.0,
+            cart_conversion_below_reference=None,
+            relative_price=None,
+        ),
+        dict(
+            sessions_web=1,
+            sessions_app=1,
+            sessions_store=0,
+            carts_above_reference=2,
+            cart_conversion_above_reference=0.5,
+            cart_conversion_below_reference=None,
+            relative_price=1.5,
+        ),
+        dict(
+            sessions_web=1,
+            sessions_app=3,
+            sessions_store=1,
+            carts_above_reference=2,
+            cart_conversion_above_reference=0.5,
+            cart_conversion_below_reference=1.0,
+            relative_price=1.0,
+        ),
+    ]
+    for k, want in enumerate(expected):
+        got = offline.row(k, named=True)
+        online = customer_activity(events, items, as_of=at[k], channels=channels).row(0, named=True)
+        assert {c: got[c] for c in want} == pytest.approx(want), k
+        assert {c: online[c] for c in offline.columns} == got
+    assert offline["channel_share_app"][2] == pytest.approx(5 / 9)
 
 
 def test_derived_follow_up_targets(leak_world):
