@@ -290,12 +290,58 @@ def cmd_tune_cf(args: argparse.Namespace) -> None:
     )
 
 
+def _export_to_bento(args: argparse.Namespace, kinds: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Export the champions (and challengers) of ``kinds`` into the BentoML model store; summary and lines.
+
+    Raises:
+        UsageError: the registry has no such model or no champion (the message names the command to run).
+    """
+    from serving.bento_store import SERVED_MODELS, BentoStoreError, bentoml_home, export_champions
+
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    try:
+        exported = export_champions(_tracking(args).tracking_uri, models={k: SERVED_MODELS[k] for k in kinds})
+    except BentoStoreError as exc:
+        raise UsageError(str(exc)) from exc
+    champions = {e.registered_model: e.tag for e in exported if e.alias == "champion"}
+    summary = {
+        "bento_home": str(bentoml_home()),
+        "bento_models": [e.model_dump() for e in exported],
+        "bento_champions": champions,
+    }
+    lines = [
+        f"  BentoML model {e.tag} ({e.registered_model} v{e.mlflow_version}, {e.alias}): "
+        + {
+            "exported": "exported",
+            "rewritten": "rewritten (alias or latest)",
+            "unchanged": "already in the store",
+        }[e.action]
+        for e in exported
+    ]
+    return summary, lines
+
+
+def _promote_and_export(args: argparse.Namespace, kind: str, decision: Any) -> None:
+    summary: dict[str, Any] = {"command": f"promote {kind}", **decision.model_dump(mode="json")}
+    lines = [decision.reason]
+    if not args.no_bento:
+        try:
+            bento, bento_lines = _export_to_bento(args, [kind])
+        except UsageError as exc:
+            # The decision stands; there is just no champion to export yet.
+            summary |= {"bento_model": None, "bento_error": str(exc)}
+            lines.append(f"  not exported to the BentoML model store: {exc}")
+        else:
+            summary |= {"bento_model": next(iter(bento["bento_champions"].values())), **bento}
+            lines += bento_lines
+    _emit(args, summary, lines)
+
+
 def cmd_promote_recommender(args: argparse.Namespace) -> None:
     from training.tracking import promote_recommender
 
     decision = promote_recommender(_tracking(args), metric=args.metric, data=args.data)
-    summary = {"command": "promote recommender", **decision.model_dump(mode="json")}
-    _emit(args, summary, [decision.reason])
+    _promote_and_export(args, "recommender", decision)
 
 
 def _propensity_lines(result: dict[str, Any]) -> list[str]:
@@ -366,7 +412,71 @@ def cmd_promote_propensity(args: argparse.Namespace) -> None:
     from training.propensity_tuning import promote_propensity
 
     decision = promote_propensity(_tracking(args), metric=args.metric, data=args.data)
-    _emit(args, {"command": "promote propensity", **decision.model_dump(mode="json")}, [decision.reason])
+    _promote_and_export(args, "propensity", decision)
+
+
+# --- Bentos -----------------------------------------------------------------------------------------------
+
+
+def cmd_bento_export(args: argparse.Namespace) -> None:
+    summary, lines = _export_to_bento(args, ["recommender", "propensity"])
+    _emit(
+        args,
+        {"command": "bento export", **summary},
+        [f"BentoML model store {summary['bento_home']}:", *lines],
+    )
+
+
+def cmd_bento_build(args: argparse.Namespace) -> None:
+    import bentoml
+
+    from serving.bento_store import (
+        SERVED_MODELS,
+        BentoStoreError,
+        bento_model_tags,
+        bentoml_home,
+        stored_champion,
+    )
+    from serving.server import PROJECT_ROOT
+
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    try:
+        champions = {kind: stored_champion(name) for kind, name in SERVED_MODELS.items()}
+    except BentoStoreError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"building the Bento from {PROJECT_ROOT} into {bentoml_home()}", file=sys.stderr)
+    bento = bentoml.bentos.build_bentofile(build_ctx=str(PROJECT_ROOT))
+    tag = str(bento.tag)
+    models = bento_model_tags(tag)
+    summary = {
+        "command": "bento build",
+        "bento": tag,
+        "bento_home": str(bentoml_home()),
+        "models": models,
+        "registry_versions": {kind: c.label for kind, c in champions.items()},
+    }
+    _emit(
+        args,
+        summary,
+        [
+            f"built Bento {tag}",
+            *(f"  {alias}: {model}" for alias, model in models.items()),
+            f"serve it with: bentoml serve {tag}  (NEXTBEST_DATA names the dataset), or nextbest bento serve {tag}",
+        ],
+    )
+
+
+def cmd_bento_serve(args: argparse.Namespace) -> None:
+    from serving.server import serve
+
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    for line in _example_requests(args.port):
+        print(line, file=sys.stderr)
+    code = serve(
+        args.port, args.host, args.data, state_dir=args.state_dir, clock=args.clock, bento=args.bento
+    )
+    if code not in (0, 130):
+        raise UsageError(f"bentoml serve exited with status {code}")
 
 
 # --- serving ----------------------------------------------------------------------------------------------
@@ -695,12 +805,20 @@ def _add_training(sub: Any) -> None:
     tracked(uc)
     uc.set_defaults(func=cmd_tune_cf)
 
+    def no_bento(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--no-bento",
+            action="store_true",
+            help="do not export the champion (and challenger) into the BentoML model store (BENTOML_HOME)",
+        )
+
     promote = sub.add_parser(
-        "promote", help="move champion to the challenger if it is better"
+        "promote", help="move champion to the challenger if it is better, then export it for a Bento"
     ).add_subparsers(dest="promote_command", required=True, metavar="MODEL_KIND")
     pr = promote.add_parser("recommender", help="nextbest-recommender")
     pr.add_argument("--data", help="require the challenger to be trained on this dataset")
     pr.add_argument("--metric", default="ndcg_at_10")
+    no_bento(pr)
     tracked(pr)
     pr.set_defaults(func=cmd_promote_recommender)
 
@@ -739,8 +857,27 @@ def _add_training(sub: Any) -> None:
     pp.add_argument(
         "--metric", default="val_log_loss", help="val_log_loss (lower is better), val_auc, val_ece …"
     )
+    no_bento(pp)
     tracked(pp)
     pp.set_defaults(func=cmd_promote_propensity)
+
+    bento = sub.add_parser(
+        "bento", help="package the service with its champions as a Bento (BentoML model store: BENTOML_HOME)"
+    ).add_subparsers(dest="bento_command", required=True, metavar="SUBCOMMAND")
+    be = bento.add_parser("export", help="copy both champions (and challengers) from MLflow into the store")
+    tracked(be)
+    be.set_defaults(func=cmd_bento_export)
+    bb = bento.add_parser("build", help="bentoml build: the code and both exported champions as one Bento")
+    _common(bb)
+    bb.set_defaults(func=cmd_bento_build)
+    bs = bento.add_parser("serve", help="bentoml serve a built Bento (no MLflow registry needed)")
+    bs.add_argument("bento", nargs="?", default="nextbest:latest", help="Bento tag (default: %(default)s)")
+    bs.add_argument("--data", default=str(DEFAULT_DATA))
+    bs.add_argument("--port", type=int, default=3000)
+    bs.add_argument("--host", default="127.0.0.1")
+    bs.add_argument("--state-dir", help="live state (default DATA/service)")
+    bs.add_argument("--clock", choices=["wall", "data"], default="data")
+    bs.set_defaults(func=cmd_bento_serve, json=False, quiet=False)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -3,7 +3,9 @@
 :class:`Engine` is plain Python (the BentoML class in :mod:`serving.service` only parses, calls and serialises):
 
 * **Models** — the ``champion`` (and, when a share of customers is assigned to it, the ``challenger``) of
-  ``nextbest-recommender`` and ``nextbest-propensity`` from the MLflow registry (:func:`load_serving_models`).
+  ``nextbest-recommender`` and ``nextbest-propensity`` from the MLflow registry, or from the BentoML model
+  store where ``nextbest promote`` exported them (inside a built Bento, the ones it packages):
+  :func:`load_serving_models`.
 * **Data** — the dataset's feature output (interaction matrix, profiles, consent state, manifest), its items,
   customers and action catalogue, and its retained events, indexed by customer (:class:`ServingData`).
 * **Live state** — events received through ``/events`` are appended to a durable :class:`~serving.event_log.EventLog`
@@ -170,6 +172,9 @@ class EngineConfig(BaseModel):
             demonstrations on a dataset from the past).
         recommender_model: registry name of the recommender.
         propensity_model: registry name of the propensity model.
+        model_source: where the models come from: ``mlflow`` (the registry's aliases), ``bentoml`` (the
+            BentoML model store, as ``nextbest promote`` exported them: :mod:`serving.bento_store`) or
+            ``auto`` (the models packaged in the running Bento when there is one, else the registry).
         segment_column: the profile column whose values are the segments of non-personalised popularity.
         min_segment_customers: segments with fewer customers fall back to overall popularity.
         bought_days: purchases this recent count as owned (``bought_brand`` … in policy rules).
@@ -192,6 +197,7 @@ class EngineConfig(BaseModel):
     clock: Literal["wall", "data"] = "wall"
     recommender_model: str = RECOMMENDER_MODEL
     propensity_model: str = PROPENSITY_MODEL
+    model_source: Literal["auto", "mlflow", "bentoml"] = "auto"
     segment_column: str = "age_band"
     min_segment_customers: int = Field(20, ge=1)
     bought_days: int = Field(90, ge=1)
@@ -205,7 +211,8 @@ class EngineConfig(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineConfig:
         """The config from ``NEXTBEST_DATA``, ``NEXTBEST_STATE_DIR``, ``MLFLOW_TRACKING_URI``,
-        ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``, ``NEXTBEST_POLICY`` and ``NEXTBEST_CLOCK``.
+        ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``, ``NEXTBEST_POLICY``, ``NEXTBEST_CLOCK`` and
+        ``NEXTBEST_MODEL_SOURCE``.
 
         Raises:
             EngineLoadError: a variable holds an invalid value (the message names it).
@@ -219,6 +226,7 @@ class EngineConfig(BaseModel):
             ("NEXTBEST_CHALLENGER_SHARE", "challenger_share"),
             ("NEXTBEST_POLICY", "policy"),
             ("NEXTBEST_CLOCK", "clock"),
+            ("NEXTBEST_MODEL_SOURCE", "model_source"),
         ):
             if env.get(var):
                 fields[name] = env[var]
@@ -230,6 +238,7 @@ class EngineConfig(BaseModel):
                 "challenger_share": "NEXTBEST_CHALLENGER_SHARE",
                 "policy": "NEXTBEST_POLICY",
                 "clock": "NEXTBEST_CLOCK",
+                "model_source": "NEXTBEST_MODEL_SOURCE",
                 "data": "NEXTBEST_DATA",
             }
             problems = [f"{names.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}" for err in e.errors()]
@@ -329,20 +338,136 @@ def check_registry(config: EngineConfig) -> dict[str, str]:
     return labels
 
 
-def load_serving_models(config: EngineConfig) -> ServingModels:
-    """Load the champion (and challenger) of the recommender and the propensity model from the registry.
+def _load_recommender(root: Path, label: str) -> Any:
+    """The recommender bundle inside an MLflow model directory (downloaded or copied into the model store)."""
+    from training.recommender_bundle import BUNDLE_FILE, RecommenderBundle
 
-    The challenger is loaded only when ``challenger_share`` > 0 and the alias points at another version than
-    the champion.
+    found = sorted(root.rglob(BUNDLE_FILE))
+    if not found:
+        raise EngineLoadError(f"{label} holds no recommender bundle ({BUNDLE_FILE}) under {root}")
+    return RecommenderBundle.load(found[0].parent)
+
+
+def _load_propensity(root: Path, label: str) -> Any:
+    """The propensity model inside an MLflow model directory."""
+    from training.propensity import PropensityModel, PropensityModelError, find_model_dir
+
+    try:
+        return PropensityModel.load(find_model_dir(root), device="cpu")
+    except PropensityModelError as e:
+        raise EngineLoadError(f"{label}: {one_line(e)}") from None
+
+
+_LOADERS = {"recommender": _load_recommender, "propensity": _load_propensity}
+
+
+def resolve_model_source(config: EngineConfig) -> Literal["mlflow", "bentoml", "bento"]:
+    """Where :func:`load_serving_models` takes the models from: ``bento`` (the models the running Bento
+    packages, for ``auto`` inside a Bento), ``bentoml`` (the model store's latest champions) or ``mlflow``."""
+    if config.model_source == "mlflow":
+        return "mlflow"
+    from serving.bento_store import packaged_model_tags
+
+    if packaged_model_tags():
+        return "bento"
+    return "bentoml" if config.model_source == "bentoml" else "mlflow"
+
+
+def _registered_names(config: EngineConfig) -> dict[str, str]:
+    return {"recommender": config.recommender_model, "propensity": config.propensity_model}
+
+
+def _stored_champions(config: EngineConfig, source: str) -> dict[str, Any]:
+    """Kind → :class:`~serving.bento_store.StoredModel` of each champion in the BentoML model store.
 
     Raises:
-        EngineLoadError: the registry or a champion is missing.
+        EngineLoadError: a model is missing from the store, or is not the registered model the config names.
     """
+    from serving.bento_store import BentoStoreError, packaged_model_tags, stored_champion, stored_model
+
+    packaged = packaged_model_tags() if source == "bento" else {}
+    out = {}
+    for kind, name in _registered_names(config).items():
+        try:
+            if source == "bento":
+                if kind not in packaged:
+                    raise EngineLoadError(
+                        f"the running Bento packages no {kind} model (alias {kind!r}): list both models in "
+                        "[tool.bentoml.build] models of pyproject.toml and run 'nextbest bento build'"
+                    )
+                stored = stored_model(packaged[kind])
+            else:
+                stored = stored_champion(name)
+        except BentoStoreError as e:
+            raise EngineLoadError(one_line(e)) from None
+        if stored.registered_model != name:
+            raise EngineLoadError(
+                f"{stored.tag} in the BentoML model store is a version of {stored.registered_model}, not of "
+                f"{name}: export the right champion with 'nextbest promote {kind}'"
+            )
+        out[kind] = stored
+    return out
+
+
+def check_models(config: EngineConfig) -> dict[str, str]:
+    """Check that both champions exist where the config takes them from, without loading them; return their
+    ``name/version`` labels. Outside a Bento, ``auto`` checks the MLflow registry.
+
+    Raises:
+        EngineLoadError: a registry, model or champion is missing (the message says what to run).
+    """
+    source = resolve_model_source(config)
+    if source == "mlflow":
+        return check_registry(config)
+    return {kind: stored.label for kind, stored in _stored_champions(config, source).items()}
+
+
+def load_serving_models(config: EngineConfig) -> ServingModels:
+    """Load the champion (and challenger) of the recommender and the propensity model.
+
+    From the MLflow registry, or from the BentoML model store (``config.model_source``, see
+    :func:`resolve_model_source`). Either way the models carry their registry name and version, which responses
+    report. The challenger is loaded only when ``challenger_share`` > 0 and it is another version than the
+    champion (a Bento packages the champions only).
+
+    Raises:
+        EngineLoadError: the registry, the store or a champion is missing.
+    """
+    source = resolve_model_source(config)
+    if source == "mlflow":
+        return _load_from_registry(config)
+    return _load_from_store(config, source)
+
+
+def _load_from_store(config: EngineConfig, source: str) -> ServingModels:
+    from serving.bento_store import stored_challenger
+
+    out: dict[str, dict[str, RegisteredModel]] = {}
+    for kind, champion in _stored_champions(config, source).items():
+        load = _LOADERS[kind]
+        name = champion.registered_model
+        slots = {
+            CHAMPION: RegisteredModel(
+                name, champion.mlflow_version, CHAMPION, load(champion.path, champion.tag)
+            )
+        }
+        if config.challenger_share > 0:
+            challenger = stored_challenger(name) if source == "bentoml" else None
+            if challenger is not None and challenger.mlflow_version != champion.mlflow_version:
+                slots[CHALLENGER] = RegisteredModel(
+                    name, challenger.mlflow_version, CHALLENGER, load(challenger.path, challenger.tag)
+                )
+            else:
+                logger.info("%s: no challenger in the model store: every customer gets the champion", name)
+        logger.info("%s: %s from the BentoML model store (%s)", kind, champion.label, champion.tag)
+        out[kind] = slots
+    return ServingModels(recommender=out["recommender"], propensity=out["propensity"])
+
+
+def _load_from_registry(config: EngineConfig) -> ServingModels:
     import mlflow
     from mlflow import MlflowClient
 
-    from training.propensity import PropensityModel, find_model_dir
-    from training.recommender_bundle import BUNDLE_FILE, RecommenderBundle
     from training.tracking import quiet_mlflow, resolve_tracking_uri
 
     check_registry(config)
@@ -351,35 +476,25 @@ def load_serving_models(config: EngineConfig) -> ServingModels:
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)
 
-    def download(name: str, version: str) -> Path:
+    def loaded(kind: str, name: str, version: str) -> Any:
         with quiet_mlflow():
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
-
-    def load_bundle(name: str, version: str) -> Any:
-        root = download(name, version)
-        found = sorted(root.rglob(BUNDLE_FILE))
-        if not found:
-            raise EngineLoadError(f"{name} version {version} holds no recommender bundle ({BUNDLE_FILE})")
-        return RecommenderBundle.load(found[0].parent)
-
-    def load_propensity(name: str, version: str) -> Any:
-        return PropensityModel.load(find_model_dir(download(name, version)), device="cpu")
+            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+        return _LOADERS[kind](root, f"{name} version {version}")
 
     out: dict[str, dict[str, RegisteredModel]] = {}
-    for kind, name, loader in (
-        ("recommender", config.recommender_model, load_bundle),
-        ("propensity", config.propensity_model, load_propensity),
-    ):
+    for kind, name in _registered_names(config).items():
         champion = _resolve_version(client, name, CHAMPION)
         assert champion is not None  # check_registry made sure
         slots = {
-            CHAMPION: RegisteredModel(name, str(champion.version), CHAMPION, loader(name, champion.version))
+            CHAMPION: RegisteredModel(
+                name, str(champion.version), CHAMPION, loaded(kind, name, champion.version)
+            )
         }
         if config.challenger_share > 0:
             challenger = _resolve_version(client, name, CHALLENGER)
             if challenger is not None and str(challenger.version) != str(champion.version):
                 slots[CHALLENGER] = RegisteredModel(
-                    name, str(challenger.version), CHALLENGER, loader(name, challenger.version)
+                    name, str(challenger.version), CHALLENGER, loaded(kind, name, challenger.version)
                 )
             else:
                 logger.info(

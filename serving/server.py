@@ -1,8 +1,10 @@
 """Start the BentoML service (``python -m bentoml serve serving.service:NextBest``) with its environment set.
 
 :func:`serve` runs it in the foreground (what ``nextbest serve`` calls); :func:`start` runs it in the background
-and returns a :class:`ServiceProcess` (tests and benchmarks). Both check first that the features and both
-champions exist, so a missing piece is one line saying what to run, not a server that never becomes ready.
+and returns a :class:`ServiceProcess` (tests and benchmarks). Either can serve a built Bento instead of the
+working tree (``bento="nextbest:latest"``: ``bentoml serve <bento tag>``, with the champions it packages). Both
+check first that the features and both champions exist, so a missing piece is one line saying what to run,
+not a server that never becomes ready.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from serving.engine import EngineConfig, EngineLoadError, check_registry
+from serving.engine import EngineConfig, EngineLoadError, check_models
 
 SERVICE = "serving.service:NextBest"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +37,7 @@ def service_env(
     env["NEXTBEST_STATE_DIR"] = str(config.state_path)
     env["NEXTBEST_CHALLENGER_SHARE"] = str(config.challenger_share)
     env["NEXTBEST_CLOCK"] = config.clock
+    env["NEXTBEST_MODEL_SOURCE"] = config.model_source
     if config.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = config.tracking_uri
     if config.policy is not None:
@@ -51,8 +54,11 @@ def service_env(
     return env
 
 
-def preflight(config: EngineConfig) -> dict[str, str]:
+def preflight(config: EngineConfig, bento: str | None = None) -> dict[str, str]:
     """Check that the dataset's features and both champion models exist; return the champions' labels.
+
+    With ``bento``, the champions are the models that Bento packages, looked up in the BentoML model store
+    (the MLflow registry is not asked); otherwise they are looked up where ``config.model_source`` says.
 
     Raises:
         EngineLoadError: one line naming what is missing and what to run first.
@@ -62,22 +68,35 @@ def preflight(config: EngineConfig) -> dict[str, str]:
         raise EngineLoadError(
             f"{config.data} has no features: run 'nextbest features build --data {config.data}' first"
         )
-    return check_registry(config)
+    if bento is None:
+        return check_models(config)
+    from serving.bento_store import SERVED_MODELS, BentoStoreError, bento_model_tags, stored_model
+
+    try:
+        tags = bento_model_tags(bento)
+        missing = [kind for kind in SERVED_MODELS if kind not in tags]
+        if missing:
+            raise EngineLoadError(
+                f"Bento {bento} packages no {' and no '.join(missing)} model: build it with "
+                "'nextbest bento build' after 'nextbest promote recommender' and 'nextbest promote propensity'"
+            )
+        return {kind: stored_model(tags[kind]).label for kind in SERVED_MODELS}
+    except BentoStoreError as e:
+        raise EngineLoadError(" ".join(str(e).split())) from None
 
 
-def _command(host: str, port: int, extra: Sequence[str]) -> list[str]:
+def _command(host: str, port: int, extra: Sequence[str], bento: str | None = None) -> list[str]:
+    target = [bento] if bento is not None else [SERVICE, "--working-dir", str(PROJECT_ROOT)]
     return [
         sys.executable,
         "-m",
         "bentoml",
         "serve",
-        SERVICE,
+        *target,
         "--host",
         host,
         "--port",
         str(port),
-        "--working-dir",
-        str(PROJECT_ROOT),
         *extra,
     ]
 
@@ -90,6 +109,7 @@ def _config(
     challenger_share: float,
     admin_token: str | None,
     clock: Literal["wall", "data"],
+    model_source: Literal["auto", "mlflow", "bentoml"] = "auto",
 ) -> EngineConfig:
     return EngineConfig(
         data=Path(data).resolve(),
@@ -99,6 +119,7 @@ def _config(
         challenger_share=challenger_share,
         policy=Path(policy).resolve() if policy is not None else None,
         clock=clock,
+        model_source=model_source,
     )
 
 
@@ -113,6 +134,8 @@ def serve(
     challenger_share: float = 0.0,
     admin_token: str | None = None,
     clock: Literal["wall", "data"] = "wall",
+    model_source: Literal["auto", "mlflow", "bentoml"] = "auto",
+    bento: str | None = None,
     threads: int | None = None,
     check: bool = True,
     extra_args: Sequence[str] = (),
@@ -128,6 +151,9 @@ def serve(
         challenger_share: share of customers served by the challenger models.
         admin_token: bearer token of the admin endpoints (default ``NEXTBEST_ADMIN_TOKEN``; none: disabled).
         clock: ``wall`` or ``data`` (time runs on from the dataset's last event).
+        model_source: ``auto`` (a Bento's packaged models, else the MLflow registry), ``mlflow`` or
+            ``bentoml`` (the BentoML model store's champions).
+        bento: serve this built Bento (a tag such as ``nextbest:latest``) instead of the working tree.
         threads: request threads of the worker (default 16).
         check: check the features and the champions first (:func:`preflight`).
         extra_args: more ``bentoml serve`` arguments.
@@ -135,12 +161,14 @@ def serve(
     Raises:
         EngineLoadError: the preflight check failed (one line saying what to run first).
     """
-    config = _config(data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock)
+    config = _config(
+        data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock, model_source
+    )
     if check:
-        preflight(config)
+        preflight(config, bento)
     env = service_env(config, threads=threads)
     try:
-        return subprocess.run(_command(host, port, extra_args), env=env, check=False).returncode
+        return subprocess.run(_command(host, port, extra_args, bento), env=env, check=False).returncode
     except KeyboardInterrupt:
         return 130
 
@@ -292,6 +320,8 @@ def start(
     challenger_share: float = 0.0,
     admin_token: str | None = None,
     clock: Literal["wall", "data"] = "wall",
+    model_source: Literal["auto", "mlflow", "bentoml"] = "auto",
+    bento: str | None = None,
     threads: int | None = None,
     log_path: str | Path | None = None,
     extra_env: Mapping[str, str] | None = None,
@@ -304,9 +334,11 @@ def start(
     Raises:
         EngineLoadError: the preflight check failed.
     """
-    config = _config(data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock)
+    config = _config(
+        data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock, model_source
+    )
     if check:
-        preflight(config)
+        preflight(config, bento)
     env = service_env(config, threads=threads)
     env.update(extra_env or {})
     port = port or free_port(host)
@@ -317,7 +349,7 @@ def start(
         out = open(log, "ab")  # noqa: SIM115 -- handed to the child, closed below
     try:
         process = subprocess.Popen(
-            _command(host, port, ()),
+            _command(host, port, (), bento),
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

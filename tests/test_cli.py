@@ -96,7 +96,7 @@ def test_generate_build_train_and_promote_through_the_cli(tmp_path, capsys, monk
     for name in ("precision_at_10", "recall_at_20", "ndcg_at_10", "map_at_10", "new_ndcg_at_10"):
         assert 0.0 <= trained[name] <= 1.0
     assert trained["version"] == "1" and trained["alias"] == "challenger"
-    assert main(["promote", "recommender", "--tracking-uri", uri, "--json", "--quiet"]) == 0
+    assert main(["promote", "recommender", "--tracking-uri", uri, "--json", "--quiet", "--no-bento"]) == 0
     first = _last_json(capsys)
     assert first["promoted"] is True and first["challenger_version"] == "1"
     assert (
@@ -116,7 +116,7 @@ def test_generate_build_train_and_promote_through_the_cli(tmp_path, capsys, monk
         )
         == 0
     )
-    assert main(["promote", "recommender", "--tracking-uri", uri, "--json", "--quiet"]) == 0
+    assert main(["promote", "recommender", "--tracking-uri", uri, "--json", "--quiet", "--no-bento"]) == 0
     second = _last_json(capsys)
     assert second["promoted"] is False and "does not beat" in second["reason"]
 
@@ -147,7 +147,8 @@ def test_train_and_promote_propensity_through_the_cli(tmp_path, capsys, monkeypa
     for key in ("auc", "log_loss", "brier", "ece", "baseline_auc_logreg", "oracle_auc"):
         assert isinstance(trained[key], float), key
     assert 0.5 < trained["oracle_auc"] <= 1.0 and trained["version"] == "1"
-    assert main(["promote", "propensity", "--data", data, "--tracking-uri", uri, "--json", "--quiet"]) == 0
+    flags = ["--json", "--quiet", "--no-bento"]
+    assert main(["promote", "propensity", "--data", data, "--tracking-uri", uri, *flags]) == 0
     assert _last_json(capsys)["promoted"] is True
 
 

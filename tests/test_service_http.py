@@ -9,9 +9,6 @@ same state directory.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +21,7 @@ from features.generate import WorldConfig, generate_world
 from features.pipeline import build_features
 from features.privacy import ERASURE_LOG, id_digest
 from serving.engine import CONTACTS_FILE, DECISIONS_FILE, EVENTS_FILE, EngineLoadError
-from serving.server import PROJECT_ROOT, ServiceProcess, start
+from serving.server import ServiceProcess, start
 from training.cf import train_cf
 from training.propensity_tuning import promote_propensity, train_propensity
 from training.tracking import TrackingConfig, promote_recommender
@@ -463,32 +460,6 @@ def test_missing_models_are_one_line_saying_what_to_run(served, tmp_path):
     with pytest.raises(EngineLoadError, match=r"nextbest train cf --data") as e:
         start(served.ds.root, tracking_uri=f"sqlite:///{tmp_path}/empty/mlflow.db")
     assert "\n" not in str(e.value)
-
-
-def test_bentoml_build_packages_the_service(tmp_path):
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
-    r = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", str(PROJECT_ROOT)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    bentos = list((tmp_path / "bentoml" / "bentos" / "nextbest").glob("*/bento.yaml"))
-    assert len(bentos) == 1
-    text = bentos[0].read_text()
-    assert "service: serving.service:NextBest" in text and "/next_best_action" in text
-    src = bentos[0].parent / "src"
-    for f in (
-        "serving/engine.py",
-        "serving/policies/default.toml",
-        "features/profiles.py",
-        "training/propensity.py",
-    ):
-        assert (src / f).exists(), f
-    assert not (src / "tests").exists() and not (src / "data").exists()
 
 
 def test_the_adaptive_batcher_answers_concurrent_requests_with_one_call():
