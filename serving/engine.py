@@ -899,6 +899,19 @@ class PropensitySlot:
     registered: RegisteredModel
     scorer: Any
     action_ids: frozenset[str]
+    affinity_items: np.ndarray | None = None
+    """Service item index → the item index of the model's customer–action affinity (−1: unknown); None when
+    the model reads no affinity. The affinity's item factors travel with the propensity model, so it is the CF
+    model the propensity model was trained with, whichever recommender the service ranks with."""
+
+    @classmethod
+    def create(cls, registered: RegisteredModel, data: ServingData) -> PropensitySlot:
+        from training.propensity import PropensityScorer
+
+        scorer = PropensityScorer(registered.model)
+        affinity = scorer.affinity
+        items = None if affinity is None else affinity.items.indices(data.item_vocab.ids)
+        return cls(registered, scorer, frozenset(registered.model.encoder.action_ids), items)
 
 
 # --- live state -------------------------------------------------------------------------------------------------
@@ -1031,8 +1044,6 @@ class Engine:
     """
 
     def __init__(self, config: EngineConfig, models: ServingModels, data: ServingData | None = None) -> None:
-        from training.propensity import PropensityScorer
-
         self.config = config
         self.models = models
         self._started_wall = _utcnow()
@@ -1055,10 +1066,7 @@ class Engine:
         self.recommenders = {
             arm: RecommenderSlot.create(r, self.data) for arm, r in models.recommender.items()
         }
-        self.propensities = {
-            arm: PropensitySlot(r, PropensityScorer(r.model), frozenset(r.model.encoder.action_ids))
-            for arm, r in models.propensity.items()
-        }
+        self.propensities = {arm: PropensitySlot.create(r, self.data) for arm, r in models.propensity.items()}
         self.policy = self._load_policy()
         self._bought_attributes = sorted(
             {f.removeprefix("bought_") for f in self.policy.referenced_fields() if f.startswith("bought_")}
@@ -1601,6 +1609,19 @@ class Engine:
             segment["age_band"] = _age_band(merged.get("age"))
         return segment
 
+    @staticmethod
+    def _affinities(slot: PropensitySlot, view: CustomerView) -> dict[str, float] | None:
+        """The customer's customer–action affinities from their interaction row (dataset and live events), as
+        the propensity model was trained to read them; None (missing) when the model reads none, or without the
+        consent to personalise and profile (training rows only see profiling-consented events)."""
+        if slot.affinity_items is None or not view.items:
+            return None
+        if not (view.consent[PERSONALISATION] and view.consent[PROFILING]):
+            return None
+        base = np.fromiter(view.items.keys(), dtype=np.int64, count=len(view.items))
+        weights = np.fromiter(view.items.values(), dtype=np.float64, count=len(view.items))
+        return slot.scorer.affinity.score_indexed(slot.affinity_items[base], weights)
+
     def propensity(self, request: api.PropensityRequest) -> api.PropensityResponse:
         """Calibrated response probabilities of actions for a customer.
 
@@ -1621,7 +1642,11 @@ class Engine:
         view = self._view(cid)
         with _one_torch_thread():
             scores = slot.scorer.score(
-                self._model_features(view), request.action_ids, request.channel, now=now
+                self._model_features(view),
+                request.action_ids,
+                request.channel,
+                now=now,
+                affinities=self._affinities(slot, view),
             )
         return api.PropensityResponse(
             customer_id=cid,
@@ -1672,7 +1697,13 @@ class Engine:
             view = self._view(request.customer_id)
             wanted = [a for a in self.policy.actions if a in pslot.action_ids]
             rows = (
-                pslot.scorer.encoder.encode_one(self._model_features(view), wanted, request.channel, now)
+                pslot.scorer.encoder.encode_one(
+                    self._model_features(view),
+                    wanted,
+                    request.channel,
+                    now,
+                    affinities=self._affinities(pslot, view),
+                )
                 if wanted
                 else None
             )

@@ -518,3 +518,25 @@ def test_batched_answers_equal_single_ones_and_errors_stay_in_place(engine):
         assert scored == pytest.approx(
             {p.action_id: p.propensity for p in alone.propensities if p.action_id in scored}
         )
+
+
+def test_served_propensity_reads_the_customer_action_affinity(engine):
+    """The served probabilities are the model's with the affinities of the customer's own interactions (the
+    same function as offline, on the item factors saved with the propensity model), not with them missing."""
+    from features.interactions import interaction_weights
+
+    scorer = engine.propensities[CHAMPION].scorer
+    assert scorer.affinity is not None and scorer.model.info["affinity"]["from"] == "fit"
+    cid = next(c for c in reversed(consenting_known(engine, 60)) if c not in engine._live)
+    events = engine.data.customer_events(cid).lazy()
+    weights = interaction_weights(events, engine.data.feature_config.interactions).collect()
+    expected = scorer.affinities(dict(zip(weights["item_id"], weights["weight"], strict=True)))
+    assert any(v == v for v in expected.values())  # some action has target items the customer relates to
+    served = engine.propensity(api.PropensityRequest(customer_id=cid, channel="web", context=NOW))
+    got = {p.action_id: p.propensity for p in served.propensities}
+    features = engine._model_features(engine._view(cid))
+    now = datetime.fromisoformat(NOW["now"])
+    with_affinity = scorer.score(features, list(got), "web", now=now, affinities=expected)
+    without = scorer.score(features, list(got), "web", now=now)
+    assert got == pytest.approx(with_affinity, abs=1e-6)
+    assert max(abs(with_affinity[a] - without[a]) for a in got) > 1e-4

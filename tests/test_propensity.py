@@ -37,10 +37,13 @@ from training.propensity import (
 )
 from training.propensity_data import (
     SNAPSHOT_AT,
+    ActionAffinity,
     FeatureEncoder,
     PropensityDataConfig,
     PropensityDataError,
+    action_target_items,
     activity_asof,
+    affinity_asof,
     build_training_table,
     customer_activity,
     derived_action_log,
@@ -685,3 +688,222 @@ def test_generated_world_beats_logistic_regression_and_is_calibrated(tmp_path):
     assert m["auc"] >= m["baseline_auc_logreg"] + 0.02
     assert m["auc"] >= m["oracle_auc"] - 0.12
     assert m["ece"] <= 0.05
+
+
+# --- customer–action affinity from a CF model ----------------------------------------------------------------
+
+
+def _two_factor_affinity(aggregate: str = "mean") -> ActionAffinity:
+    """Brand A's items load on factor 0, brand B's on factor 1; free shipping has no target items."""
+    catalog = pl.DataFrame(
+        {
+            "action_id": ["discount_a", "discount_b", "free_shipping"],
+            "kind": ["discount", "discount", "free_shipping"],
+            "brand": ["A", "B", None],
+        }
+    )
+    items = pl.DataFrame({"item_id": ["A1", "A2", "B1", "B2"], "brand": ["A", "A", "B", "B"]})
+    targets = action_target_items(catalog, items)
+    assert targets == {"discount_a": ["A1", "A2"], "discount_b": ["B1", "B2"], "free_shipping": []}
+    factors = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    return ActionAffinity(
+        ["A1", "A2", "B1", "B2"], factors, regularization=0.1, alpha=2.0, targets=targets, aggregate=aggregate
+    )
+
+
+def test_affinity_known_answer_on_a_two_factor_model():
+    """A customer who bought A1 folds in to x = (c / (1 + λ + c), 0) (c = alpha · weight): brand A's items
+    score x₀, brand B's 0; their mean is x₀/2 and their spread x₀/2, so the standardised affinity is exactly +1
+    for the brand-A discount and −1 for brand B's, whatever the weight."""
+    affinity = _two_factor_affinity()
+    for weight in (1.0, 5.0):
+        x = affinity.user_factors(
+            affinity.interaction_matrix(
+                pl.DataFrame({"customer_id": ["C"], "item_id": ["A1"], "weight": [weight]}), ["C"]
+            )
+        )
+        c = 2.0 * weight
+        assert x[0] == pytest.approx([c / (1 + 0.1 + c), 0.0])
+        got = affinity.score_items({"A1": weight})
+        assert got["discount_a"] == pytest.approx(1.0) and got["discount_b"] == pytest.approx(-1.0)
+        assert math.isnan(got["free_shipping"])
+    # A mixed history leans to the brand bought more; no history (or only unknown items) says nothing.
+    mixed = affinity.score_items({"A1": 1.0, "B2": 3.0})
+    assert mixed["discount_b"] > 0 > mixed["discount_a"]
+    assert all(math.isnan(v) for v in affinity.score_items({"Z9": 5.0}).values())
+    assert all(math.isnan(v) for v in affinity.score_items({}).values())
+    # max over target items: the same here (both A items score alike).
+    assert _two_factor_affinity("max").score_items({"A1": 1.0})["discount_a"] == pytest.approx(1.0)
+
+
+def test_affinity_fold_in_equals_implicit_recalculate_user(rng):
+    import scipy.sparse as sp
+
+    from training.recommenders import ALSConfig, ALSRecommender
+
+    dense = (rng.uniform(size=(60, 25)) < 0.2) * rng.integers(1, 6, size=(60, 25))
+    matrix = sp.csr_matrix(dense.astype(np.float32))
+    als = ALSRecommender(ALSConfig(factors=6, iterations=5, alpha=3.0, regularization=0.5), threads=1)
+    als.fit(matrix)
+    ids = [f"I{i:02d}" for i in range(25)]
+    affinity = ActionAffinity.from_recommender(als, ids, {"all": ids})
+    rows = np.arange(10)
+    expected = als.implicit_model.recalculate_user(rows, matrix[rows])
+    np.testing.assert_allclose(affinity.user_factors(matrix[rows]), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_affinity_round_trips_without_pickle(tmp_path):
+    affinity = _two_factor_affinity("max")
+    affinity.save(tmp_path)
+    loaded = ActionAffinity.load(tmp_path)
+    assert loaded is not None and loaded.aggregate == "max" and loaded.action_ids == affinity.action_ids
+    history = {"A2": 1.0, "B1": 4.0}
+    assert loaded.score_items(history) == pytest.approx(affinity.score_items(history), nan_ok=True)
+    assert ActionAffinity.load(tmp_path / "nothing") is None
+
+
+def test_affinity_at_a_snapshot_sees_only_earlier_interactions():
+    """C1 views brand A before the snapshot and buys brand B after it: the affinity at the snapshot favours A,
+    and later events change nothing; moved before the snapshot, the B purchases turn it round."""
+    from features.interactions import InteractionConfig
+
+    affinity = _two_factor_affinity()
+    snapshot = T0 + timedelta(days=7)
+
+    def events(b_day: float) -> pl.DataFrame:
+        return pl.DataFrame(
+            {
+                "customer_id": ["C1", "C1", "C1", "C1"],
+                "item_id": ["A1", "A2", "B1", "B2"],
+                "event_type": ["view", "view", "purchase", "purchase"],
+                "timestamp": [T0 + timedelta(days=1), T0 + timedelta(days=2)]
+                + [T0 + timedelta(days=b_day)] * 2,
+            }
+        )
+
+    rows = pl.DataFrame(
+        {
+            "customer_id": ["C1", "C1", "C1", "C2"],
+            "action_id": ["discount_a", "discount_b", "free_shipping", "discount_a"],
+            SNAPSHOT_AT: [snapshot, snapshot, snapshot, None],
+        }
+    )
+    config = InteractionConfig()
+    later = affinity_asof(rows, events(9.0), affinity, config).to_list()
+    only_before = affinity_asof(rows, events(9.0).head(2), affinity, config).to_list()
+    assert later == only_before
+    assert later[0] == pytest.approx(1.0) and later[1] == pytest.approx(-1.0)
+    assert later[2] is None and later[3] is None
+    earlier = affinity_asof(rows, events(3.0), affinity, config).to_list()
+    assert earlier[1] > 0 > earlier[0]
+
+
+@pytest.fixture(scope="module")
+def affinity_world(tmp_path_factory):
+    from features.generate import WorldConfig, generate_world
+    from training.propensity_data import load_propensity_data
+
+    ds = Dataset.at(tmp_path_factory.mktemp("affinity") / "world")
+    generate_world(WorldConfig(customers=300, days=90, seed=5, exposures_per_customer=8), ds)
+    data = load_propensity_data(ds)
+    fit = fit_propensity(data, PropensityConfig(epochs=2, hidden_sizes=[16], batch_size=512), device="cpu")
+    return ds, data, fit.model
+
+
+def test_affinity_is_an_input_recorded_with_the_data_and_the_model(affinity_world):
+    _, data, model = affinity_world
+    assert data.affinity is not None and data.affinity.source["from"] == "fit"
+    assert data.summary()["affinity"]["trained_until"] == data.validation_start.isoformat()
+    assert "cf_affinity" in model.encoder.spec.pair_numeric and "cf_affinity" not in data.customer_columns
+    assert model.info["affinity"] == data.affinity.source
+    table = pl.concat([data.train, data.validation, data.test]).join(
+        data.catalog.select("action_id", "kind"), on="action_id"
+    )
+    known = table.group_by("kind").agg(pl.col("cf_affinity").is_not_null().mean().alias("known"))
+    known = dict(known.iter_rows())
+    # Discounts and bundles have target items (their brand's, their sport's); the rest have none.
+    assert known["discount"] > 0.5 and known["bundle"] > 0.5
+    assert known["free_shipping"] == known["none"] == known["newsletter"] == 0.0
+    off = PropensityDataConfig(affinity=False)
+    assert PropensityDataConfig.model_validate_json(off.model_dump_json()) == off
+
+
+def test_affinity_online_equals_offline_and_travels_with_the_model(affinity_world, tmp_path):
+    from features.interactions import InteractionConfig, interaction_weights
+    from features.pipeline import FeatureConfig, clean_events
+
+    ds, data, model = affinity_world
+    scorer = PropensityScorer.load(model.save(tmp_path / "model"))
+    assert scorer.affinity is not None
+    events = clean_events(ds, FeatureConfig(), purpose="profiling").collect()
+    rows = data.test.filter(pl.col("cf_affinity").is_not_null()).head(5)
+    assert rows.height == 5
+    offline = scorer.score_frame(rows)
+    for k, row in enumerate(rows.iter_rows(named=True)):
+        past = events.lazy().filter(
+            (pl.col("customer_id") == row["customer_id"]) & (pl.col("timestamp") < row[SNAPSHOT_AT])
+        )
+        weights = interaction_weights(past, InteractionConfig()).collect()
+        online = scorer.affinities(dict(zip(weights["item_id"], weights["weight"], strict=True)))
+        assert online[row["action_id"]] == pytest.approx(row["cf_affinity"], rel=1e-9)
+        customer = {c: row[c] for c in data.customer_columns}
+        p = scorer.score(
+            customer, [row["action_id"]], row["channel"], now=row["timestamp"], affinities=online
+        )
+        assert p[row["action_id"]] == pytest.approx(float(offline[k]), abs=1e-6)
+
+
+def test_affinity_takes_the_registered_als_trained_on_the_same_data(affinity_world, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from features.pipeline import build_features
+    from training.cf import train_cf
+    from training.propensity_data import (
+        champion_affinity_config,
+        load_propensity_data,
+        registered_recommender,
+    )
+    from training.tracking import TrackingConfig
+
+    ds, _, _ = affinity_world
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    assert registered_recommender(ds, tracking_uri=uri) is None  # no registry yet
+    previous = mlflow.get_tracking_uri()
+    try:
+        build_features(ds)
+        tracking = TrackingConfig(tracking_uri=uri)
+        train_cf(
+            ds, "als", {"factors": 8, "iterations": 3}, tracking=tracking, evaluate_test=False, threads=1
+        )
+        found = registered_recommender(ds, tracking_uri=uri, alias="challenger")
+        assert found is not None
+        bundle, label = found
+        assert label == "nextbest-recommender/1"
+        assert (
+            registered_recommender(Dataset.at(tmp_path / "other"), tracking_uri=uri, alias="challenger")
+            is None
+        )
+        data = load_propensity_data(ds, recommender=bundle, recommender_label=label)
+        assert data.affinity is not None and data.affinity.source["from"] == "registry"
+        assert data.affinity.source["registered_model"] == label and data.affinity.n_factors == 8
+        forced = load_propensity_data(
+            ds, PropensityDataConfig(affinity_source="fit"), recommender=bundle, recommender_label=label
+        )
+        assert forced.affinity is not None and forced.affinity.source["from"] == "fit"
+        # train/tune propensity: the champion's hyperparameters, refitted on the training period (no leakage)
+        assert champion_affinity_config(ds, PropensityDataConfig(), tracking_uri=uri) == (
+            PropensityDataConfig(),
+            None,
+        )  # a challenger only: no champion yet
+        MlflowClient(uri).set_registered_model_alias("nextbest-recommender", "champion", "1")
+        config, label = champion_affinity_config(ds, PropensityDataConfig(), tracking_uri=uri)
+        assert label == "nextbest-recommender/1"
+        assert (config.affinity_als.factors, config.affinity_als.iterations) == (8, 3)
+        off = PropensityDataConfig(affinity_source="fit")
+        assert champion_affinity_config(ds, off, tracking_uri=uri) == (off, None)
+        refit = load_propensity_data(ds, config, recommender_label=label)
+        assert refit.affinity is not None and refit.affinity.n_factors == 8
+        assert refit.affinity.source["from"] == "fit" and refit.affinity.source["config_from"] == label
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -6,8 +6,10 @@ responses), which shifts its raw probabilities; a calibration map fitted on the 
 by default) undoes the shift, and the later test period shows whether it holds.
 
 Learned state is saved without pickling objects: ``model.pt`` holds the network's tensors (loaded with
-``weights_only=True``), ``model.json`` the config, encoder vocabularies, normalisation and calibration, and
-``catalog.parquet`` the action catalogue.
+``weights_only=True``), ``model.json`` the config, encoder vocabularies, normalisation and calibration,
+``catalog.parquet`` the action catalogue and, when the model reads the customer–action affinity,
+``affinity.npz``/``affinity.json`` the CF item factors and target items it is computed from (the directory is
+self-contained: serving needs no recommender to compute it).
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ from tqdm.auto import tqdm
 
 from features.schema import ACTION_ID, RESPONDED
 from training.device import select_device
-from training.propensity_data import P_TRUE, EncodedRows, EncoderState, FeatureEncoder, PropensityData
+from training.propensity_data import (
+    AFFINITY,
+    P_TRUE,
+    ActionAffinity,
+    EncodedRows,
+    EncoderState,
+    FeatureEncoder,
+    PropensityData,
+)
 
 MODEL_FILE = "model.pt"
 META_FILE = "model.json"
@@ -390,7 +400,9 @@ class PropensityModel:
         encoder: the fitted feature encoder (with the action catalogue).
         net: the network (in eval mode).
         calibration: the calibration map.
-        info: training facts kept with the model (periods, rows, target).
+        info: training facts kept with the model (periods, rows, target, affinity source).
+        affinity: the customer–action affinity model whose values feed the ``cf_affinity`` input (None when the
+            model does not read it).
     """
 
     def __init__(
@@ -400,12 +412,14 @@ class PropensityModel:
         net: PropensityNet,
         calibration: Calibration,
         info: Mapping[str, Any] | None = None,
+        affinity: ActionAffinity | None = None,
     ) -> None:
         self.config = config
         self.encoder = encoder
         self.net = net.eval()
         self.calibration = calibration
         self.info = dict(info or {})
+        self.affinity = affinity if AFFINITY in encoder.spec.pair_numeric else None
 
     @property
     def device(self) -> torch.device:
@@ -453,6 +467,8 @@ class PropensityModel:
         }
         (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         self.encoder.catalog.write_parquet(out / CATALOG_FILE)
+        if self.affinity is not None:
+            self.affinity.save(out)
         return out
 
     @classmethod
@@ -477,7 +493,16 @@ class PropensityModel:
         )
         net = build_net(meta["cardinalities"], meta["n_numeric"], config)
         net.load_state_dict(torch.load(src / MODEL_FILE, map_location="cpu", weights_only=True))
-        model = cls(config, encoder, net, Calibration.model_validate(meta["calibration"]), meta.get("info"))
+        model = cls(
+            config,
+            encoder,
+            net,
+            Calibration.model_validate(meta["calibration"]),
+            meta.get("info"),
+            affinity=ActionAffinity.load(src),
+        )
+        if AFFINITY in encoder.spec.pair_numeric and model.affinity is None:
+            raise PropensityModelError(f"{src} reads {AFFINITY} but holds no affinity.json / affinity.npz")
         return model.to(select_device(device))
 
 
@@ -646,7 +671,7 @@ def fit_propensity(
         net.load_state_dict(best_state)
         net.eval()
 
-    model = PropensityModel(config, encoder, net, Calibration(), info={})
+    model = PropensityModel(config, encoder, net, Calibration(), info={}, affinity=data.affinity)
     val_logits = model.logits(enc_val)
     model.calibration = fit_calibration(val_logits, y_val, config.calibration)
     model.info = {
@@ -658,6 +683,7 @@ def fit_propensity(
         "best_epoch": best_epoch,
         "pos_weight": pos_weight,
         "trained_at": datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="seconds"),
+        "affinity": None if model.affinity is None else model.affinity.source,
     }
     epochs_run = len(history)
     return PropensityFit(
@@ -873,6 +899,16 @@ class PropensityScorer:
     def action_ids(self) -> list[str]:
         return self.encoder.action_ids
 
+    @property
+    def affinity(self) -> ActionAffinity | None:
+        """The customer–action affinity model the network reads (None: it reads none)."""
+        return self.model.affinity
+
+    def affinities(self, item_weights: Mapping[str, float]) -> dict[str, float] | None:
+        """The customer's ``cf_affinity`` per action from their interaction weights by item id (all their
+        events so far, weighted as the features weight them); None when the model reads no affinity."""
+        return None if self.affinity is None else self.affinity.score_items(item_weights)
+
     def score(
         self,
         customer_features: Mapping[str, Any],
@@ -880,6 +916,7 @@ class PropensityScorer:
         channel: str | None = None,
         *,
         now: datetime | None = None,
+        affinities: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
         """Calibrated response probabilities of ``action_ids`` (default: the whole catalogue) for one customer.
 
@@ -889,6 +926,8 @@ class PropensityScorer:
             action_ids: actions to score; ids the model's catalogue does not know are left out of the answer.
             channel: the request's channel.
             now: the request time (default: the current UTC time).
+            affinities: action id → the customer's ``cf_affinity`` (:meth:`affinities`); without it the
+                affinity counts as missing.
 
         Returns:
             action id → probability, in the order asked.
@@ -897,7 +936,7 @@ class PropensityScorer:
         ids = self.encoder.action_ids if action_ids is None else self.encoder.known_actions(action_ids)
         if not ids:
             return {}
-        rows = self.encoder.encode_one(customer_features, ids, channel, at)
+        rows = self.encoder.encode_one(customer_features, ids, channel, at, affinities=affinities)
         with torch.inference_mode():
             z = self.model.net(torch.from_numpy(rows.categorical), torch.from_numpy(rows.numeric)).numpy()
         p = self.model.calibration.apply(z)

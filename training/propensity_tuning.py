@@ -41,7 +41,12 @@ from training.propensity import (
     reliability_plot,
     roc_auc,
 )
-from training.propensity_data import PropensityData, PropensityDataConfig, load_propensity_data
+from training.propensity_data import (
+    PropensityData,
+    PropensityDataConfig,
+    champion_affinity_config,
+    load_propensity_data,
+)
 from training.tracking import (
     DataManifest,
     PromotionDecision,
@@ -293,6 +298,17 @@ def log_propensity_run(
     )
 
 
+def _load_data(
+    ds: Dataset, data_config: PropensityDataConfig, tracking: TrackingConfig, *, progress: bool
+) -> PropensityData:
+    """The propensity table; the CF affinity's ALS takes the registered champion recommender's
+    hyperparameters when there is one (refitted on the training period: see ``champion_affinity_config``)."""
+    data_config, label = champion_affinity_config(
+        ds, data_config, tracking_uri=resolve_tracking_uri(tracking)
+    )
+    return load_propensity_data(ds, data_config, progress=progress, recommender_label=label)
+
+
 def train_propensity(
     data: Dataset | str | Path,
     config: PropensityConfig | dict[str, Any] | None = None,
@@ -327,7 +343,7 @@ def train_propensity(
     typed = config if isinstance(config, PropensityConfig) else PropensityConfig.model_validate(config or {})
     data_config = data_config or PropensityDataConfig()
     tracking = propensity_tracking(tracking)
-    table = prepared or load_propensity_data(ds, data_config, progress=progress)
+    table = prepared or _load_data(ds, data_config, tracking, progress=progress)
     fit = fit_propensity(table, typed, device=device, progress=progress)
     report = evaluate_propensity(fit, table)
     summary = {"command": "train propensity", "dataset": str(ds.root), **_summary(report, fit, table, typed)}
@@ -428,7 +444,7 @@ def tune_propensity(
     base = config if isinstance(config, PropensityConfig) else PropensityConfig.model_validate(config or {})
     data_config = data_config or PropensityDataConfig()
     tracking = propensity_tracking(tracking)
-    table = prepared or load_propensity_data(ds, data_config, progress=progress)
+    table = prepared or _load_data(ds, data_config, tracking, progress=progress)
     experiment = tracking.experiment or experiment_name(ds)
     storage_url = storage or tracking_module.default_optuna_storage(tracking)
     name = study_name or f"{experiment}-val_log_loss"
