@@ -386,47 +386,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tuning: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="nextbest-cj-") as tmp:
         off = TrackingConfig(enabled=False, tracking_uri=f"sqlite:///{tmp}/mlflow.db")
-        t = time.perf_counter()
-        als = tune_cf(
-            ds,
-            "als",
-            trials=args.als_trials,
-            timeout=args.als_timeout,
-            storage=f"sqlite:///{tmp}/optuna.db",
-            metric="new_ndcg_at_10",
-            tracking=off,
-            evaluate_test=False,
-            seed=args.seed,
-            prepared=tune_data,
-        )
-        tuning["als"] = {
-            "trials": als.trials,
-            "complete": als.complete,
-            "pruned": als.pruned,
-            "best_validation_new_ndcg_at_10": als.best_value,
-            "config": als.best.config.model_dump(mode="json"),
-            "seconds": time.perf_counter() - t,
-        }
-        _log(f"ALS study: {als.trials} trials ({als.pruned} pruned), best {als.best.config!r}")
-        t = time.perf_counter()
-        repeat = tune_cf(
-            ds,
-            "repeat",
-            trials=args.repeat_trials,
-            storage=f"sqlite:///{tmp}/optuna.db",
-            metric="ndcg_at_10",
-            tracking=off,
-            evaluate_test=False,
-            seed=args.seed,
-            prepared=tune_data,
-        )
-        tuning["repeat"] = {
-            "trials": repeat.trials,
-            "best_validation_ndcg_at_10": repeat.best_value,
-            "config": repeat.best.config.model_dump(mode="json"),
-            "seconds": time.perf_counter() - t,
-        }
-        _log(f"repeat study: best {repeat.best.config!r}")
+
+        def study(model: str, metric: str, trials: int, timeout: float | None = None) -> Any:
+            """One Optuna study on the validation period; its summary goes into ``tuning[model]``."""
+            t = time.perf_counter()
+            result = tune_cf(
+                ds,
+                model,
+                trials=trials,
+                timeout=timeout,
+                storage=f"sqlite:///{tmp}/optuna.db",
+                metric=metric,
+                tracking=off,
+                evaluate_test=False,
+                seed=args.seed,
+                prepared=tune_data,
+            )
+            tuning[model] = {
+                "trials": result.trials,
+                "complete": result.complete,
+                "pruned": result.pruned,
+                f"best_validation_{metric}": result.best_value,
+                "config": result.best.config.model_dump(mode="json"),
+                "seconds": time.perf_counter() - t,
+            }
+            _log(
+                f"{model} study: {result.trials} trials ({result.pruned} pruned), best {result.best.config!r}"
+            )
+            return result
+
+        als = study("als", "new_ndcg_at_10", args.als_trials, args.als_timeout)
+        repeat = study("repeat", "ndcg_at_10", args.repeat_trials)
     t = time.perf_counter()
     blend, blend_info = tune_blend(
         tune_data,

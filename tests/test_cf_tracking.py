@@ -119,6 +119,12 @@ def test_study_resumes_from_its_storage(study, world, prepared, tracking):
     assert again.parent_run_id == result.parent_run_id
     loaded = optuna.load_study(study_name=result.study_name, storage=storage)
     assert len(loaded.trials) == 5
+    # The best trial's model is registered once: a resumed study whose best did not change keeps that version.
+    first, second = result.to_dict()["version"], again.to_dict()["version"]
+    if again.best_trial == 4:  # the new trial is the new best: a new version
+        assert second != first
+    else:
+        assert again.best_trial == result.best_trial and second == first
 
 
 def test_promotion_needs_a_better_challenger(study, world, prepared, tracking):

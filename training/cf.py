@@ -52,6 +52,9 @@ from training.tracking import (
     log_run_inputs,
     log_trial_run,
     mask_credentials,
+    open_study,
+    registered_best,
+    remember_registered_best,
     run_name,
     run_tags,
     study_parent_run,
@@ -727,16 +730,13 @@ def tune_cf(
 
     storage_url = storage or default_optuna_storage(tracking)
     name = study_name or f"{experiment}-{model}-{metric}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage_url,
+    study = open_study(
+        storage_url,
+        name,
         direction="maximize",
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0, interval_steps=1),
-        load_if_exists=True,
+        seed=seed,
     )
-    # A resumed study draws from a different stream than its first session did.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
 
     client = parent_id = None
     experiment_id = ""
@@ -847,18 +847,22 @@ def tune_cf(
 
                 plots.study_artifacts(study, out, metric=metric, title=f"{model}: {metric}")
 
-            with mlflow.start_run(run_id=parent_id):
-                mlflow.log_metrics(
-                    {"best_value": best.value, "best_trial": best.number, "trials": len(states)}
-                )
-                log_run_inputs(
-                    _run_configs(model, best_config, evaluation, data_, seed, threads),
-                    data_.manifest(),
-                    mutable=True,
-                )
-                logged = _log_outcome(
-                    outcome, data_, tracking, ks=ks, extra_artifacts=study_plots, params_as_tags=True
-                )
+            # Another worker of this study may have finished first with the same best trial: keep its version.
+            logged = registered_best(study, best.number)
+            if logged is None:
+                with mlflow.start_run(run_id=parent_id):
+                    mlflow.log_metrics(
+                        {"best_value": best.value, "best_trial": best.number, "trials": len(states)}
+                    )
+                    log_run_inputs(
+                        _run_configs(model, best_config, evaluation, data_, seed, threads),
+                        data_.manifest(),
+                        mutable=True,
+                    )
+                    logged = _log_outcome(
+                        outcome, data_, tracking, ks=ks, extra_artifacts=study_plots, params_as_tags=True
+                    )
+                remember_registered_best(study, best.number, logged)
             info = {
                 "run_id": parent_id,
                 "experiment": experiment,

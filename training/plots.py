@@ -28,6 +28,16 @@ def _figure(width: float = 9.0, height: float = 4.0, ncols: int = 1) -> tuple[An
     return fig, axes
 
 
+def _finish(fig: Any, labelled: Any, legend: Any, path: Path, title: str) -> Path:
+    """Label the value axis, add the legend and the title, save ``fig`` to ``path``."""
+    labelled.set_ylabel("value")
+    legend.legend(loc="best", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def metrics_by_k(metrics: dict[str, float], ks: Sequence[int], path: Path, *, title: str = "") -> Path:
     """Line plot of every list metric against K: repeats counted (left) and discovery (right)."""
     fig, axes = _figure(ncols=2)
@@ -40,12 +50,7 @@ def metrics_by_k(metrics: dict[str, float], ks: Sequence[int], path: Path, *, ti
         ax.set_title(label)
         ax.set_xticks(list(ks))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("value")
-    axes[1].legend(loc="best", fontsize="small")
-    if title:
-        fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    return path
+    return _finish(fig, axes[0], axes[1], path, title)
 
 
 def best_so_far(values: Sequence[float], *, minimize: bool = False) -> list[float]:
@@ -140,12 +145,7 @@ def segment_bars(
         ax.grid(alpha=0.3, axis="y")
     if not segments:
         axes[0].text(0.5, 0.5, "no segments", ha="center", va="center")
-    axes[0].set_ylabel("value")
-    axes[0].legend(loc="best", fontsize="small")
-    if title:
-        fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    return path
+    return _finish(fig, axes[0], axes[0], path, title)
 
 
 def study_artifacts(study: Any, out: Path, *, metric: str, title: str = "") -> list[Path]:

@@ -55,9 +55,12 @@ from training.tracking import (
     log_run_inputs,
     log_trial_run,
     mask_credentials,
+    open_study,
     promote,
     quiet_mlflow,
     register_logged_model,
+    registered_best,
+    remember_registered_best,
     resolve_tracking_uri,
     run_name,
     run_tags,
@@ -448,19 +451,13 @@ def tune_propensity(
     experiment = tracking.experiment or experiment_name(ds)
     storage_url = storage or tracking_module.default_optuna_storage(tracking)
     name = study_name or f"{experiment}-val_log_loss"
-    storage_file = tracking_module.sqlite_path(storage_url)
-    if storage_file is not None:
-        storage_file.parent.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage_url,
+    study = open_study(
+        storage_url,
+        name,
         direction="minimize",
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2, interval_steps=1),
-        load_if_exists=True,
+        seed=seed,
     )
-    # A resumed study draws from a different stream than its first session did.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
 
     client = parent_id = None
     experiment_id = ""
@@ -556,25 +553,29 @@ def tune_propensity(
 
                 plots.study_artifacts(study, out, metric="val_log_loss", title="propensity: val_log_loss")
 
-            with mlflow.start_run(run_id=parent_id):
-                mlflow.log_metrics(
-                    {"best_value": float(best.value), "best_trial": best.number, "trials": len(states)}
-                )
-                log_run_inputs(
-                    _run_configs(best_config, data_config, device),
-                    data_manifest(ds, table, data_config),
-                    mutable=True,
-                )
-                logged = log_propensity_run(
-                    fit,
-                    report,
-                    table,
-                    ds,
-                    tracking,
-                    data_config=data_config,
-                    params_as_tags=True,
-                    extra_artifacts=study_plots,
-                )
+            # Another worker of this study may have finished first with the same best trial: keep its version.
+            logged = registered_best(study, best.number)
+            if logged is None:
+                with mlflow.start_run(run_id=parent_id):
+                    mlflow.log_metrics(
+                        {"best_value": float(best.value), "best_trial": best.number, "trials": len(states)}
+                    )
+                    log_run_inputs(
+                        _run_configs(best_config, data_config, device),
+                        data_manifest(ds, table, data_config),
+                        mutable=True,
+                    )
+                    logged = log_propensity_run(
+                        fit,
+                        report,
+                        table,
+                        ds,
+                        tracking,
+                        data_config=data_config,
+                        params_as_tags=True,
+                        extra_artifacts=study_plots,
+                    )
+                remember_registered_best(study, best.number, logged)
             summary.update(
                 {
                     "run_id": parent_id,

@@ -27,12 +27,12 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict
@@ -57,6 +57,7 @@ TAG_ALIAS = "nextbest.alias"
 ALIAS_PRECEDENCE = (CHAMPION, CHALLENGER, PREVIOUS_CHAMPION)
 """A run whose registered versions hold several aliases is tagged with the first of these it holds."""
 Stage = Literal["train", "study", "trial"]
+T = TypeVar("T")
 
 
 class TrackingConfig(BaseModel):
@@ -125,18 +126,100 @@ def use_tracking(config: TrackingConfig, default_experiment: str) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = config.experiment or default_experiment
-    client = MlflowClient(uri, uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri))
-    except Exception:
-        # Another worker created it between our lookup and create.
+
+    def experiment_id() -> str:
+        client = MlflowClient(uri, uri)
         exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri))
+        except Exception:
+            # Another worker created it between our lookup and create.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    # Workers started together against a new SQLite file race to create and migrate MLflow's tables.
+    with sqlite_init_lock(db):
+        return with_retries(experiment_id, what=f"the MLflow store at {mask_credentials(uri)}")
+
+
+@contextmanager
+def sqlite_init_lock(db: Path | None):
+    """Hold an exclusive lock on ``<db>.init.lock`` (nothing for a server URI, ``db`` None): processes on one
+    machine that open a new SQLite store at once create its tables one after the other, not concurrently."""
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def with_retries(work: Callable[[], T], *, what: str, attempts: int = 8) -> T:
+    """``work()``, retried with a short randomised back-off when the database says another writer got there
+    first (tables or a row created concurrently, a locked SQLite file): how several tuning workers can start
+    at once against one new storage.
+
+    Raises:
+        StudyStorageError: still failing after ``attempts`` tries (the message names ``what`` and the cause).
+    """
+    import random
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return work()
+        except Exception as exc:
+            retryable = isinstance(exc, IntegrityError | OperationalError) or isinstance(
+                getattr(exc, "__cause__", None), IntegrityError | OperationalError
+            )
+            if not retryable:
+                raise
+            if attempt == attempts - 1:
+                raise StudyStorageError(
+                    f"{what}: still failing after {attempts} tries: {str(exc).splitlines()[0]}"
+                ) from exc
+            time.sleep(0.1 * (attempt + 1) + random.random() * 0.2)
+    raise AssertionError("unreachable")
+
+
+class StudyStorageError(RuntimeError):
+    """An Optuna or MLflow store could not be opened (after retrying concurrent initialisation)."""
+
+
+def open_study(storage: str, name: str, *, direction: str, pruner: Any, seed: int) -> Any:
+    """Create the Optuna study ``name`` in ``storage``, or load it to resume or to join other workers.
+
+    Several workers may start at once against one RDB URL: the race to create the tables and the study is
+    retried (:func:`with_retries`). The TPE sampler is seeded with ``seed`` plus the trials already in the study,
+    so a resumed study draws a fresh stream, and uses the constant-liar heuristic so that concurrent workers do
+    not all sample next to the same promising point (give each worker its own ``seed``).
+    """
+    import optuna
+
+    db = sqlite_path(storage)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with sqlite_init_lock(db):
+        study = with_retries(
+            lambda: optuna.create_study(
+                study_name=name, storage=storage, direction=direction, pruner=pruner, load_if_exists=True
+            ),
+            what=f"Optuna study {name!r} in {mask_credentials(storage)}",
+        )
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), constant_liar=True)
+    return study
 
 
 def flat_params(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -322,8 +405,36 @@ def study_parent_run(
     client.log_param(run.info.run_id, "study_name", study.study_name)
     client.log_param(run.info.run_id, "storage", mask_credentials(storage))
     client.log_param(run.info.run_id, "objective", objective)
-    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
-    return run.info.run_id
+    # Workers that start together each find no parent and create one; all of them then adopt the earliest
+    # (ties broken by run id), and the others delete theirs, so the study ends with one parent run.
+    parents = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`optuna.study` = '{study.study_name}' and tags.`{TAG_STAGE}` = 'study'",
+        max_results=1000,
+    )
+    earliest = min(parents, key=lambda r: (r.info.start_time, r.info.run_id), default=run)
+    parent_id = earliest.info.run_id
+    if parent_id != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    study.set_user_attr("mlflow_parent_run_id", parent_id)
+    return parent_id
+
+
+REGISTERED_BEST_ATTR = "nextbest_registered_best"
+
+
+def registered_best(study: Any, trial: int) -> dict[str, Any] | None:
+    """What was logged for trial ``trial`` as the study's best model, when a worker of this study already logged
+    and registered it (read fresh from the storage); None otherwise."""
+    found = study.user_attrs.get(REGISTERED_BEST_ATTR)
+    return dict(found["logged"]) if found and found.get("trial") == trial else None
+
+
+def remember_registered_best(study: Any, trial: int, logged: Mapping[str, Any]) -> None:
+    """Record on the study that trial ``trial``'s model was logged and registered, so that another worker of the
+    same study finishing later does not register the same model again (:func:`registered_best`)."""
+    plain = {k: v for k, v in logged.items() if v is None or isinstance(v, str | int | float | bool)}
+    study.set_user_attr(REGISTERED_BEST_ATTR, {"trial": trial, "logged": plain})
 
 
 def log_trial_run(

@@ -1,0 +1,83 @@
+"""Several `nextbest tune cf` workers started at once against one new Optuna storage and one new MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from features.dataset import Dataset
+from features.generate import WorldConfig, generate_world
+from features.pipeline import build_features
+from training.tracking import REGISTERED_MODEL, TAG_STAGE
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+WORKERS = 2
+TRIALS = 3
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Dataset:
+    ds = Dataset.at(tmp_path_factory.mktemp("workers") / "world")
+    generate_world(WorldConfig(customers=300, days=120, seed=4), ds)
+    build_features(ds)
+    return ds
+
+
+def test_workers_share_one_study_one_parent_run_and_register_the_best(world, tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"  # neither file exists yet: the workers race to create both
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri}
+    argv = [sys.executable, "-m", "serving.cli", "tune", "cf", "--data", str(world.root), "--model", "als"]
+    argv += ["--trials", str(TRIALS), "--storage", storage, "--study", "shared", "--json", "--quiet"]
+    procs = [
+        subprocess.Popen(
+            [*argv, "--seed", str(seed)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        for seed in range(WORKERS)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        assert "Traceback" not in err
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+    # One study holding every worker's trials, each with its own configuration (seeds differ).
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert len(study.trials) == WORKERS * TRIALS
+    configs = {json.dumps(t.user_attrs["config"], sort_keys=True) for t in study.trials}
+    assert len(configs) == WORKERS * TRIALS
+
+    # One parent run (the losers of the race deleted theirs) with a nested run per trial.
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("world")
+    parents = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{TAG_STAGE}` = 'study'", max_results=100
+    )
+    assert len(parents) == 1
+    parent = parents[0].info.run_id
+    assert {s["run_id"] for s in summaries} == {parent}
+    nested = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=100
+    )
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in nested) == list(range(WORKERS * TRIALS))
+
+    # The worker that finished last saw every trial: its registered model is the study's best, and a version
+    # is registered once per distinct best trial (never twice for the same one).
+    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+    assert 1 <= len(versions) <= WORKERS
+    challenger = client.get_model_version_by_alias(REGISTERED_MODEL, "challenger")
+    last = max(summaries, key=lambda s: int(s["version"]))
+    assert str(challenger.version) == last["version"]
+    assert client.get_run(parent).data.metrics["best_value"] == pytest.approx(study.best_value)
