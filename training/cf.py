@@ -53,8 +53,7 @@ from training.tracking import (
     log_trial_run,
     mask_credentials,
     open_study,
-    registered_best,
-    remember_registered_best,
+    register_study_best,
     run_name,
     run_tags,
     study_parent_run,
@@ -847,9 +846,7 @@ def tune_cf(
 
                 plots.study_artifacts(study, out, metric=metric, title=f"{model}: {metric}")
 
-            # Another worker of this study may have finished first with the same best trial: keep its version.
-            logged = registered_best(study, best.number)
-            if logged is None:
+            def register() -> dict[str, Any]:
                 with mlflow.start_run(run_id=parent_id):
                     mlflow.log_metrics(
                         {"best_value": best.value, "best_trial": best.number, "trials": len(states)}
@@ -859,10 +856,11 @@ def tune_cf(
                         data_.manifest(),
                         mutable=True,
                     )
-                    logged = _log_outcome(
+                    return _log_outcome(
                         outcome, data_, tracking, ks=ks, extra_artifacts=study_plots, params_as_tags=True
                     )
-                remember_registered_best(study, best.number, logged)
+
+            logged = register_study_best(study, best.number, tracking, register)
             info = {
                 "run_id": parent_id,
                 "experiment": experiment,

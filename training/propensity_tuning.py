@@ -59,8 +59,7 @@ from training.tracking import (
     promote,
     quiet_mlflow,
     register_logged_model,
-    registered_best,
-    remember_registered_best,
+    register_study_best,
     resolve_tracking_uri,
     run_name,
     run_tags,
@@ -553,9 +552,7 @@ def tune_propensity(
 
                 plots.study_artifacts(study, out, metric="val_log_loss", title="propensity: val_log_loss")
 
-            # Another worker of this study may have finished first with the same best trial: keep its version.
-            logged = registered_best(study, best.number)
-            if logged is None:
+            def register() -> dict[str, Any]:
                 with mlflow.start_run(run_id=parent_id):
                     mlflow.log_metrics(
                         {"best_value": float(best.value), "best_trial": best.number, "trials": len(states)}
@@ -565,7 +562,7 @@ def tune_propensity(
                         data_manifest(ds, table, data_config),
                         mutable=True,
                     )
-                    logged = log_propensity_run(
+                    return log_propensity_run(
                         fit,
                         report,
                         table,
@@ -575,7 +572,8 @@ def tune_propensity(
                         params_as_tags=True,
                         extra_artifacts=study_plots,
                     )
-                remember_registered_best(study, best.number, logged)
+
+            logged = register_study_best(study, best.number, tracking, register)
             summary.update(
                 {
                     "run_id": parent_id,

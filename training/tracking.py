@@ -437,6 +437,36 @@ def remember_registered_best(study: Any, trial: int, logged: Mapping[str, Any]) 
     study.set_user_attr(REGISTERED_BEST_ATTR, {"trial": trial, "logged": plain})
 
 
+def register_study_best(
+    study: Any, trial: int, tracking: TrackingConfig, register: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Log and register trial ``trial``'s refitted model as the study's best, once, whichever worker gets here.
+
+    Workers of one study finish at different times, each with the best of the trials it could see. Under a lock
+    (a file beside a SQLite store; none for a server, where the window is the registry's own), the study's best
+    is read again: a worker whose trial is no longer the best registers nothing (the worker finishing last sees
+    every trial and registers the true best), and a trial already registered is not registered twice.
+
+    Args:
+        study: the Optuna study.
+        trial: the trial whose configuration was refitted.
+        tracking: where the registry is.
+        register: logs into the parent run and registers; returns what :func:`register_logged_model` returns.
+
+    Returns:
+        what was registered for the study's best (``version`` …), or ``{"registered_by": "another worker"}``.
+    """
+    with sqlite_init_lock(sqlite_path(resolve_tracking_uri(tracking))):
+        best = study.best_trial.number
+        if best != trial:
+            return registered_best(study, best) or {"registered_by": "another worker"}
+        logged = registered_best(study, trial)
+        if logged is None:
+            logged = register()
+            remember_registered_best(study, trial, logged)
+        return logged
+
+
 def log_trial_run(
     client: Any,
     experiment_id: str,
