@@ -1,0 +1,339 @@
+"""Propensity ceiling: how close to the planted oracle a model can get on a generated world (issue 4 evidence).
+
+Usage::
+
+    .venv/bin/python benchmarks/propensity_ceiling.py [--customers 5000] [--seed 42] [--gb-seeds 5] [--json]
+
+Method. The world is the one ``benchmarks/propensity.py`` builds and reuses; ``load_propensity_data`` splits it
+by time and every AUC is on the same test-period rows. The planted propensity's inputs are rebuilt per exposure
+from the raw and truth tables: the action's kind, brand, sport, discount and channel; the customer's true
+preferred brand and sport, age, app habit and latent price sensitivity; R, F90 and M from the customer's
+purchases strictly before the exposure (cookies resolved through ``truth/identities``).
+``features.generate.planted_propensity`` on them must reproduce ``truth/propensity.parquet`` (else it stops).
+
+* oracle: ``p_true``; the goal (issue 4) is AUC ≥ oracle − 0.02.
+* oracle, consent rule: ``p_true``, but for customers who declined profiling (no profile inputs) the world's
+  mean ``p_true`` of the same (action, channel).
+* GB rows: scikit-learn ``HistGradientBoostingClassifier`` fitted on the training and validation periods (its
+  own early stopping on a random 10%), mean test AUC over seeds 0..n-1. On the true inputs; then with the
+  customer inputs (brand/sport match, app habit, age, R, F90, M) missing for decliners and the price
+  sensitivity left out (exact observable features under the consent rule); then the same, missing wherever our
+  table has no profile (declined, or no consented events yet); then on our encoded model inputs
+  (``FeatureEncoder`` categoricals of at most 255 values as categorical features, all numerics).
+* network: ``fit_propensity`` with the default ``PropensityConfig`` (trained on the training period,
+  early-stopped and calibrated on the validation period); logreg: ``evaluate_propensity``'s baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the features package.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+if TYPE_CHECKING:
+    from features.dataset import Dataset
+
+GOAL_GAP = 0.02
+# Inputs the consent rule hides for customers who declined profiling (all derived from their behaviour/profile).
+PROFILE_INPUTS = (
+    "brand_match",
+    "sport_match",
+    "app_user",
+    "age",
+    "recency_days",
+    "frequency_90d",
+    "monetary",
+)
+EXPOSURE_INPUTS = ("kind_index", "channel_index", "discount_pct")
+REPRODUCTION_TOLERANCE = 1e-9
+
+
+class CeilingError(RuntimeError):
+    """The rebuilt oracle inputs do not reproduce the planted propensity."""
+
+
+def _purchase_history(events: pl.DataFrame, identities: pl.DataFrame) -> pl.DataFrame:
+    """Purchases by true customer in time order, with the running count and spend up to each one."""
+    true_id = identities.select(
+        pl.col("source_id").alias("customer_id"), pl.col("customer_id").alias("owner")
+    )
+    return (
+        events.filter(pl.col("event_type") == "purchase")
+        .join(true_id, on="customer_id", how="left")
+        .select(
+            pl.coalesce("owner", "customer_id").alias("customer_id"),
+            pl.col("timestamp").alias("at"),
+            (pl.col("price") * pl.col("quantity")).alias("amount"),
+        )
+        .sort("customer_id", "at")
+        .with_columns(
+            pl.col("amount").cum_sum().over("customer_id").alias("spend"),
+            pl.int_range(1, pl.len() + 1).over("customer_id").alias("count"),
+        )
+        .sort("at", "count")  # same-time purchases: the last one carries the full count
+    )
+
+
+def _history_before(exposures: pl.DataFrame, history: pl.DataFrame, days: int) -> pl.DataFrame:
+    """Per exposure, the customer's purchase count, spend and last purchase strictly before ``timestamp − days``."""
+    left = exposures.select(
+        "exposure_id", "customer_id", (pl.col("timestamp") - pl.duration(days=days)).alias("at")
+    ).sort("at")
+    right = history.select("customer_id", "at", "spend", "count", pl.col("at").alias("last_at"))
+    joined = left.join_asof(
+        right,
+        on="at",
+        by="customer_id",
+        strategy="backward",
+        allow_exact_matches=False,
+        check_sortedness=False,  # both sides are sorted by "at" (polars cannot check that within "by" groups)
+    )
+    return joined.select(
+        "exposure_id", pl.col("spend").fill_null(0.0), pl.col("count").fill_null(0), "last_at"
+    )
+
+
+def true_inputs(ds: Dataset) -> pl.DataFrame:
+    """Per exposure, the planted propensity's inputs rebuilt from the raw and truth tables, with ``p_rebuilt``,
+    ``p_true`` and ``profiling`` (the customer grants profiling)."""
+    from features.generate import ACTION_KINDS, EXPOSURE_CHANNELS
+
+    truth = ds.truth_dir
+    catalog = ds.read("action_catalog").select(
+        "action_id", "kind", pl.col("brand").alias("action_brand"), pl.col("sport").alias("action_sport"),
+        pl.col("discount_pct").fill_null(0.0),
+    )  # fmt: skip
+    preferences = pl.read_parquet(truth / "preferences.parquet").select(
+        "customer_id", pl.col("brand").alias("true_brand"), pl.col("sport").alias("true_sport")
+    )
+    consent = pl.read_parquet(truth / "consent.parquet").filter(pl.col("purpose") == "profiling")
+    exposures = (
+        ds.read("actions")
+        .select("exposure_id", "customer_id", "action_id", "channel", "timestamp")
+        .join(catalog, on="action_id", how="left")
+        .join(preferences, on="customer_id", how="left")
+        .join(pl.read_parquet(truth / "latent.parquet"), on="customer_id", how="left")
+        .join(ds.read("customers").select("customer_id", "age"), on="customer_id", how="left")
+        .join(
+            consent.select("customer_id", pl.col("granted").alias("profiling")), on="customer_id", how="left"
+        )
+    )
+    history = _purchase_history(ds.read("events"), pl.read_parquet(truth / "identities.parquet"))
+    now = _history_before(exposures, history, 0)
+    before_90 = _history_before(exposures, history, 90).select(
+        "exposure_id", pl.col("count").alias("count_90")
+    )
+    x = (
+        exposures.join(now, on="exposure_id", how="left")
+        .join(before_90, on="exposure_id", how="left")
+        .with_columns(
+            pl.col("kind").replace_strict({k: i for i, k in enumerate(ACTION_KINDS)}).alias("kind_index"),
+            pl.col("channel")
+            .replace_strict({c: i for i, c in enumerate(EXPOSURE_CHANNELS)})
+            .alias("channel_index"),
+            (pl.col("action_brand") == pl.col("true_brand")).fill_null(False).alias("brand_match"),
+            (pl.col("action_sport") == pl.col("true_sport")).fill_null(False).alias("sport_match"),
+            (pl.col("channel_type") == "app").alias("app_user"),
+            pl.col("age").cast(pl.Float64),
+            pl.when(pl.col("last_at").is_null())
+            .then(float("inf"))
+            .otherwise((pl.col("timestamp") - pl.col("last_at")).dt.total_seconds() / 86400)
+            .alias("recency_days"),
+            (pl.col("count") - pl.col("count_90")).alias("frequency_90d"),
+            pl.col("spend").alias("monetary"),
+            pl.col("profiling").fill_null(True),
+        )
+    )
+    x = x.with_columns(pl.Series("p_rebuilt", _planted(x, x["price_sensitive"].to_numpy())))
+    planted = pl.read_parquet(truth / "propensity.parquet").select(
+        "exposure_id", pl.col("p_true").cast(pl.Float64)
+    )
+    x = x.join(planted, on="exposure_id", how="left")
+    worst = float((x["p_rebuilt"] - x["p_true"]).abs().max())
+    if not worst <= REPRODUCTION_TOLERANCE:
+        raise CeilingError(
+            f"{ds.root}: rebuilt inputs give p_true off by up to {worst:.3g} (world generator changed?)"
+        )
+    return x
+
+
+def _planted(x: pl.DataFrame, price_sensitive: np.ndarray) -> np.ndarray:
+    from features.generate import planted_propensity
+
+    col = {c: x[c].to_numpy() for c in (*PROFILE_INPUTS, *EXPOSURE_INPUTS)}
+    return planted_propensity(
+        kind=col["kind_index"], brand_match=col["brand_match"], sport_match=col["sport_match"],
+        discount_pct=col["discount_pct"], channel=col["channel_index"], age=col["age"], app_user=col["app_user"],
+        price_sensitive=price_sensitive, recency_days=col["recency_days"], frequency_90d=col["frequency_90d"],
+        monetary=col["monetary"],
+    )  # fmt: skip
+
+
+def oracle_under_consent(x: pl.DataFrame, rows: pl.DataFrame) -> np.ndarray:
+    """``p_true`` where the customer grants profiling, else the world's mean ``p_true`` of (action, channel)."""
+    means = x.group_by("action_id", "channel").agg(pl.col("p_true").mean().alias("p_group"))
+    r = rows.select("exposure_id", "action_id", "channel").join(
+        x.select("exposure_id", "p_true", "profiling"), on="exposure_id", how="left", maintain_order="left"
+    )
+    r = r.join(means, on=["action_id", "channel"], how="left", maintain_order="left")
+    return r.select(pl.when("profiling").then("p_true").otherwise("p_group")).to_series().to_numpy()
+
+
+def true_matrix(x: pl.DataFrame, rows: pl.DataFrame, hidden: np.ndarray, *, sensitivity: bool) -> np.ndarray:
+    """The true inputs of ``rows`` as a float matrix: exposure inputs first, then the profile inputs (NaN where
+    ``hidden``), then the latent price sensitivity if ``sensitivity``."""
+    r = rows.select("exposure_id").join(x, on="exposure_id", how="left", maintain_order="left")
+    cols = [r[c].cast(pl.Float64).to_numpy() for c in EXPOSURE_INPUTS]
+    for c in PROFILE_INPUTS:
+        v = r[c].cast(pl.Float64).to_numpy()
+        v = np.where(np.isinf(v), 999.0, v)  # no purchase yet: a finite "long ago"
+        cols.append(np.where(hidden, np.nan, v))
+    if sensitivity:
+        cols.append(r["price_sensitive"].cast(pl.Float64).to_numpy())
+    return np.column_stack(cols)
+
+
+def gradient_boosting_aucs(
+    x_learn: np.ndarray,
+    y_learn: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    categorical: int,
+    seeds: int,
+) -> list[float]:
+    """Test AUC of histogram gradient boosting (its first ``categorical`` columns categorical), one per seed."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from training.propensity import roc_auc
+
+    mask = np.arange(x_learn.shape[1]) < categorical
+    aucs = []
+    for seed in range(seeds):
+        model = HistGradientBoostingClassifier(
+            max_iter=500, learning_rate=0.05, max_leaf_nodes=15, early_stopping=True,
+            validation_fraction=0.1, categorical_features=mask, random_state=seed,
+        )  # fmt: skip
+        model.fit(x_learn, y_learn)
+        aucs.append(roc_auc(y_test, model.predict_proba(x_test)[:, 1]))
+    return aucs
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, default=5000)
+    parser.add_argument("--days", type=int, default=180)
+    parser.add_argument("--exposures", type=float, default=4.0, help="exposures per customer")
+    parser.add_argument("--seed", type=int, default=42, help="world seed")
+    parser.add_argument("--data", default=None, help="world directory (default benchmarks/out/propensity-…)")
+    parser.add_argument(
+        "--gb-seeds", type=int, default=5, help="gradient boosting fits (seeds 0..n-1) per row"
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    args = parser.parse_args(argv)
+
+    from features.dataset import Dataset
+    from features.generate import WorldConfig, generate_world
+    from training.propensity import PropensityConfig, evaluate_propensity, fit_propensity, roc_auc
+    from training.propensity_data import load_propensity_data
+
+    started = time.perf_counter()
+    # The same world as benchmarks/propensity.py (same default folder; generated once, then reused).
+    root = Path(args.data or f"benchmarks/out/propensity-{args.customers}-{args.exposures:g}-{args.seed}")
+    ds = Dataset.at(root)
+    if not ds.has_table("actions"):
+        world = WorldConfig(
+            customers=args.customers, days=args.days, seed=args.seed, exposures_per_customer=args.exposures
+        )
+        generate_world(world, ds)
+    data = load_propensity_data(ds)
+    x = true_inputs(ds)
+    learn, test = pl.concat([data.train, data.validation], how="diagonal_relaxed"), data.test
+    y_learn, y = (f["responded"].cast(pl.Float64).to_numpy() for f in (learn, test))
+    test_truth = test.select("exposure_id").join(x, on="exposure_id", how="left", maintain_order="left")
+    aucs: dict[str, list[float]] = {
+        "oracle": [roc_auc(y, test_truth["p_true"].to_numpy())],
+        "oracle, consent rule": [roc_auc(y, oracle_under_consent(x, test))],
+    }
+
+    def declined(rows: pl.DataFrame) -> np.ndarray:
+        r = rows.select("exposure_id").join(x, on="exposure_id", how="left", maintain_order="left")
+        return ~r["profiling"].to_numpy()
+
+    def no_profile(rows: pl.DataFrame) -> np.ndarray:
+        return rows["n_events"].is_null().to_numpy()
+
+    def nothing(rows: pl.DataFrame) -> np.ndarray:
+        return np.zeros(rows.height, dtype=bool)
+
+    for name, hide, sensitivity in (
+        ("GB, true inputs", nothing, True),
+        ("GB, true inputs, consent rule, no price sensitivity", declined, False),
+        ("GB, true inputs where our table has a profile, no price sensitivity", no_profile, False),
+    ):
+        x_learn, x_test = (true_matrix(x, f, hide(f), sensitivity=sensitivity) for f in (learn, test))
+        aucs[name] = gradient_boosting_aucs(x_learn, y_learn, x_test, y, 2, args.gb_seeds)
+
+    fit = fit_propensity(data, PropensityConfig(), device="cpu")
+    report = evaluate_propensity(fit, data, baselines=True)
+    encoder = fit.model.encoder
+    small = np.asarray(encoder.cardinalities) <= 255  # HistGradientBoosting takes at most 255 categories
+
+    def observed(rows: Any) -> np.ndarray:
+        return np.column_stack([rows.categorical[:, small], rows.numeric]).astype(np.float64)
+
+    x_obs = np.vstack([observed(fit.encoded_train), observed(fit.encoded_validation)])
+    aucs["GB, observed inputs"] = gradient_boosting_aucs(
+        x_obs, y_learn, observed(encoder.encode_frame(test)), y, int(small.sum()), args.gb_seeds
+    )
+    aucs["network (default PropensityConfig)"] = [roc_auc(y, report.predictions["model"])]
+    aucs["logreg"] = [roc_auc(y, report.predictions["logreg"])]
+
+    oracle = aucs["oracle"][0]
+    goal = oracle - GOAL_GAP
+    seconds = time.perf_counter() - started
+    share_declined = float(declined(test).mean())
+    print(
+        f"world {root}: {learn.height:,} training+validation rows, {test.height:,} test rows ({share_declined:.1%} "
+        f"declined profiling, {float(no_profile(test).mean()):.1%} without a profile in our table)"
+    )
+    print(
+        f"rebuilt inputs reproduce p_true (max |Δp| ≤ {REPRODUCTION_TOLERANCE:g}); GB: mean of {args.gb_seeds} seeds"
+    )
+    width = max(len(k) for k in aucs) + 2
+    print(f"{'model':<{width}}{'test AUC':>10}{'GB seeds min–max':>18}{'oracle − AUC':>14}{'meets goal':>12}")
+    for name, values in aucs.items():
+        auc = float(np.mean(values))
+        spread = f"{min(values):.4f}–{max(values):.4f}" if len(values) > 1 else ""
+        meets = "yes" if auc >= goal else "no"
+        print(f"{name:<{width}}{auc:>10.4f}{spread:>18}{oracle - auc:>14.4f}{meets:>12}")
+    print(f"{'goal threshold (oracle − 0.02)':<{width}}{goal:>10.4f}")
+    print(f"{seconds:.0f} s (network: {len(fit.history)} epochs)")
+    summary = {
+        "dataset": str(root),
+        "rows_learn": learn.height,
+        "rows_test": test.height,
+        "test_share_declined_profiling": share_declined,
+        "auc": {name: float(np.mean(v)) for name, v in aucs.items()},
+        "gb_seed_aucs": {name: v for name, v in aucs.items() if len(v) > 1},
+        "goal_threshold": goal,
+        "network_epochs": len(fit.history),
+        "seconds": round(seconds, 1),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
