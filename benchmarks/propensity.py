@@ -27,6 +27,10 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from features.dataset import Dataset
 
 # Run as a script, this file's folder comes first on sys.path and its name would shadow the features package.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -82,6 +86,21 @@ def _per_kind(data, y, predictions: dict) -> dict[str, dict]:
     return out
 
 
+def propensity_world(
+    customers: int, days: int, seed: int, exposures: float, *, data: str | None = None
+) -> Dataset:
+    """The benchmark's generated world (``benchmarks/out/propensity-<customers>-<exposures>-<seed>`` unless
+    ``data`` names another folder), generated once and then reused."""
+    from features.dataset import Dataset
+    from features.generate import WorldConfig, generate_world
+
+    ds = Dataset.at(Path(data or f"benchmarks/out/propensity-{customers}-{exposures:g}-{seed}"))
+    if not ds.has_table("actions"):
+        config = WorldConfig(customers=customers, days=days, seed=seed, exposures_per_customer=exposures)
+        generate_world(config, ds)
+    return ds
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=5000)
@@ -102,8 +121,6 @@ def main(argv: list[str] | None = None) -> dict:
     import polars as pl
     import torch
 
-    from features.dataset import Dataset
-    from features.generate import WorldConfig, generate_world
     from training.propensity import (
         PropensityConfig,
         PropensityScorer,
@@ -115,13 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     from training.propensity_data import load_propensity_data
 
-    root = Path(args.data or f"benchmarks/out/propensity-{args.customers}-{args.exposures:g}-{args.seed}")
-    ds = Dataset.at(root)
-    if not ds.has_table("actions"):
-        config = WorldConfig(
-            customers=args.customers, days=args.days, seed=args.seed, exposures_per_customer=args.exposures
-        )
-        generate_world(config, ds)
+    ds = propensity_world(args.customers, args.days, args.seed, args.exposures, data=args.data)
+    root = ds.root
     started = time.perf_counter()
     data = load_propensity_data(ds)
     table_seconds = time.perf_counter() - started

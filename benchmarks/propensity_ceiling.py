@@ -242,20 +242,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = parser.parse_args(argv)
 
-    from features.dataset import Dataset
-    from features.generate import WorldConfig, generate_world
+    from benchmarks.propensity import propensity_world
     from training.propensity import PropensityConfig, evaluate_propensity, fit_propensity, roc_auc
     from training.propensity_data import load_propensity_data
 
     started = time.perf_counter()
     # The same world as benchmarks/propensity.py (same default folder; generated once, then reused).
-    root = Path(args.data or f"benchmarks/out/propensity-{args.customers}-{args.exposures:g}-{args.seed}")
-    ds = Dataset.at(root)
-    if not ds.has_table("actions"):
-        world = WorldConfig(
-            customers=args.customers, days=args.days, seed=args.seed, exposures_per_customer=args.exposures
-        )
-        generate_world(world, ds)
+    ds = propensity_world(args.customers, args.days, args.seed, args.exposures, data=args.data)
+    root = ds.root
     data = load_propensity_data(ds)
     x = true_inputs(ds)
     learn, test = pl.concat([data.train, data.validation], how="diagonal_relaxed"), data.test
