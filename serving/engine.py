@@ -5,7 +5,8 @@
 * **Models** — the ``champion`` (and, when a share of customers is assigned to it, the ``challenger``) of
   ``nextbest-recommender`` and ``nextbest-propensity`` from the MLflow registry, or from the BentoML model
   store where ``nextbest promote`` exported them (inside a built Bento, the ones it packages):
-  :func:`load_serving_models`.
+  :func:`load_serving_models` (in :mod:`serving.models`; the configuration and the named errors live in
+  :mod:`serving.engine_config`, both re-exported here).
 * **Data** — the dataset's feature output (interaction matrix, profiles, consent state, manifest), its items,
   customers and action catalogue, and its retained events, indexed by customer (:class:`ServingData`).
 * **Live state** — events received through ``/events`` are appended to a durable :class:`~serving.event_log.EventLog`
@@ -35,14 +36,12 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, Literal
+from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from features.dataset import Dataset, DatasetError
 from features.identity import UNLINKED_SEPARATOR, linked_ids
@@ -56,19 +55,54 @@ from features.schema import (
     CUSTOMER_ID,
     EVENT_TYPE,
     ITEM_ID,
-    PRICE,
-    QUANTITY,
-    SESSION_ID,
     TIMESTAMP_COL,
     Vocabulary,
 )
 from serving import api
-from serving.arms import CHALLENGER, CHAMPION, Arm, assign_arm
+from serving.arms import CHAMPION, Arm, assign_arm
 from serving.contact import ContactLedger, naive_utc
 from serving.decision_log import DecisionLog, DecisionRecord
 from serving.decisions import MARKETING, PERSONALISATION, ActionCandidate, arbitrate
+
+# Re-exported: the rest of the service, the CLI and the tests import these from here.
+from serving.engine_config import (  # noqa: F401
+    CONTACTS_FILE,
+    DECISIONS_FILE,
+    DEFAULT_STATE_DIR,
+    DEMOGRAPHICS,
+    EVENT_COLUMNS,
+    EVENT_RANK,
+    EVENTS_FILE,
+    LEVERS_FILE,
+    PROFILING,
+    PROPENSITY_MODEL,
+    PURCHASE,
+    RANK_EVENT,
+    RECOMMENDER_MODEL,
+    SEGMENT_FEATURES,
+    SESSION_ITEMS,
+    SIMILAR_ATTRIBUTES,
+    BadRequest,
+    EngineConfig,
+    EngineLoadError,
+    Forbidden,
+    NotFound,
+    NotReady,
+    ServiceError,
+    Unauthorized,
+    _utcnow,
+    one_line,
+)
 from serving.event_log import EventLog, EventRejected
 from serving.explain import FilterError, ItemAttributes, ItemFilters, item_reasons
+from serving.models import (  # noqa: F401
+    RegisteredModel,
+    ServingModels,
+    check_models,
+    check_registry,
+    load_serving_models,
+    resolve_model_source,
+)
 from serving.policy import (
     DEFAULT_POLICY_PATH,
     ActionPolicy,
@@ -80,429 +114,6 @@ from serving.policy import (
 )
 
 logger = logging.getLogger("nextbest.serving")
-
-RECOMMENDER_MODEL = "nextbest-recommender"
-PROPENSITY_MODEL = "nextbest-propensity"
-PROFILING = "profiling"
-EVENTS_FILE = "events.jsonl"
-CONTACTS_FILE = "contacts.jsonl"
-DECISIONS_FILE = "decisions.jsonl"
-LEVERS_FILE = "levers.json"
-DEFAULT_STATE_DIR = "service"
-"""The state directory's default name, inside the dataset directory."""
-
-EVENT_RANK: dict[str, int] = {"view": 1, "click": 2, "add_to_cart": 3, "purchase": 4}
-"""Which event says most about a customer's interest in an item (the strongest one explains a recommendation)."""
-RANK_EVENT: dict[int, str] = {v: k for k, v in EVENT_RANK.items()}
-PURCHASE = "purchase"
-SEGMENT_FEATURES: tuple[str, ...] = ("age_band", "region")
-"""What the propensity model sees of a customer without personalisation consent: their segment only."""
-DEMOGRAPHICS: tuple[str, ...] = ("age", "gender", "region")
-SIMILAR_ATTRIBUTES: tuple[str, ...] = ("category", "sport", "brand", "colour")
-SESSION_ITEMS = 20
-"""At most this many of a customer's items (strongest first) seed session-based item similarity."""
-EVENT_COLUMNS: tuple[str, ...] = (
-    CUSTOMER_ID,
-    ITEM_ID,
-    EVENT_TYPE,
-    TIMESTAMP_COL,
-    SESSION_ID,
-    CHANNEL,
-    QUANTITY,
-    PRICE,
-)
-
-
-# --- errors -------------------------------------------------------------------------------------------------
-
-
-class ServiceError(Exception):
-    """A request the service cannot answer as asked; ``status`` is the HTTP status to answer with."""
-
-    status = 400
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class BadRequest(ServiceError):
-    status = 400
-
-
-class Unauthorized(ServiceError):
-    status = 401
-
-
-class Forbidden(ServiceError):
-    status = 403
-
-
-class NotFound(ServiceError):
-    status = 404
-
-
-class NotReady(ServiceError):
-    status = 503
-
-
-class EngineLoadError(RuntimeError):
-    """The service cannot start; the message is one line saying what is missing and what to run first."""
-
-
-# --- configuration ------------------------------------------------------------------------------------------
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-class EngineConfig(BaseModel):
-    """Where the engine finds its data, models and state. Round-trips through JSON (the admin token excepted).
-
-    Attributes:
-        data: the dataset directory (features built).
-        state_dir: live state (event log, contact ledger, decision log, levers); default ``DATA/service``.
-        tracking_uri: MLflow tracking/registry URI; default ``MLFLOW_TRACKING_URI`` or ``mlruns/mlflow.db``.
-        admin_token: bearer token of the admin endpoints; None disables them. Never serialised.
-        challenger_share: share of customers (by a stable hash of the id) served by the challenger models.
-        arm_salt: salt of that hash (change it to draw a fresh split).
-        policy: the action policy file; default the policy shipped with nextbest.
-        clock: ``wall`` (decisions happen now) or ``data`` (time runs on from the dataset's last event, for
-            demonstrations on a dataset from the past).
-        recommender_model: registry name of the recommender.
-        propensity_model: registry name of the propensity model.
-        model_source: where the models come from: ``mlflow`` (the registry's aliases), ``bentoml`` (the
-            BentoML model store, as ``nextbest promote`` exported them: :mod:`serving.bento_store`) or
-            ``auto`` (the models packaged in the running Bento when there is one, else the registry).
-        segment_column: the profile column whose values are the segments of non-personalised popularity.
-        min_segment_customers: segments with fewer customers fall back to overall popularity.
-        bought_days: purchases this recent count as owned (``bought_brand`` … in policy rules).
-        fsync: fsync every append to the event log and the contact ledger (off only where durability does not
-            matter).
-        fsync_decisions: fsync the decision log too. Off by default: each decision is still flushed to the
-            operating system before the answer (a crashed process loses nothing), only a power cut could lose
-            the last ones, and an fsync per decision would cost more than the decision.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    data: Path
-    state_dir: Path | None = None
-    tracking_uri: str | None = None
-    admin_token: str | None = Field(default=None, exclude=True, repr=False)
-    challenger_share: float = Field(0.0, ge=0, le=1)
-    arm_salt: str = ""
-    policy: Path | None = None
-    clock: Literal["wall", "data"] = "wall"
-    recommender_model: str = RECOMMENDER_MODEL
-    propensity_model: str = PROPENSITY_MODEL
-    model_source: Literal["auto", "mlflow", "bentoml"] = "auto"
-    segment_column: str = "age_band"
-    min_segment_customers: int = Field(20, ge=1)
-    bought_days: int = Field(90, ge=1)
-    fsync: bool = True
-    fsync_decisions: bool = False
-
-    @property
-    def state_path(self) -> Path:
-        return self.state_dir if self.state_dir is not None else self.data / DEFAULT_STATE_DIR
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineConfig:
-        """The config from ``NEXTBEST_DATA``, ``NEXTBEST_STATE_DIR``, ``MLFLOW_TRACKING_URI``,
-        ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``, ``NEXTBEST_POLICY``, ``NEXTBEST_CLOCK`` and
-        ``NEXTBEST_MODEL_SOURCE``.
-
-        Raises:
-            EngineLoadError: a variable holds an invalid value (the message names it).
-        """
-        env = os.environ if environ is None else environ
-        fields: dict[str, Any] = {"data": env.get("NEXTBEST_DATA", "data/world")}
-        for var, name in (
-            ("NEXTBEST_STATE_DIR", "state_dir"),
-            ("MLFLOW_TRACKING_URI", "tracking_uri"),
-            ("NEXTBEST_ADMIN_TOKEN", "admin_token"),
-            ("NEXTBEST_CHALLENGER_SHARE", "challenger_share"),
-            ("NEXTBEST_POLICY", "policy"),
-            ("NEXTBEST_CLOCK", "clock"),
-            ("NEXTBEST_MODEL_SOURCE", "model_source"),
-        ):
-            if env.get(var):
-                fields[name] = env[var]
-        try:
-            return cls.model_validate(fields)
-        except ValidationError as e:
-            names = {
-                "state_dir": "NEXTBEST_STATE_DIR",
-                "challenger_share": "NEXTBEST_CHALLENGER_SHARE",
-                "policy": "NEXTBEST_POLICY",
-                "clock": "NEXTBEST_CLOCK",
-                "model_source": "NEXTBEST_MODEL_SOURCE",
-                "data": "NEXTBEST_DATA",
-            }
-            problems = [f"{names.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}" for err in e.errors()]
-            raise EngineLoadError("invalid service configuration: " + "; ".join(problems)) from None
-
-
-# --- models from the registry ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RegisteredModel:
-    """A model object with the registry version it came from.
-
-    Attributes:
-        name: the registered model name.
-        version: the registry version ("local" for a model handed over in code).
-        alias: the alias it was resolved through.
-        model: a :class:`~training.recommender_bundle.RecommenderBundle` or a
-            :class:`~training.propensity.PropensityModel`.
-    """
-
-    name: str
-    version: str
-    alias: str
-    model: Any
-
-    @property
-    def label(self) -> str:
-        """``name/version``, as responses and the decision log report it."""
-        return f"{self.name}/{self.version}"
-
-
-@dataclass
-class ServingModels:
-    """The models by arm: ``champion`` always, ``challenger`` only when it is a different version."""
-
-    recommender: dict[str, RegisteredModel]
-    propensity: dict[str, RegisteredModel]
-
-    def __post_init__(self) -> None:
-        for kind, slots in (("recommender", self.recommender), ("propensity", self.propensity)):
-            if CHAMPION not in slots:
-                raise EngineLoadError(f"no champion {kind} was given")
-
-
-def _train_hint(kind: str, data: Path) -> str:
-    return (
-        f"nextbest train cf --data {data}"
-        if kind == "recommender"
-        else f"nextbest train propensity --data {data}"
-    )
-
-
-def _resolve_version(client: Any, name: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def check_registry(config: EngineConfig) -> dict[str, str]:
-    """Check that both champions exist, without loading them; return their ``name/version`` labels.
-
-    Raises:
-        EngineLoadError: no registry, no registered model or no champion (the message says what to run).
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from training.tracking import resolve_tracking_uri, sqlite_path
-
-    uri = config.tracking_uri or resolve_tracking_uri()
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        raise EngineLoadError(
-            f"no MLflow registry at {uri}: run '{_train_hint('recommender', config.data)}' and "
-            f"'{_train_hint('propensity', config.data)}' first (or set MLFLOW_TRACKING_URI)"
-        )
-    client = MlflowClient(uri, uri)
-    labels = {}
-    for kind, name in (("recommender", config.recommender_model), ("propensity", config.propensity_model)):
-        try:
-            client.get_registered_model(name)
-        except MlflowException:
-            raise EngineLoadError(
-                f"no model {name!r} in the MLflow registry at {uri}: run '{_train_hint(kind, config.data)}' first"
-            ) from None
-        version = _resolve_version(client, name, CHAMPION)
-        if version is None:
-            raise EngineLoadError(
-                f"{name} has no '{CHAMPION}' version in the MLflow registry at {uri}: train one with "
-                f"'{_train_hint(kind, config.data)}' and promote it to champion"
-            )
-        labels[kind] = f"{name}/{version.version}"
-    return labels
-
-
-def _load_recommender(root: Path, label: str) -> Any:
-    """The recommender bundle inside an MLflow model directory (downloaded or copied into the model store)."""
-    from training.recommender_bundle import BUNDLE_FILE, RecommenderBundle
-
-    found = sorted(root.rglob(BUNDLE_FILE))
-    if not found:
-        raise EngineLoadError(f"{label} holds no recommender bundle ({BUNDLE_FILE}) under {root}")
-    return RecommenderBundle.load(found[0].parent)
-
-
-def _load_propensity(root: Path, label: str) -> Any:
-    """The propensity model inside an MLflow model directory."""
-    from training.propensity import PropensityModel, PropensityModelError, find_model_dir
-
-    try:
-        return PropensityModel.load(find_model_dir(root), device="cpu")
-    except PropensityModelError as e:
-        raise EngineLoadError(f"{label}: {one_line(e)}") from None
-
-
-_LOADERS = {"recommender": _load_recommender, "propensity": _load_propensity}
-
-
-def resolve_model_source(config: EngineConfig) -> Literal["mlflow", "bentoml", "bento"]:
-    """Where :func:`load_serving_models` takes the models from: ``bento`` (the models the running Bento
-    packages, for ``auto`` inside a Bento), ``bentoml`` (the model store's latest champions) or ``mlflow``."""
-    if config.model_source == "mlflow":
-        return "mlflow"
-    from serving.bento_store import packaged_model_tags
-
-    if packaged_model_tags():
-        return "bento"
-    return "bentoml" if config.model_source == "bentoml" else "mlflow"
-
-
-def _registered_names(config: EngineConfig) -> dict[str, str]:
-    return {"recommender": config.recommender_model, "propensity": config.propensity_model}
-
-
-def _stored_champions(config: EngineConfig, source: str) -> dict[str, Any]:
-    """Kind → :class:`~serving.bento_store.StoredModel` of each champion in the BentoML model store.
-
-    Raises:
-        EngineLoadError: a model is missing from the store, or is not the registered model the config names.
-    """
-    from serving.bento_store import BentoStoreError, packaged_model_tags, stored_champion, stored_model
-
-    packaged = packaged_model_tags() if source == "bento" else {}
-    out = {}
-    for kind, name in _registered_names(config).items():
-        try:
-            if source == "bento":
-                if kind not in packaged:
-                    raise EngineLoadError(
-                        f"the running Bento packages no {kind} model (alias {kind!r}): list both models in "
-                        "[tool.bentoml.build] models of pyproject.toml and run 'nextbest bento build'"
-                    )
-                stored = stored_model(packaged[kind])
-            else:
-                stored = stored_champion(name)
-        except BentoStoreError as e:
-            raise EngineLoadError(one_line(e)) from None
-        if stored.registered_model != name:
-            raise EngineLoadError(
-                f"{stored.tag} in the BentoML model store is a version of {stored.registered_model}, not of "
-                f"{name}: export the right champion with 'nextbest promote {kind}'"
-            )
-        out[kind] = stored
-    return out
-
-
-def check_models(config: EngineConfig) -> dict[str, str]:
-    """Check that both champions exist where the config takes them from, without loading them; return their
-    ``name/version`` labels. Outside a Bento, ``auto`` checks the MLflow registry.
-
-    Raises:
-        EngineLoadError: a registry, model or champion is missing (the message says what to run).
-    """
-    source = resolve_model_source(config)
-    if source == "mlflow":
-        return check_registry(config)
-    return {kind: stored.label for kind, stored in _stored_champions(config, source).items()}
-
-
-def load_serving_models(config: EngineConfig) -> ServingModels:
-    """Load the champion (and challenger) of the recommender and the propensity model.
-
-    From the MLflow registry, or from the BentoML model store (``config.model_source``, see
-    :func:`resolve_model_source`). Either way the models carry their registry name and version, which responses
-    report. The challenger is loaded only when ``challenger_share`` > 0 and it is another version than the
-    champion (a Bento packages the champions only).
-
-    Raises:
-        EngineLoadError: the registry, the store or a champion is missing.
-    """
-    source = resolve_model_source(config)
-    if source == "mlflow":
-        return _load_from_registry(config)
-    return _load_from_store(config, source)
-
-
-def _load_from_store(config: EngineConfig, source: str) -> ServingModels:
-    from serving.bento_store import stored_challenger
-
-    out: dict[str, dict[str, RegisteredModel]] = {}
-    for kind, champion in _stored_champions(config, source).items():
-        load = _LOADERS[kind]
-        name = champion.registered_model
-        slots = {
-            CHAMPION: RegisteredModel(
-                name, champion.mlflow_version, CHAMPION, load(champion.path, champion.tag)
-            )
-        }
-        if config.challenger_share > 0:
-            challenger = stored_challenger(name) if source == "bentoml" else None
-            if challenger is not None and challenger.mlflow_version != champion.mlflow_version:
-                slots[CHALLENGER] = RegisteredModel(
-                    name, challenger.mlflow_version, CHALLENGER, load(challenger.path, challenger.tag)
-                )
-            else:
-                logger.info("%s: no challenger in the model store: every customer gets the champion", name)
-        logger.info("%s: %s from the BentoML model store (%s)", kind, champion.label, champion.tag)
-        out[kind] = slots
-    return ServingModels(recommender=out["recommender"], propensity=out["propensity"])
-
-
-def _load_from_registry(config: EngineConfig) -> ServingModels:
-    import mlflow
-    from mlflow import MlflowClient
-
-    from training.tracking import quiet_mlflow, resolve_tracking_uri
-
-    check_registry(config)
-    uri = config.tracking_uri or resolve_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri, uri)
-
-    def loaded(kind: str, name: str, version: str) -> Any:
-        with quiet_mlflow():
-            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
-        return _LOADERS[kind](root, f"{name} version {version}")
-
-    out: dict[str, dict[str, RegisteredModel]] = {}
-    for kind, name in _registered_names(config).items():
-        champion = _resolve_version(client, name, CHAMPION)
-        assert champion is not None  # check_registry made sure
-        slots = {
-            CHAMPION: RegisteredModel(
-                name, str(champion.version), CHAMPION, loaded(kind, name, champion.version)
-            )
-        }
-        if config.challenger_share > 0:
-            challenger = _resolve_version(client, name, CHALLENGER)
-            if challenger is not None and str(challenger.version) != str(champion.version):
-                slots[CHALLENGER] = RegisteredModel(
-                    name, str(challenger.version), CHALLENGER, loaded(kind, name, challenger.version)
-                )
-            else:
-                logger.info(
-                    "%s has no challenger other than the champion: every customer gets the champion", name
-                )
-        out[kind] = slots
-    return ServingModels(recommender=out["recommender"], propensity=out["propensity"])
-
 
 # --- the dataset's side ---------------------------------------------------------------------------------------
 
@@ -2028,8 +1639,3 @@ class Engine:
         """Customers with live state (events received by the service)."""
         with self._lock:
             return sorted(self._live)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one line (what start-up failures print)."""
-    return " ".join(str(exc).split()) or type(exc).__name__

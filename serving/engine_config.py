@@ -1,0 +1,196 @@
+"""The service's configuration (:class:`EngineConfig`, from the environment) and its named errors.
+
+Split out of :mod:`serving.engine` so that the model loading (:mod:`serving.models`) and the engine share them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from features.schema import (
+    CHANNEL,
+    CUSTOMER_ID,
+    EVENT_TYPE,
+    ITEM_ID,
+    PRICE,
+    QUANTITY,
+    SESSION_ID,
+    TIMESTAMP_COL,
+)
+
+logger = logging.getLogger("nextbest.serving")
+
+RECOMMENDER_MODEL = "nextbest-recommender"
+PROPENSITY_MODEL = "nextbest-propensity"
+PROFILING = "profiling"
+EVENTS_FILE = "events.jsonl"
+CONTACTS_FILE = "contacts.jsonl"
+DECISIONS_FILE = "decisions.jsonl"
+LEVERS_FILE = "levers.json"
+DEFAULT_STATE_DIR = "service"
+"""The state directory's default name, inside the dataset directory."""
+
+EVENT_RANK: dict[str, int] = {"view": 1, "click": 2, "add_to_cart": 3, "purchase": 4}
+"""Which event says most about a customer's interest in an item (the strongest one explains a recommendation)."""
+RANK_EVENT: dict[int, str] = {v: k for k, v in EVENT_RANK.items()}
+PURCHASE = "purchase"
+SEGMENT_FEATURES: tuple[str, ...] = ("age_band", "region")
+"""What the propensity model sees of a customer without personalisation consent: their segment only."""
+DEMOGRAPHICS: tuple[str, ...] = ("age", "gender", "region")
+SIMILAR_ATTRIBUTES: tuple[str, ...] = ("category", "sport", "brand", "colour")
+SESSION_ITEMS = 20
+"""At most this many of a customer's items (strongest first) seed session-based item similarity."""
+EVENT_COLUMNS: tuple[str, ...] = (
+    CUSTOMER_ID,
+    ITEM_ID,
+    EVENT_TYPE,
+    TIMESTAMP_COL,
+    SESSION_ID,
+    CHANNEL,
+    QUANTITY,
+    PRICE,
+)
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+
+class ServiceError(Exception):
+    """A request the service cannot answer as asked; ``status`` is the HTTP status to answer with."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class Forbidden(ServiceError):
+    status = 403
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class NotReady(ServiceError):
+    status = 503
+
+
+class EngineLoadError(RuntimeError):
+    """The service cannot start; the message is one line saying what is missing and what to run first."""
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class EngineConfig(BaseModel):
+    """Where the engine finds its data, models and state. Round-trips through JSON (the admin token excepted).
+
+    Attributes:
+        data: the dataset directory (features built).
+        state_dir: live state (event log, contact ledger, decision log, levers); default ``DATA/service``.
+        tracking_uri: MLflow tracking/registry URI; default ``MLFLOW_TRACKING_URI`` or ``mlruns/mlflow.db``.
+        admin_token: bearer token of the admin endpoints; None disables them. Never serialised.
+        challenger_share: share of customers (by a stable hash of the id) served by the challenger models.
+        arm_salt: salt of that hash (change it to draw a fresh split).
+        policy: the action policy file; default the policy shipped with nextbest.
+        clock: ``wall`` (decisions happen now) or ``data`` (time runs on from the dataset's last event, for
+            demonstrations on a dataset from the past).
+        recommender_model: registry name of the recommender.
+        propensity_model: registry name of the propensity model.
+        model_source: where the models come from: ``mlflow`` (the registry's aliases), ``bentoml`` (the
+            BentoML model store, as ``nextbest promote`` exported them: :mod:`serving.bento_store`) or
+            ``auto`` (the models packaged in the running Bento when there is one, else the registry).
+        segment_column: the profile column whose values are the segments of non-personalised popularity.
+        min_segment_customers: segments with fewer customers fall back to overall popularity.
+        bought_days: purchases this recent count as owned (``bought_brand`` … in policy rules).
+        fsync: fsync every append to the event log and the contact ledger (off only where durability does not
+            matter).
+        fsync_decisions: fsync the decision log too. Off by default: each decision is still flushed to the
+            operating system before the answer (a crashed process loses nothing), only a power cut could lose
+            the last ones, and an fsync per decision would cost more than the decision.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path
+    state_dir: Path | None = None
+    tracking_uri: str | None = None
+    admin_token: str | None = Field(default=None, exclude=True, repr=False)
+    challenger_share: float = Field(0.0, ge=0, le=1)
+    arm_salt: str = ""
+    policy: Path | None = None
+    clock: Literal["wall", "data"] = "wall"
+    recommender_model: str = RECOMMENDER_MODEL
+    propensity_model: str = PROPENSITY_MODEL
+    model_source: Literal["auto", "mlflow", "bentoml"] = "auto"
+    segment_column: str = "age_band"
+    min_segment_customers: int = Field(20, ge=1)
+    bought_days: int = Field(90, ge=1)
+    fsync: bool = True
+    fsync_decisions: bool = False
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.data / DEFAULT_STATE_DIR
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineConfig:
+        """The config from ``NEXTBEST_DATA``, ``NEXTBEST_STATE_DIR``, ``MLFLOW_TRACKING_URI``,
+        ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``, ``NEXTBEST_POLICY``, ``NEXTBEST_CLOCK`` and
+        ``NEXTBEST_MODEL_SOURCE``.
+
+        Raises:
+            EngineLoadError: a variable holds an invalid value (the message names it).
+        """
+        env = os.environ if environ is None else environ
+        fields: dict[str, Any] = {"data": env.get("NEXTBEST_DATA", "data/world")}
+        for var, name in (
+            ("NEXTBEST_STATE_DIR", "state_dir"),
+            ("MLFLOW_TRACKING_URI", "tracking_uri"),
+            ("NEXTBEST_ADMIN_TOKEN", "admin_token"),
+            ("NEXTBEST_CHALLENGER_SHARE", "challenger_share"),
+            ("NEXTBEST_POLICY", "policy"),
+            ("NEXTBEST_CLOCK", "clock"),
+            ("NEXTBEST_MODEL_SOURCE", "model_source"),
+        ):
+            if env.get(var):
+                fields[name] = env[var]
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as e:
+            names = {
+                "state_dir": "NEXTBEST_STATE_DIR",
+                "challenger_share": "NEXTBEST_CHALLENGER_SHARE",
+                "policy": "NEXTBEST_POLICY",
+                "clock": "NEXTBEST_CLOCK",
+                "model_source": "NEXTBEST_MODEL_SOURCE",
+                "data": "NEXTBEST_DATA",
+            }
+            problems = [f"{names.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}" for err in e.errors()]
+            raise EngineLoadError("invalid service configuration: " + "; ".join(problems)) from None
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line (what start-up failures print)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
