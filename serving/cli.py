@@ -595,7 +595,8 @@ def _run_training(ds: Any, args: argparse.Namespace, summary: dict[str, Any]) ->
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    """Generate the embedded world if missing, then build its features (later stages extend this)."""
+    """The main job: generate the embedded world if missing, build its features, tune and register a recommender
+    and train a propensity model (each promoted if it beats its champion), and with ``--serve`` serve them."""
     from features.dataset import Dataset
     from features.generate import WorldConfig, generate_world
     from features.pipeline import build_features
