@@ -896,7 +896,7 @@ def test_affinity_takes_the_registered_als_trained_on_the_same_data(affinity_wor
             PropensityDataConfig(),
             None,
         )  # a challenger only: no champion yet
-        MlflowClient(uri).set_registered_model_alias("nextbest-recommender", "champion", "1")
+        MlflowClient(uri, uri).set_registered_model_alias("nextbest-recommender", "champion", "1")
         config, label = champion_affinity_config(ds, PropensityDataConfig(), tracking_uri=uri)
         assert label == "nextbest-recommender/1"
         assert (config.affinity_als.factors, config.affinity_als.iterations) == (8, 3)

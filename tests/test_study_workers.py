@@ -60,7 +60,7 @@ def test_workers_share_one_study_one_parent_run_and_register_the_best(world, tmp
     assert len(configs) == WORKERS * TRIALS
 
     # One parent run (the losers of the race deleted theirs) with a nested run per trial.
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, uri)  # the registry too: earlier tests in this process set a global one
     experiment = client.get_experiment_by_name("world")
     parents = client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.`{TAG_STAGE}` = 'study'", max_results=100
