@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,9 @@ from features.schema import (
     CUSTOMER_ID,
     EVENT_TYPE,
     ITEM_ID,
+    PRICE,
+    QUANTITY,
+    SESSION_ID,
     TIMESTAMP_COL,
     Vocabulary,
 )
@@ -64,24 +67,12 @@ from serving.contact import ContactLedger, naive_utc
 from serving.decision_log import DecisionLog, DecisionRecord
 from serving.decisions import MARKETING, PERSONALISATION, ActionCandidate, arbitrate
 
-# Re-exported: the rest of the service, the CLI and the tests import these from here.
+# The configuration, the named errors and the model loading live in their own modules; the rest of the service,
+# the CLI and the tests import them from here too.
 from serving.engine_config import (  # noqa: F401
-    CONTACTS_FILE,
-    DECISIONS_FILE,
     DEFAULT_STATE_DIR,
-    DEMOGRAPHICS,
-    EVENT_COLUMNS,
-    EVENT_RANK,
-    EVENTS_FILE,
-    LEVERS_FILE,
-    PROFILING,
     PROPENSITY_MODEL,
-    PURCHASE,
-    RANK_EVENT,
     RECOMMENDER_MODEL,
-    SEGMENT_FEATURES,
-    SESSION_ITEMS,
-    SIMILAR_ATTRIBUTES,
     BadRequest,
     EngineConfig,
     EngineLoadError,
@@ -90,7 +81,6 @@ from serving.engine_config import (  # noqa: F401
     NotReady,
     ServiceError,
     Unauthorized,
-    _utcnow,
     one_line,
 )
 from serving.event_log import EventLog, EventRejected
@@ -114,6 +104,38 @@ from serving.policy import (
 )
 
 logger = logging.getLogger("nextbest.serving")
+
+PROFILING = "profiling"
+EVENTS_FILE = "events.jsonl"
+CONTACTS_FILE = "contacts.jsonl"
+DECISIONS_FILE = "decisions.jsonl"
+LEVERS_FILE = "levers.json"
+
+EVENT_RANK: dict[str, int] = {"view": 1, "click": 2, "add_to_cart": 3, "purchase": 4}
+"""Which event says most about a customer's interest in an item (the strongest one explains a recommendation)."""
+RANK_EVENT: dict[int, str] = {v: k for k, v in EVENT_RANK.items()}
+PURCHASE = "purchase"
+SEGMENT_FEATURES: tuple[str, ...] = ("age_band", "region")
+"""What the propensity model sees of a customer without personalisation consent: their segment only."""
+DEMOGRAPHICS: tuple[str, ...] = ("age", "gender", "region")
+SIMILAR_ATTRIBUTES: tuple[str, ...] = ("category", "sport", "brand", "colour")
+SESSION_ITEMS = 20
+"""At most this many of a customer's items (strongest first) seed session-based item similarity."""
+EVENT_COLUMNS: tuple[str, ...] = (
+    CUSTOMER_ID,
+    ITEM_ID,
+    EVENT_TYPE,
+    TIMESTAMP_COL,
+    SESSION_ID,
+    CHANNEL,
+    QUANTITY,
+    PRICE,
+)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
 
 # --- the dataset's side ---------------------------------------------------------------------------------------
 

@@ -5,58 +5,17 @@ Split out of :mod:`serving.engine` so that the model loading (:mod:`serving.mode
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from features.schema import (
-    CHANNEL,
-    CUSTOMER_ID,
-    EVENT_TYPE,
-    ITEM_ID,
-    PRICE,
-    QUANTITY,
-    SESSION_ID,
-    TIMESTAMP_COL,
-)
-
-logger = logging.getLogger("nextbest.serving")
-
 RECOMMENDER_MODEL = "nextbest-recommender"
 PROPENSITY_MODEL = "nextbest-propensity"
-PROFILING = "profiling"
-EVENTS_FILE = "events.jsonl"
-CONTACTS_FILE = "contacts.jsonl"
-DECISIONS_FILE = "decisions.jsonl"
-LEVERS_FILE = "levers.json"
 DEFAULT_STATE_DIR = "service"
 """The state directory's default name, inside the dataset directory."""
-
-EVENT_RANK: dict[str, int] = {"view": 1, "click": 2, "add_to_cart": 3, "purchase": 4}
-"""Which event says most about a customer's interest in an item (the strongest one explains a recommendation)."""
-RANK_EVENT: dict[int, str] = {v: k for k, v in EVENT_RANK.items()}
-PURCHASE = "purchase"
-SEGMENT_FEATURES: tuple[str, ...] = ("age_band", "region")
-"""What the propensity model sees of a customer without personalisation consent: their segment only."""
-DEMOGRAPHICS: tuple[str, ...] = ("age", "gender", "region")
-SIMILAR_ATTRIBUTES: tuple[str, ...] = ("category", "sport", "brand", "colour")
-SESSION_ITEMS = 20
-"""At most this many of a customer's items (strongest first) seed session-based item similarity."""
-EVENT_COLUMNS: tuple[str, ...] = (
-    CUSTOMER_ID,
-    ITEM_ID,
-    EVENT_TYPE,
-    TIMESTAMP_COL,
-    SESSION_ID,
-    CHANNEL,
-    QUANTITY,
-    PRICE,
-)
 
 
 # --- errors -------------------------------------------------------------------------------------------------
@@ -97,10 +56,6 @@ class EngineLoadError(RuntimeError):
 
 
 # --- configuration ------------------------------------------------------------------------------------------
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class EngineConfig(BaseModel):
