@@ -41,13 +41,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-RECOMMENDER_MODEL = "nextbest-recommender"
-PROPENSITY_MODEL = "nextbest-propensity"
+from serving.arms import CHALLENGER, CHAMPION
+from serving.engine_config import PROPENSITY_MODEL, RECOMMENDER_MODEL
+
 SERVED_MODELS: dict[str, str] = {"recommender": RECOMMENDER_MODEL, "propensity": PROPENSITY_MODEL}
 """Kind → registered model name of the models the service loads. The kind is also the model's alias in a
 Bento (``[tool.bentoml.build] models`` in ``pyproject.toml`` must use the same aliases)."""
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 NO_ALIAS = "none"
 PROJECT_LABEL = "nextbest"
 MLFLOW_MODEL_DIR = "mlflow_model"
