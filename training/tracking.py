@@ -120,9 +120,7 @@ def use_tracking(config: TrackingConfig, default_experiment: str) -> str:
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(config)
-    db = sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_path(uri)  # its folder is created by sqlite_init_lock below
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = config.experiment or default_experiment
@@ -207,11 +205,8 @@ def open_study(storage: str, name: str, *, direction: str, pruner: Any, seed: in
     """
     import optuna
 
-    db = sqlite_path(storage)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with sqlite_init_lock(db):
+    with sqlite_init_lock(sqlite_path(storage)):  # creates the SQLite file's folder
         study = with_retries(
             lambda: optuna.create_study(
                 study_name=name, storage=storage, direction=direction, pruner=pruner, load_if_exists=True
@@ -421,20 +416,8 @@ def study_parent_run(
 
 
 REGISTERED_BEST_ATTR = "nextbest_registered_best"
-
-
-def registered_best(study: Any, trial: int) -> dict[str, Any] | None:
-    """What was logged for trial ``trial`` as the study's best model, when a worker of this study already logged
-    and registered it (read fresh from the storage); None otherwise."""
-    found = study.user_attrs.get(REGISTERED_BEST_ATTR)
-    return dict(found["logged"]) if found and found.get("trial") == trial else None
-
-
-def remember_registered_best(study: Any, trial: int, logged: Mapping[str, Any]) -> None:
-    """Record on the study that trial ``trial``'s model was logged and registered, so that another worker of the
-    same study finishing later does not register the same model again (:func:`registered_best`)."""
-    plain = {k: v for k, v in logged.items() if v is None or isinstance(v, str | int | float | bool)}
-    study.set_user_attr(REGISTERED_BEST_ATTR, {"trial": trial, "logged": plain})
+"""The study user attribute recording the trial whose model was registered as the study's best, and what was
+logged for it (``{"trial": n, "logged": {...}}``)."""
 
 
 def register_study_best(
@@ -458,12 +441,14 @@ def register_study_best(
     """
     with sqlite_init_lock(sqlite_path(resolve_tracking_uri(tracking))):
         best = study.best_trial.number
+        done = study.user_attrs.get(REGISTERED_BEST_ATTR)
+        if done and done.get("trial") == best:
+            return dict(done["logged"])
         if best != trial:
-            return registered_best(study, best) or {"registered_by": "another worker"}
-        logged = registered_best(study, trial)
-        if logged is None:
-            logged = register()
-            remember_registered_best(study, trial, logged)
+            return {"registered_by": "another worker"}
+        logged = register()
+        plain = {k: v for k, v in logged.items() if v is None or isinstance(v, str | int | float | bool)}
+        study.set_user_attr(REGISTERED_BEST_ATTR, {"trial": trial, "logged": plain})
         return logged
 
 
