@@ -67,9 +67,17 @@ def filter_consented(
     _check_purpose(purpose)
     columns = frame.collect_schema().names()
     joined = frame.join(state.select(CUSTOMER_ID, purpose), on=CUSTOMER_ID, how="left")
+    return joined.filter(consent_granted(purpose, default=default)).select(columns)
+
+
+def consent_granted(purpose: str, *, default: bool) -> pl.Expr:
+    """Whether the row's customer may be processed for ``purpose``, over a frame holding ``customer_id`` and the
+    purpose's column of :func:`consent_state` (null: no record): the record, else ``default`` — except that ids
+    of unlinked source systems are never profiled or marketed to."""
+    _check_purpose(purpose)
     unlinked = pl.col(CUSTOMER_ID).str.contains(UNLINKED_SEPARATOR, literal=True)
     fallback = pl.when(unlinked).then(purpose == "personalisation" and default).otherwise(default)
-    return joined.filter(pl.col(purpose).fill_null(fallback)).select(columns)
+    return pl.col(purpose).fill_null(fallback)
 
 
 def apply_retention(events: pl.LazyFrame, *, as_of: datetime, days: int) -> pl.LazyFrame:

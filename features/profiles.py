@@ -57,6 +57,11 @@ AGE_BANDS: tuple[tuple[int, int, str], ...] = (
     (65, 200, "65+"),
 )
 SEGMENT_COLUMNS: tuple[str, ...] = ("age_band", "region", "value_tier", "lifecycle", "journey_phase")
+SEGMENT_FEATURES: tuple[str, ...] = ("age_band", "region")
+"""What a propensity model sees of a customer without personalisation consent: their segment only."""
+DEMOGRAPHICS: tuple[str, ...] = ("age", "gender", "region")
+"""Customer-table columns a propensity model reads whenever the customer may be personalised, profiled or not
+(a profile, when there is one, carries the same values)."""
 NOT_ATTRIBUTES = {ITEM_ID, PRICE, "name", "title", "description"}
 
 

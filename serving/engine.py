@@ -48,7 +48,7 @@ from features.identity import UNLINKED_SEPARATOR, linked_ids
 from features.interactions import Interactions
 from features.pipeline import CONSENT_FILE, PROFILES_FILE, FeatureConfig, resolved_events
 from features.privacy import ERASURE_LOG, apply_retention, erased_digests, id_digest
-from features.profiles import AGE_BANDS, build_profiles
+from features.profiles import AGE_BANDS, DEMOGRAPHICS, SEGMENT_FEATURES, build_profiles
 from features.schema import (
     CHANNEL,
     CONSENT_PURPOSES,
@@ -115,9 +115,6 @@ EVENT_RANK: dict[str, int] = {"view": 1, "click": 2, "add_to_cart": 3, "purchase
 """Which event says most about a customer's interest in an item (the strongest one explains a recommendation)."""
 RANK_EVENT: dict[int, str] = {v: k for k, v in EVENT_RANK.items()}
 PURCHASE = "purchase"
-SEGMENT_FEATURES: tuple[str, ...] = ("age_band", "region")
-"""What the propensity model sees of a customer without personalisation consent: their segment only."""
-DEMOGRAPHICS: tuple[str, ...] = ("age", "gender", "region")
 SIMILAR_ATTRIBUTES: tuple[str, ...] = ("category", "sport", "brand", "colour")
 SESSION_ITEMS = 20
 """At most this many of a customer's items (strongest first) seed session-based item similarity."""

@@ -907,3 +907,92 @@ def test_affinity_takes_the_registered_als_trained_on_the_same_data(affinity_wor
         assert refit.affinity.source["from"] == "fit" and refit.affinity.source["config_from"] == label
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+# --- what the model is shown of a customer: the service's consent rule, offline -------------------------------
+
+
+def test_model_view_applies_the_service_consent_rule_to_training_rows():
+    from features.privacy import consent_state
+    from training.propensity_data import model_view
+
+    # c1 granted everything and has a profile; c2 granted but has no events yet (no profile); c3 declined
+    # personalisation; c4 declined profiling only (no profile, as the pipeline builds none); c5 has no record
+    # (the default decides); web:x is an unlinked cookie (never profiled).
+    table = pl.DataFrame(
+        {
+            "customer_id": ["c1", "c2", "c3", "c4", "c5", "web:x", "c1"],
+            "exposure_id": ["e1", "e2", "e3", "e4", "e5", "e6", "e7"],
+            "age": [30, None, 50, None, 40, None, 30],
+            "age_band": ["25-34", None, "45-54", None, "35-44", None, "25-34"],
+            "region": ["north", None, "south", None, "east", None, "north"],
+            "frequency": [3, None, 7, None, 1, 2, 3],
+            "cf_affinity": [0.5, None, 0.9, 0.1, 0.2, 0.3, 0.6],
+        },
+        schema_overrides={"age": pl.Int64, "frequency": pl.Int32},
+    )
+    customers = pl.DataFrame(
+        {
+            "customer_id": ["c1", "c2", "c3", "c4", "c5"],
+            "age": [30, 22, 50, 61, 40],
+            "gender": ["f", "m", "f", "m", "f"],
+            "region": ["north", "west", "south", "north", "east"],
+        }
+    )
+    records = pl.DataFrame(
+        {
+            "customer_id": ["c1", "c1", "c2", "c2", "c3", "c3", "c4", "c4"],
+            "purpose": ["personalisation", "profiling"] * 4,
+            "granted": [True, True, True, True, False, True, True, False],
+            "timestamp": [T0] * 8,
+        }
+    )
+    state = consent_state(records.lazy()).collect()
+    columns = ["age", "age_band", "region", "frequency", "cf_affinity"]
+    out = model_view(table, columns, customers, state, default=True)
+    assert out.columns == table.columns and out["exposure_id"].to_list() == table["exposure_id"].to_list()
+    rows = {r["exposure_id"]: r for r in out.iter_rows(named=True)}
+    # Everything granted: the profile as it was.
+    assert rows["e1"] | {} == table.row(0, named=True)
+    # No events yet: the customers table's age and region fill the missing profile; nothing is invented.
+    assert (rows["e2"]["age"], rows["e2"]["region"], rows["e2"]["frequency"]) == (22, "west", None)
+    assert rows["e2"]["age_band"] is None  # a profile column, not a demographic: the service has none either
+    # Personalisation declined: the segment only (age band and region); no behaviour, no affinity.
+    assert (rows["e3"]["age_band"], rows["e3"]["region"]) == ("45-54", "south")
+    assert (rows["e3"]["age"], rows["e3"]["frequency"], rows["e3"]["cf_affinity"]) == (None, None, None)
+    # Profiling declined: demographics (as the service merges them), but no affinity.
+    assert (rows["e4"]["age"], rows["e4"]["region"], rows["e4"]["cf_affinity"]) == (61, "north", None)
+    # No record: the default (granted) applies.
+    assert (rows["e5"]["frequency"], rows["e5"]["cf_affinity"]) == (1, 0.2)
+    # An unlinked cookie may be personalised by default but is never profiled: no affinity.
+    assert (rows["e6"]["frequency"], rows["e6"]["cf_affinity"]) == (2, None)
+    # With "no record means no", c5 keeps only the segment.
+    strict = model_view(table, columns, customers, state, default=False)
+    r5 = strict.row(4, named=True)
+    assert (r5["age_band"], r5["region"], r5["age"], r5["frequency"]) == ("35-44", "east", None, None)
+
+
+def test_model_view_derives_the_age_band_of_a_declined_customer_without_a_profile():
+    from features.privacy import consent_state
+    from training.propensity_data import model_view
+
+    table = pl.DataFrame(
+        {"customer_id": ["c1", "c2"], "age_band": [None, None], "n_events": [None, None]},
+        schema={"customer_id": pl.String, "age_band": pl.String, "n_events": pl.UInt32},
+    )
+    customers = pl.DataFrame(
+        {"customer_id": ["c1", "c2"], "age": [19, None]}, schema_overrides={"age": pl.Int64}
+    )
+    records = pl.DataFrame(
+        {
+            "customer_id": ["c1", "c2"],
+            "purpose": ["personalisation"] * 2,
+            "granted": [False, False],
+            "timestamp": [T0] * 2,
+        }
+    )
+    out = model_view(
+        table, ["age_band", "n_events"], customers, consent_state(records.lazy()).collect(), default=True
+    )
+    # As Engine._model_features: the band of the customers table's age, None (not "unknown") without one.
+    assert out["age_band"].to_list() == ["18-24", None]

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from features.dataset import Dataset, DatasetError
 from features.interactions import InteractionConfig
-from features.pipeline import FeatureConfig, clean_events
-from features.profiles import ProfileConfig, build_profiles
+from features.pipeline import FeatureConfig, clean_events, data_as_of
+from features.privacy import consent_granted, consent_state
+from features.profiles import DEMOGRAPHICS, SEGMENT_FEATURES, ProfileConfig, age_band, build_profiles
 from features.schema import (
     ACTION_ID,
     CHANNEL,
@@ -1495,6 +1496,78 @@ def split_table(
     )
 
 
+AFFINITY_COLUMN = "cf_affinity"
+
+
+def model_view(
+    table: pl.DataFrame,
+    customer_columns: Sequence[str],
+    customers: pl.DataFrame | None,
+    state: pl.DataFrame,
+    *,
+    default: bool,
+) -> pl.DataFrame:
+    """Apply to training rows the rule the service applies to a request (``Engine._model_features``), so that
+    the model learns from what it will be shown:
+
+    * personalisation granted: the profile (present only with profiling consent and earlier events) with the
+      customer's demographics (:data:`DEMOGRAPHICS` from the customers table) filling what it lacks — a new
+      customer without events still has an age;
+    * personalisation declined: only the segment (:data:`SEGMENT_FEATURES`, the age band derived from the age
+      where the profile has none); every other customer column is null;
+    * the customer–action affinity needs both personalisation and profiling consent.
+
+    Args:
+        table: training rows (``customer_id`` plus ``customer_columns``).
+        customer_columns: the model's customer columns.
+        customers: the customers table (None: there is none).
+        state: the consent in force (:func:`features.privacy.consent_state`).
+        default: consent assumed without a record (the feature config's ``consent_default``).
+
+    Returns:
+        ``table`` with its customer columns replaced, rows and order unchanged.
+    """
+
+    columns = set(customer_columns)
+    known = set() if customers is None else set(customers.columns)
+    demo = [c for c in DEMOGRAPHICS if c in columns and c in known]
+    # The age is read for the age band of a customer without personalisation even when it is not an input.
+    loaded = [*demo, *(["age"] if "age" in known and "age" not in demo and "age_band" in columns else [])]
+    work = table.join(
+        state.select(CUSTOMER_ID, *[p for p in ("personalisation", "profiling") if p in state.columns]),
+        on=CUSTOMER_ID,
+        how="left",
+        maintain_order="left",
+    )
+    if loaded:
+        renamed = customers.select(CUSTOMER_ID, *[pl.col(c).alias(f"__demo_{c}") for c in loaded]).unique(
+            CUSTOMER_ID, keep="last"
+        )
+        work = work.join(renamed, on=CUSTOMER_ID, how="left", maintain_order="left")
+    personal = consent_granted("personalisation", default=default)
+    profiled = consent_granted("profiling", default=default)
+    filled = {
+        c: (pl.coalesce(pl.col(c), pl.col(f"__demo_{c}").cast(table.schema[c])) if c in demo else pl.col(c))
+        for c in customer_columns
+    }
+    segment: dict[str, pl.Expr] = {}
+    for c in customer_columns:
+        if c == "age_band" and "age" in loaded:
+            band = age_band(pl.col("__demo_age")).replace("unknown", None)
+            segment[c] = pl.coalesce(pl.col(c), band.cast(table.schema[c]))
+        elif c in SEGMENT_FEATURES:
+            segment[c] = filled[c]
+        else:
+            segment[c] = pl.lit(None, dtype=table.schema[c])
+    exprs = []
+    for c in customer_columns:
+        value = pl.when(personal).then(filled[c]).otherwise(segment[c])
+        if c == AFFINITY_COLUMN:
+            value = pl.when(personal & profiled).then(pl.col(c)).otherwise(None)
+        exprs.append(value.alias(c))
+    return work.with_columns(exprs).select(table.columns)
+
+
 def load_propensity_data(
     ds: Dataset,
     config: PropensityDataConfig | None = None,
@@ -1608,6 +1681,15 @@ def load_propensity_data(
         if c not in EXPOSURE_COLUMNS and c not in {SNAPSHOT_AT, P_TRUE, *PAIR_NUMERIC_COLUMNS}
     ]
     customer_columns = [c for c in customer_columns if c not in exposures.columns]
+    # What the service would show the model for each row's customer (consent, demographics of new customers).
+    as_of = feature_config.as_of or data_as_of(ds.scan("events"))
+    table = model_view(
+        table,
+        customer_columns,
+        None if customers is None else customers.collect(),
+        consent_state(ds.scan("consent", required=False), as_of=as_of).collect(),
+        default=feature_config.consent_default,
+    )
     return split_table(
         table,
         catalog,
