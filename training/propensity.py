@@ -208,12 +208,12 @@ class PropensityConfig(BaseModel):
     embedding_dim: int = Field(8, ge=1, le=256)
     cross_layers: int = Field(2, ge=0, le=8)
     cross_rank: int = Field(32, ge=0)
-    lr: float = Field(2e-3, gt=0, le=1)
+    lr: float = Field(1e-3, gt=0, le=1)
     weight_decay: float = Field(1e-5, ge=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     batch_size: int = Field(1024, ge=1)
     epochs: int = Field(30, ge=1)
-    patience: int = Field(3, ge=1)
+    patience: int = Field(6, ge=1)
     seed: int = 0
     imbalance: Literal["none", "sqrt", "balanced"] = "sqrt"
     calibration: Literal["platt", "temperature", "isotonic", "none"] = "platt"
