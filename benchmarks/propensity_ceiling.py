@@ -12,11 +12,14 @@ purchases strictly before the exposure (cookies resolved through ``truth/identit
 ``features.generate.planted_propensity`` on them must reproduce ``truth/propensity.parquet`` (else it stops).
 
 * oracle: ``p_true``; the goal (issue 4) is AUC ≥ oracle − 0.02.
-* oracle, consent rule: ``p_true``, but for customers who declined profiling (no profile inputs) the world's
-  mean ``p_true`` of the same (action, channel).
+* oracle, consent rule: ``p_true``, but for customers who declined personalisation or profiling the world's
+  mean ``p_true`` of the same (action, channel, age group). The consent rule is the service's
+  (``training.propensity_data.model_view``): without personalisation the model sees the segment (age band,
+  region) only; without profiling no behaviour, only demographics; so of the planted inputs only the age
+  survives a decline.
 * GB rows: scikit-learn ``HistGradientBoostingClassifier`` fitted on the training and validation periods (its
   own early stopping on a random 10%), mean test AUC over seeds 0..n-1. On the true inputs; then with the
-  customer inputs (brand/sport match, app habit, age, R, F90, M) missing for decliners and the price
+  customer inputs but the age (brand/sport match, app habit, R, F90, M) missing for decliners and the price
   sensitivity left out (exact observable features under the consent rule); then the same, missing wherever our
   table has no profile (declined, or no consented events yet); then on our encoded model inputs
   (``FeatureEncoder`` categoricals of at most 255 values as categorical features, all numerics).
@@ -45,7 +48,9 @@ if TYPE_CHECKING:
     from features.dataset import Dataset
 
 GOAL_GAP = 0.02
-# Inputs the consent rule hides for customers who declined profiling (all derived from their behaviour/profile).
+# The planted propensity's customer inputs (``_planted`` reads them all). The consent rule hides every one but
+# the age, a demographic the service shows the model whatever the customer declined (as an age band without
+# personalisation, whose bounds include the planted thresholds 35 and 55).
 PROFILE_INPUTS = (
     "brand_match",
     "sport_match",
@@ -56,6 +61,7 @@ PROFILE_INPUTS = (
     "monetary",
 )
 EXPOSURE_INPUTS = ("kind_index", "channel_index", "discount_pct")
+DEMOGRAPHIC_INPUTS = ("age",)
 REPRODUCTION_TOLERANCE = 1e-9
 
 
@@ -117,7 +123,11 @@ def true_inputs(ds: Dataset) -> pl.DataFrame:
     preferences = pl.read_parquet(truth / "preferences.parquet").select(
         "customer_id", pl.col("brand").alias("true_brand"), pl.col("sport").alias("true_sport")
     )
-    consent = pl.read_parquet(truth / "consent.parquet").filter(pl.col("purpose") == "profiling")
+    consent = (
+        pl.read_parquet(truth / "consent.parquet")
+        .filter(pl.col("purpose").is_in(["personalisation", "profiling"]))
+        .pivot(on="purpose", index="customer_id", values="granted", aggregate_function="first")
+    )
     exposures = (
         ds.read("actions")
         .select("exposure_id", "customer_id", "action_id", "channel", "timestamp")
@@ -125,9 +135,7 @@ def true_inputs(ds: Dataset) -> pl.DataFrame:
         .join(preferences, on="customer_id", how="left")
         .join(pl.read_parquet(truth / "latent.parquet"), on="customer_id", how="left")
         .join(ds.read("customers").select("customer_id", "age"), on="customer_id", how="left")
-        .join(
-            consent.select("customer_id", pl.col("granted").alias("profiling")), on="customer_id", how="left"
-        )
+        .join(consent.select("customer_id", "personalisation", "profiling"), on="customer_id", how="left")
     )
     history = _purchase_history(ds.read("events"), pl.read_parquet(truth / "identities.parquet"))
     now = _history_before(exposures, history, 0)
@@ -153,6 +161,7 @@ def true_inputs(ds: Dataset) -> pl.DataFrame:
             (pl.col("count") - pl.col("count_90")).alias("frequency_90d"),
             pl.col("spend").alias("monetary"),
             pl.col("profiling").fill_null(True),
+            pl.col("personalisation").fill_null(True),
         )
     )
     x = x.with_columns(pl.Series("p_rebuilt", _planted(x, x["price_sensitive"].to_numpy())))
@@ -180,14 +189,26 @@ def _planted(x: pl.DataFrame, price_sensitive: np.ndarray) -> np.ndarray:
     )  # fmt: skip
 
 
+_AGE_GROUP = (
+    pl.when(pl.col("age") < 35).then(0).when(pl.col("age") < 55).then(1).otherwise(2).alias("age_group")
+)  # the planted thresholds
+
+
 def oracle_under_consent(x: pl.DataFrame, rows: pl.DataFrame) -> np.ndarray:
-    """``p_true`` where the customer grants profiling, else the world's mean ``p_true`` of (action, channel)."""
-    means = x.group_by("action_id", "channel").agg(pl.col("p_true").mean().alias("p_group"))
-    r = rows.select("exposure_id", "action_id", "channel").join(
-        x.select("exposure_id", "p_true", "profiling"), on="exposure_id", how="left", maintain_order="left"
+    """``p_true`` where the customer grants personalisation and profiling, else the world's mean ``p_true`` of
+    (action, channel, age group): what is left visible of a customer who declined either."""
+    keys = ["action_id", "channel", "age_group"]
+    x = x.with_columns(_AGE_GROUP)
+    means = x.group_by(keys).agg(pl.col("p_true").mean().alias("p_group"))
+    r = rows.select("exposure_id").join(
+        x.select("exposure_id", *keys, "p_true", "profiling", "personalisation"),
+        on="exposure_id",
+        how="left",
+        maintain_order="left",
     )
-    r = r.join(means, on=["action_id", "channel"], how="left", maintain_order="left")
-    return r.select(pl.when("profiling").then("p_true").otherwise("p_group")).to_series().to_numpy()
+    r = r.join(means, on=keys, how="left", maintain_order="left")
+    granted = pl.col("profiling") & pl.col("personalisation")
+    return r.select(pl.when(granted).then("p_true").otherwise("p_group")).to_series().to_numpy()
 
 
 def true_matrix(x: pl.DataFrame, rows: pl.DataFrame, hidden: np.ndarray, *, sensitivity: bool) -> np.ndarray:
@@ -198,7 +219,7 @@ def true_matrix(x: pl.DataFrame, rows: pl.DataFrame, hidden: np.ndarray, *, sens
     for c in PROFILE_INPUTS:
         v = r[c].cast(pl.Float64).to_numpy()
         v = np.where(np.isinf(v), 999.0, v)  # no purchase yet: a finite "long ago"
-        cols.append(np.where(hidden, np.nan, v))
+        cols.append(v if c in DEMOGRAPHIC_INPUTS else np.where(hidden, np.nan, v))
     if sensitivity:
         cols.append(r["price_sensitive"].cast(pl.Float64).to_numpy())
     return np.column_stack(cols)
@@ -262,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def declined(rows: pl.DataFrame) -> np.ndarray:
         r = rows.select("exposure_id").join(x, on="exposure_id", how="left", maintain_order="left")
-        return ~r["profiling"].to_numpy()
+        return ~(r["profiling"] & r["personalisation"]).to_numpy()
 
     def no_profile(rows: pl.DataFrame) -> np.ndarray:
         return rows["n_events"].is_null().to_numpy()
@@ -299,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     share_declined = float(declined(test).mean())
     print(
         f"world {root}: {learn.height:,} training+validation rows, {test.height:,} test rows ({share_declined:.1%} "
-        f"declined profiling, {float(no_profile(test).mean()):.1%} without a profile in our table)"
+        f"declined personalisation or profiling, {float(no_profile(test).mean()):.1%} without a profile in our table)"
     )
     print(
         f"rebuilt inputs reproduce p_true (max |Δp| ≤ {REPRODUCTION_TOLERANCE:g}); GB: mean of {args.gb_seeds} seeds"
@@ -317,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dataset": str(root),
         "rows_learn": learn.height,
         "rows_test": test.height,
-        "test_share_declined_profiling": share_declined,
+        "test_share_declined": share_declined,
         "auc": {name: float(np.mean(v)) for name, v in aucs.items()},
         "gb_seed_aucs": {name: v for name, v in aucs.items() if len(v) > 1},
         "goal_threshold": goal,
