@@ -17,6 +17,10 @@ purchases strictly before the exposure (cookies resolved through ``truth/identit
   (``training.propensity_data.model_view``): without personalisation the model sees the segment (age band,
   region) only; without profiling no behaviour, only demographics; so of the planted inputs only the age
   survives a decline.
+* oracle, consent rule, latent traits read from behaviour: the same, averaged over the latent app habit's
+  Bayes posterior given the customer's session counts per channel in our table (the generator's channel mix,
+  the world's share of app customers by age group as the prior) and over the latent price sensitivity at its
+  share in the world; the other inputs exact.
 * GB rows: scikit-learn ``HistGradientBoostingClassifier`` fitted on the training and validation periods (its
   own early stopping on a random 10%), mean test AUC over seeds 0..n-1. On the true inputs; then with the
   customer inputs but the age (brand/sport match, app habit, R, F90, M) missing for decliners and the price
@@ -211,6 +215,40 @@ def oracle_under_consent(x: pl.DataFrame, rows: pl.DataFrame) -> np.ndarray:
     return r.select(pl.when(granted).then("p_true").otherwise("p_group")).to_series().to_numpy()
 
 
+def oracle_with_observed_habit(x: pl.DataFrame, rows: pl.DataFrame) -> np.ndarray:
+    """:func:`oracle_under_consent`, but with the two latent traits read as well as behaviour allows: the
+    planted formula averaged over P(app habit | session counts per channel in our table) — a Bayes posterior
+    under the generator's :data:`~features.generate.CHANNEL_MIX`, the world's share of app customers by age
+    group as the prior — and over the price sensitivity at its share in the world. Every other input exact."""
+    from features.generate import CHANNEL_MIX, CUSTOMER_TYPES
+
+    customers = x.unique("customer_id").with_columns(_AGE_GROUP)
+    prior = customers.group_by("age_group").agg(
+        *[(pl.col("channel_type") == t).mean().alias(t) for t in CUSTOMER_TYPES]
+    )
+    r = rows.select("exposure_id", *[f"sessions_{t}" for t in CUSTOMER_TYPES]).join(
+        x.with_columns(_AGE_GROUP), on="exposure_id", how="left", maintain_order="left"
+    )
+    p_type = r.select("age_group").join(prior, on="age_group", how="left", maintain_order="left")
+    counts = np.column_stack(
+        [r[f"sessions_{t}"].fill_null(0).cast(pl.Float64).to_numpy() for t in CUSTOMER_TYPES]
+    )
+    log_post = np.log(np.column_stack([p_type[t].to_numpy() for t in CUSTOMER_TYPES]) + 1e-12)
+    log_post = log_post + counts @ np.log(np.asarray(CHANNEL_MIX)).T
+    post = np.exp(log_post - log_post.max(axis=1, keepdims=True))
+    p_app = post[:, CUSTOMER_TYPES.index("app")] / post.sum(axis=1)
+    # Price sensitivity shows in behaviour too faintly to read (see the README): its share in the world.
+    share_sensitive = float(customers["price_sensitive"].mean())
+    expected = np.zeros(r.height)
+    for app, p_a in ((True, p_app), (False, 1.0 - p_app)):
+        for sensitive, p_s in ((True, share_sensitive), (False, 1.0 - share_sensitive)):
+            planted = _planted(r.with_columns(pl.lit(app).alias("app_user")), np.full(r.height, sensitive))
+            expected += p_a * p_s * planted
+    under_consent = oracle_under_consent(x, rows)
+    granted = (r["profiling"] & r["personalisation"]).to_numpy()
+    return np.where(granted, expected, under_consent)
+
+
 def true_matrix(x: pl.DataFrame, rows: pl.DataFrame, hidden: np.ndarray, *, sensitivity: bool) -> np.ndarray:
     """The true inputs of ``rows`` as a float matrix: exposure inputs first, then the profile inputs (NaN where
     ``hidden``), then the latent price sensitivity if ``sensitivity``."""
@@ -279,6 +317,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     aucs: dict[str, list[float]] = {
         "oracle": [roc_auc(y, test_truth["p_true"].to_numpy())],
         "oracle, consent rule": [roc_auc(y, oracle_under_consent(x, test))],
+        "oracle, consent rule, latent traits read from behaviour": [
+            roc_auc(y, oracle_with_observed_habit(x, test))
+        ],
     }
 
     def declined(rows: pl.DataFrame) -> np.ndarray:
