@@ -540,3 +540,60 @@ def test_served_propensity_reads_the_customer_action_affinity(engine):
     without = scorer.score(features, list(got), "web", now=now)
     assert got == pytest.approx(with_affinity, abs=1e-6)
     assert max(abs(with_affinity[a] - without[a]) for a in got) > 1e-4
+
+
+def test_training_rows_show_the_model_what_the_service_shows_it(engine, trained):
+    """Offline (``model_view`` over training rows) and online (``Engine._model_features``) apply one consent rule:
+    the same profile and customers table give the same model inputs, for every consent case and for a customer
+    without events (known from the customers table only)."""
+    from features.privacy import consent_state
+    from training.propensity_data import model_view
+
+    ds = trained.ds
+    state = consent_state(ds.scan("consent")).collect()
+    customers = ds.read("customers")
+    schema = engine.data.features.frame.schema
+    columns = [c for c in schema if c != "customer_id"] + ["cf_affinity"]
+    cases = {
+        "everything granted": consenting_known(engine, 1)[0],
+        "personalisation declined": next(
+            c
+            for c in customers_with(trained, personalisation=False, profiling=True)
+            if engine.data.features.get(c)
+        ),
+        "profiling declined": next(iter(customers_with(trained, personalisation=True, profiling=False))),
+        "no events yet": next(
+            c
+            for c in customers["customer_id"].to_list()
+            if c not in engine.data.features and engine._consent(c)[0]["personalisation"]
+        ),
+    }
+    for case, cid in cases.items():
+        profile = (
+            engine.data.features.get(cid)
+            if state.filter(pl.col("customer_id") == cid)["profiling"].item() is not False
+            else None
+        )
+        row = {c: (profile or {}).get(c) for c in columns if c != "cf_affinity"}
+        table = pl.DataFrame(
+            [{"customer_id": cid, **row, "cf_affinity": 0.5}],
+            schema={"customer_id": pl.String, **{c: schema[c] for c in row}, "cf_affinity": pl.Float64},
+        )
+        offline = model_view(table, columns, customers, state, default=ds_consent_default(engine)).row(
+            0, named=True
+        )
+        online = engine._model_features(engine._view(cid))
+        for c in columns:
+            if c == "cf_affinity":
+                expected = (
+                    0.5 if all(engine._consent(cid)[0][p] for p in ("personalisation", "profiling")) else None
+                )
+                assert offline[c] == expected, (case, c)
+                continue
+            assert offline[c] == online.get(c), (case, c, offline[c], online.get(c))
+        if case == "no events yet":
+            assert offline["age"] is not None  # the point of the fill: a new customer still has an age
+
+
+def ds_consent_default(engine: Engine) -> bool:
+    return engine.data.consent_default
