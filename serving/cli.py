@@ -290,8 +290,11 @@ def cmd_tune_cf(args: argparse.Namespace) -> None:
     )
 
 
-def _export_to_bento(args: argparse.Namespace, kinds: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """Export the champions (and challengers) of ``kinds`` into the BentoML model store; summary and lines.
+def _export_to_bento(
+    args: argparse.Namespace, kinds: Sequence[str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Export the champions (and challengers) of ``kinds`` (default: every model the service loads) into the
+    BentoML model store; summary and lines.
 
     Raises:
         UsageError: the registry has no such model or no champion (the message names the command to run).
@@ -300,7 +303,8 @@ def _export_to_bento(args: argparse.Namespace, kinds: Sequence[str]) -> tuple[di
 
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     try:
-        exported = export_champions(_tracking(args).tracking_uri, models={k: SERVED_MODELS[k] for k in kinds})
+        models = SERVED_MODELS if kinds is None else {k: SERVED_MODELS[k] for k in kinds}
+        exported = export_champions(_tracking(args).tracking_uri, models=models)
     except BentoStoreError as exc:
         raise UsageError(str(exc)) from exc
     champions = {e.registered_model: e.tag for e in exported if e.alias == "champion"}
@@ -419,7 +423,7 @@ def cmd_promote_propensity(args: argparse.Namespace) -> None:
 
 
 def cmd_bento_export(args: argparse.Namespace) -> None:
-    summary, lines = _export_to_bento(args, ["recommender", "propensity"])
+    summary, lines = _export_to_bento(args)
     _emit(
         args,
         {"command": "bento export", **summary},
@@ -590,13 +594,19 @@ def _run_training(ds: Any, args: argparse.Namespace, summary: dict[str, Any]) ->
         for k in ("auc", "log_loss", "brier", "ece", "baseline_auc_logreg", "oracle_auc", "version")
     } | {"promotion": p_decision.model_dump(mode="json")}
     lines += ["propensity model:", *_propensity_lines(result), f"  {p_decision.reason}"]
+    if not args.no_bento:
+        # As `nextbest promote` does: the champions go into the BentoML model store, ready for `bento build`.
+        bento, bento_lines = _export_to_bento(args)
+        summary["bento"] = bento
+        lines += [f"BentoML model store ({bento['bento_home']}):", *bento_lines]
     lines.append("compare runs: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
     return lines
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     """The main job: generate the embedded world if missing, build its features, tune and register a recommender
-    and train a propensity model (each promoted if it beats its champion), and with ``--serve`` serve them."""
+    and train a propensity model (each promoted if it beats its champion), export the champions into the
+    BentoML model store (unless ``--no-bento``), and with ``--serve`` serve them."""
     from features.dataset import Dataset
     from features.generate import WorldConfig, generate_world
     from features.pipeline import build_features
@@ -664,6 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-training", action="store_true", help="stop after the features")
     run.add_argument("--serve", action="store_true", help="end by serving the trained models on --port")
     run.add_argument("--port", type=int, default=3000)
+    run.add_argument(
+        "--no-bento",
+        action="store_true",
+        help="do not export the champions into the BentoML model store (BENTOML_HOME)",
+    )
     _common(run)
     run.set_defaults(func=cmd_run)
 
