@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import polars as pl
 import pytest
@@ -117,3 +117,30 @@ def test_forget_leaves_no_trace_of_the_customer_or_linked_ids(tiny_dataset):
     build_features(ds, FeatureConfig(validation_days=3, test_days=3))
     assert "C1" not in pl.read_parquet(ds.features_dir / "customers.parquet")["customer_id"].to_list()
     assert json.loads(ds.manifest_path.read_text())["row_counts"]["raw_events"] == ds.read("events").height
+
+
+def test_consent_state_takes_the_latest_record_whatever_the_file_order_and_the_later_row_on_a_tie():
+    t = [datetime(2026, 1, d) for d in (1, 2, 3)]
+    records = pl.DataFrame(
+        {
+            "customer_id": ["A", "A", "A", "B", "B", "C"],
+            "purpose": [
+                "profiling",
+                "profiling",
+                "marketing",
+                "personalisation",
+                "personalisation",
+                "marketing",
+            ],
+            # A's profiling: the grant of day 3 comes first in the file, the refusal of day 2 after it.
+            "granted": [True, False, False, True, False, True],
+            # B's two personalisation records share a timestamp: the row written later wins.
+            "timestamp": [t[2], t[1], t[0], t[1], t[1], t[2]],
+        }
+    )
+    state = consent_state(records.lazy()).collect().sort("customer_id")
+    assert state.columns == ["customer_id", "personalisation", "profiling", "marketing"]
+    assert state.rows() == [("A", None, True, False), ("B", False, None, None), ("C", None, None, True)]
+    # As of day 2, A's later grant is not yet in force and C has no record at all.
+    early = consent_state(records.lazy(), as_of=t[1]).collect().sort("customer_id")
+    assert early.rows() == [("A", None, False, False), ("B", False, None, None)]
