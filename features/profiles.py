@@ -32,7 +32,6 @@ from datetime import datetime
 
 import numpy as np
 import polars as pl
-import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from features.interactions import WEIGHT, InteractionConfig, Interactions, build_interactions, event_weight
@@ -200,8 +199,8 @@ def preferred_attributes(
 ) -> pl.DataFrame:
     """For each attribute A, the value with the largest summed weight and its share of the customer's total.
 
-    Computed as a sparse product (customers × items) · (items × values of A), so it costs one pass over the
-    non-zeros per attribute. Items without a value of A do not count towards A's total.
+    Computed as one weighted count of the non-zeros by (customer, value of their item), so it costs one pass over
+    the non-zeros per attribute. Items without a value of A do not count towards A's total.
 
     Args:
         weights: the customers × items matrix of profile weights.
@@ -217,6 +216,11 @@ def preferred_attributes(
         items.select(ITEM_ID, *attributes), on=ITEM_ID, how="left", maintain_order="left"
     )
     n_customers = len(weights.customers)
+    matrix = weights.matrix
+    # Each non-zero's row once; per attribute, one weighted bincount over (row, value) sums a customer's weight
+    # per value (items have at most one value of an attribute), in float64.
+    nz_rows = np.repeat(np.arange(n_customers, dtype=np.int64), np.diff(matrix.indptr))
+    nz_weights = matrix.data.astype(np.float64)
     for a in attributes:
         column = aligned[a].cast(pl.String)
         levels = column.drop_nulls().unique().sort()
@@ -229,20 +233,23 @@ def preferred_attributes(
         codes = column.replace_strict(
             levels, pl.Series(range(len(levels))), default=-1, return_dtype=pl.Int64
         ).to_numpy()
-        has = codes >= 0
-        onehot = sp.csr_matrix(
-            (np.ones(int(has.sum()), dtype=np.float32), (np.flatnonzero(has), codes[has])),
-            shape=(len(weights.items), len(levels)),
+        n_levels = len(levels)
+        value = codes[matrix.indices]
+        key, w = nz_rows * n_levels + value, nz_weights
+        if (value < 0).any():  # items without a value of A count for nothing
+            has = value >= 0
+            key, w = key[has], w[has]
+        per_value = np.bincount(key, weights=w, minlength=n_customers * n_levels).reshape(
+            n_customers, n_levels
         )
-        per_value = np.asarray((weights.matrix @ onehot).todense())
         best = per_value.argmax(axis=1)
         total = per_value.sum(axis=1)
         top = per_value[np.arange(n_customers), best]
         valid = total > 0
-        values = np.asarray(levels.to_list(), dtype=object)[best]
-        out[f"preferred_{a}"] = pl.Series(f"preferred_{a}", np.where(valid, values, None), dtype=pl.String)
+        invalid = pl.Series(~valid)
+        out[f"preferred_{a}"] = levels.gather(best).set(invalid, None).alias(f"preferred_{a}")
         share = np.divide(top, total, out=np.zeros_like(top), where=valid).astype(np.float32)
-        out[f"preferred_{a}_share"] = pl.Series(f"preferred_{a}_share", share).set(pl.Series(~valid), None)
+        out[f"preferred_{a}_share"] = pl.Series(f"preferred_{a}_share", share).set(invalid, None)
     return pl.DataFrame(out)
 
 
