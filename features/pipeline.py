@@ -32,7 +32,14 @@ from features.profiles import (
     profiles_from_summary,
     value_tier_thresholds,
 )
-from features.schema import CONSENT_PURPOSES, CUSTOMER_ID, DEFAULT_EVENT_TYPES, ITEM_ID, TIMESTAMP_COL
+from features.schema import (
+    CONSENT_PURPOSES,
+    CUSTOMER_ID,
+    DEFAULT_EVENT_TYPES,
+    ITEM_ID,
+    TIMESTAMP_COL,
+    Vocabulary,
+)
 from features.splits import SplitError, default_cutoffs
 
 PROFILES_FILE = "profiles.parquet"
@@ -215,7 +222,12 @@ def build_features(
 
     steps.start("interaction matrix")
     positive = pairs.filter(pl.col(WEIGHT) > 0)
-    everyone = build_interactions(positive.select(CUSTOMER_ID, ITEM_ID, WEIGHT))
+    # When no pair has a zero weight, the matrix's rows are exactly the summary's customers (one row each):
+    # sorting those is far cheaper than finding the unique ids among the pairs.
+    rows = (
+        Vocabulary(tuple(summary[CUSTOMER_ID].sort().to_list())) if positive.height == pairs.height else None
+    )
+    everyone = build_interactions(positive.select(CUSTOMER_ID, ITEM_ID, WEIGHT), customers=rows)
     if pairs.select((pl.col(WEIGHT) == pl.col("profile_weight")).all()).item():
         profile_matrix = everyone
     else:

@@ -158,20 +158,29 @@ def customer_summary(
     """Per customer, from :func:`pair_summary` and :func:`order_counts`: activity, RFM, usual purchase interval,
     recent browsing and cart state. A purchase without a price counts at its item's price."""
     day = 86_400.0
-    spend = pl.col("spend_known").fill_null(0)
-    if PRICE in items.collect_schema().names():
-        pairs = pairs.join(items.select(ITEM_ID, pl.col(PRICE).alias("__item_price")), on=ITEM_ID, how="left")
-        spend = spend + pl.col("qty_unpriced").fill_null(0) * pl.col("__item_price").fill_null(0)
     summary = pairs.group_by(CUSTOMER_ID).agg(
         pl.col("n_events").sum().cast(pl.UInt32),
         pl.col("first_seen").min(),
         pl.col("last_seen").max(),
         pl.col("first_purchase").min(),
         pl.col("last_purchase").max(),
-        spend.sum().cast(pl.Float64).alias("monetary"),
+        pl.col("spend_known").fill_null(0).sum().cast(pl.Float64).alias("monetary"),
         pl.col("recent_browse").sum().cast(pl.Int32).alias("recent_items_viewed"),
         pl.col("last_cart").max().alias("__last_cart"),
     )
+    if PRICE in items.collect_schema().names():
+        # Only pairs with unpriced purchases need the item's price: join those few, not every pair.
+        unpriced = (
+            pairs.filter(pl.col("qty_unpriced") > 0)
+            .join(items.select(ITEM_ID, PRICE), on=ITEM_ID, how="left")
+            .group_by(CUSTOMER_ID)
+            .agg((pl.col("qty_unpriced") * pl.col(PRICE).fill_null(0)).sum().alias("__unpriced"))
+        )
+        summary = (
+            summary.join(unpriced, on=CUSTOMER_ID, how="left")
+            .with_columns(pl.col("monetary") + pl.col("__unpriced").fill_null(0))
+            .drop("__unpriced")
+        )
     summary = summary.join(orders, on=CUSTOMER_ID, how="left").with_columns(pl.col("frequency").fill_null(0))
 
     def since(c: str) -> pl.Expr:

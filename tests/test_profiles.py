@@ -80,3 +80,31 @@ def test_online_profile_of_one_customer_equals_the_offline_row(tiny_dataset, pro
     ).collect()
     assert one.height == 1
     assert one.to_dicts()[0] == _row(profiles, "C2")
+
+
+def test_monetary_counts_a_purchase_without_a_price_at_its_items_price():
+    from features.profiles import customer_summary, order_counts, pair_summary
+
+    t = [T0 + timedelta(days=d) for d in (1, 2, 3)]
+    events = pl.DataFrame(
+        {
+            "customer_id": ["A", "A", "A", "B"],
+            "item_id": ["I1", "I2", "I2", "I3"],
+            "event_type": ["purchase"] * 4,
+            "timestamp": [t[0], t[1], t[2], t[0]],
+            "session_id": ["s1", "s2", "s3", "s4"],
+            "quantity": [2, 1, 3, None],
+            # A paid 2 × 10 for I1; I2 was bought twice without a price (catalogue price 4.5); B's I3 has none
+            # at all, so it adds nothing.
+            "price": [10.0, None, None, None],
+        }
+    ).lazy()
+    items = pl.DataFrame({"item_id": ["I1", "I2", "I3"], "price": [99.0, 4.5, None]}).lazy()
+    config = ProfileConfig()
+    pairs = pair_summary(events, as_of=AS_OF, config=config)
+    summary = customer_summary(pairs, order_counts(events, config=config), items, as_of=AS_OF).collect()
+    monetary = dict(summary.select("customer_id", "monetary").iter_rows())
+    assert monetary == {"A": pytest.approx(2 * 10 + (1 + 3) * 4.5), "B": 0.0}
+    # Without a price column in the items table, unpriced purchases add nothing.
+    bare = customer_summary(pairs, order_counts(events, config=config), items.select("item_id"), as_of=AS_OF)
+    assert dict(bare.collect().select("customer_id", "monetary").iter_rows()) == {"A": 20.0, "B": 0.0}
