@@ -127,7 +127,7 @@ class Interactions:
         rows = np.flatnonzero(keep)
         return Interactions(
             sp.csr_matrix(self.matrix[rows]),
-            Vocabulary(tuple(self.customers.ids[i] for i in rows)),
+            Vocabulary(tuple(map(self.customers.ids.__getitem__, rows.tolist()))),
             self.items,
         )
 

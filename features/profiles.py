@@ -32,6 +32,7 @@ from datetime import datetime
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from features.interactions import WEIGHT, InteractionConfig, Interactions, build_interactions, event_weight
@@ -208,8 +209,8 @@ def preferred_attributes(
 ) -> pl.DataFrame:
     """For each attribute A, the value with the largest summed weight and its share of the customer's total.
 
-    Computed as one weighted count of the non-zeros by (customer, value of their item), so it costs one pass over
-    the non-zeros per attribute. Items without a value of A do not count towards A's total.
+    Computed by summing each customer's non-zeros by the value of their item, one pass over the non-zeros per
+    attribute. Items without a value of A do not count towards A's total.
 
     Args:
         weights: the customers × items matrix of profile weights.
@@ -226,10 +227,6 @@ def preferred_attributes(
     )
     n_customers = len(weights.customers)
     matrix = weights.matrix
-    # Each non-zero's row once; per attribute, one weighted bincount over (row, value) sums a customer's weight
-    # per value (items have at most one value of an attribute), in float64.
-    nz_rows = np.repeat(np.arange(n_customers, dtype=np.int64), np.diff(matrix.indptr))
-    nz_weights = matrix.data.astype(np.float64)
     for a in attributes:
         column = aligned[a].cast(pl.String)
         levels = column.drop_nulls().unique().sort()
@@ -242,15 +239,14 @@ def preferred_attributes(
         codes = column.replace_strict(
             levels, pl.Series(range(len(levels))), default=-1, return_dtype=pl.Int64
         ).to_numpy()
-        n_levels = len(levels)
-        value = codes[matrix.indices]
-        key, w = nz_rows * n_levels + value, nz_weights
-        if (value < 0).any():  # items without a value of A count for nothing
-            has = value >= 0
-            key, w = key[has], w[has]
-        per_value = np.bincount(key, weights=w, minlength=n_customers * n_levels).reshape(
-            n_customers, n_levels
-        )
+        # The customers × items matrix with each column index replaced by its item's value: densifying it sums a
+        # customer's weight per value (an item has at most one value of A). Items without one weigh nothing.
+        value = codes.astype(matrix.indices.dtype)[matrix.indices]
+        data = matrix.data
+        if (value < 0).any():
+            data = np.where(value >= 0, data, 0).astype(data.dtype)
+            value = np.maximum(value, 0)
+        per_value = sp.csr_matrix((data, value, matrix.indptr), shape=(n_customers, len(levels))).toarray()
         best = per_value.argmax(axis=1)
         total = per_value.sum(axis=1)
         top = per_value[np.arange(n_customers), best]
