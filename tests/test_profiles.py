@@ -108,3 +108,22 @@ def test_monetary_counts_a_purchase_without_a_price_at_its_items_price():
     # Without a price column in the items table, unpriced purchases add nothing.
     bare = customer_summary(pairs, order_counts(events, config=config), items.select("item_id"), as_of=AS_OF)
     assert dict(bare.collect().select("customer_id", "monetary").iter_rows()) == {"A": 20.0, "B": 0.0}
+
+
+def test_orders_are_purchase_sessions_or_purchase_days_without_one():
+    from features.profiles import order_counts
+
+    day = [T0 + timedelta(days=d, hours=h) for d, h in ((1, 9), (1, 17), (2, 9), (2, 10), (3, 9))]
+    events = pl.DataFrame(
+        {
+            "customer_id": ["A", "A", "A", "A", "A", "B"],
+            "item_id": ["I1", "I2", "I3", "I1", "I2", "I1"],
+            "event_type": ["purchase", "purchase", "purchase", "purchase", "view", "purchase"],
+            "timestamp": [day[0], day[1], day[2], day[3], day[4], day[0]],
+            # Day 1: two purchases without a session are one order; day 2: one session, and the same session
+            # again, one order; a view is no order.
+            "session_id": [None, None, "s9", "s9", "s10", "s1"],
+        }
+    ).lazy()
+    orders = dict(order_counts(events, config=ProfileConfig()).collect().iter_rows())
+    assert orders == {"A": 2, "B": 1}
