@@ -1496,9 +1496,6 @@ def split_table(
     )
 
 
-AFFINITY_COLUMN = "cf_affinity"
-
-
 def model_view(
     table: pl.DataFrame,
     customer_columns: Sequence[str],
@@ -1527,14 +1524,13 @@ def model_view(
     Returns:
         ``table`` with its customer columns replaced, rows and order unchanged.
     """
-
     columns = set(customer_columns)
     known = set() if customers is None else set(customers.columns)
     demo = [c for c in DEMOGRAPHICS if c in columns and c in known]
     # The age is read for the age band of a customer without personalisation even when it is not an input.
     loaded = [*demo, *(["age"] if "age" in known and "age" not in demo and "age_band" in columns else [])]
     work = table.join(
-        state.select(CUSTOMER_ID, *[p for p in ("personalisation", "profiling") if p in state.columns]),
+        state.select(CUSTOMER_ID, "personalisation", "profiling"),
         on=CUSTOMER_ID,
         how="left",
         maintain_order="left",
@@ -1562,7 +1558,7 @@ def model_view(
     exprs = []
     for c in customer_columns:
         value = pl.when(personal).then(filled[c]).otherwise(segment[c])
-        if c == AFFINITY_COLUMN:
+        if c == AFFINITY:
             value = pl.when(personal & profiled).then(pl.col(c)).otherwise(None)
         exprs.append(value.alias(c))
     return work.with_columns(exprs).select(table.columns)
