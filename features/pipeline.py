@@ -27,9 +27,10 @@ from features.privacy import (
 from features.profiles import (
     ProfileConfig,
     customer_summary,
-    order_counts,
     pair_summary,
     profiles_from_summary,
+    purchase_summary,
+    recent_summary,
     value_tier_thresholds,
 )
 from features.schema import (
@@ -212,12 +213,17 @@ def build_features(
         pl.col(TIMESTAMP_COL) <= as_of
     )
     items = ds.scan("items", required=False)
-    # One pass over the events builds (customer, item) pairs; everything after works on that far smaller table.
+    # One pass over the events builds (customer, item) pairs, two filtered ones the purchases and the recent
+    # window; everything after works on those far smaller tables.
     pairs = pair_summary(
         retained, as_of=as_of, config=config.profiles, interactions=config.interactions
     ).collect()
-    orders = order_counts(retained, config=config.profiles)
-    summary = customer_summary(pairs.lazy(), orders, items, as_of=as_of).collect()
+    summary = customer_summary(
+        pairs.lazy(),
+        purchase_summary(retained, items, config=config.profiles),
+        recent_summary(retained, as_of=as_of, config=config.profiles),
+        as_of=as_of,
+    ).collect()
     steps.done()
 
     steps.start("interaction matrix")
@@ -241,7 +247,7 @@ def build_features(
     steps.done()
 
     steps.start("consent")
-    state = consent_state(ds.scan("consent", required=False), as_of=as_of).collect()
+    state = consent_state(ds.scan("consent", required=False), as_of=as_of).sort(CUSTOMER_ID).collect()
     write_parquet_atomic(state, out_dir / CONSENT_FILE)
     # Consent is per customer, so it filters the customer vocabulary (rows), never the events themselves.
     customer_ids = pl.DataFrame({CUSTOMER_ID: list(everyone.customers.ids)}, schema={CUSTOMER_ID: pl.String})

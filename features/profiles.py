@@ -101,38 +101,28 @@ def pair_summary(
     config: ProfileConfig,
     interactions: InteractionConfig | None = None,
 ) -> pl.LazyFrame:
-    """The one pass over events: per (customer, item), everything the matrix and the profiles need.
+    """The one pass over all events: per (customer, item), what the matrices and the activity span need.
+
+    Purchases and the recent window, which only a small share of events fall in, have passes of their own
+    (:func:`purchase_summary`, :func:`recent_summary`): five aggregates here instead of ten cost measurably less
+    than the two extra filtered passes.
 
     Returns:
         ``customer_id, item_id, weight`` (interaction weight, decayed if configured), ``profile_weight``,
-        ``n_events, first_seen, last_seen, first_purchase, last_purchase, spend_known`` (price × quantity of
-        purchases with a price), ``qty_unpriced`` (quantity of purchases without one), ``recent_browse``
-        (viewed or clicked within ``recent_days``) and ``last_cart`` (latest add-to-cart within ``recent_days``).
+        ``n_events, first_seen, last_seen``.
     """
     interactions = interactions or InteractionConfig(weights=config.weights)
     ts = pl.col(TIMESTAMP_COL)
-    schema = events.collect_schema().names()
-    is_purchase = pl.col(EVENT_TYPE) == config.purchase_event
-    recent = ts >= pl.lit(as_of) - pl.duration(days=config.recent_days)
-    qty = pl.col(QUANTITY).fill_null(1).cast(pl.Float64) if QUANTITY in schema else pl.lit(1.0)
-    price = pl.col(PRICE) if PRICE in schema else pl.lit(None, dtype=pl.Float64)
     weight = event_weight(interactions.weights)
     if interactions.half_life_days is not None:
         age_days = (pl.lit(as_of) - ts).dt.total_seconds() / 86_400.0
         weight = weight * (0.5 ** (age_days.clip(lower_bound=0) / interactions.half_life_days))
     same = interactions.half_life_days is None and interactions.weights == config.weights
-    # when/then rather than filter inside the aggregation: markedly faster on the streaming engine.
     aggs = [
         weight.sum().cast(pl.Float32).alias(WEIGHT),
         pl.len().cast(pl.UInt32).alias("n_events"),
         ts.min().alias("first_seen"),
         ts.max().alias("last_seen"),
-        pl.when(is_purchase).then(ts).min().alias("first_purchase"),
-        pl.when(is_purchase).then(ts).max().alias("last_purchase"),
-        pl.when(is_purchase).then(price * qty).sum().alias("spend_known"),
-        pl.when(is_purchase & price.is_null()).then(qty).sum().alias("qty_unpriced"),
-        (recent & pl.col(EVENT_TYPE).is_in(config.browse_events)).any().alias("recent_browse"),
-        pl.when(recent & (pl.col(EVENT_TYPE) == config.cart_event)).then(ts).max().alias("last_cart"),
     ]
     if not same:
         aggs.append(event_weight(config.weights).sum().cast(pl.Float32).alias("profile_weight"))
@@ -140,50 +130,89 @@ def pair_summary(
     return pairs.with_columns(pl.col(WEIGHT).alias("profile_weight")) if same else pairs
 
 
-def order_counts(events: pl.LazyFrame, *, config: ProfileConfig) -> pl.LazyFrame:
-    """Orders per customer: distinct purchase sessions (a purchase day where there is no session id)."""
-    schema = events.collect_schema().names()
+def _order_key(schema: Sequence[str]) -> pl.Expr:
+    """An order: a purchase session, or a purchase day where there is no session id."""
     order_key = pl.col(TIMESTAMP_COL).dt.date().cast(pl.String)
     if SESSION_ID in schema:
         # when/then rather than coalesce: measured 15% faster over 1.9M purchases.
         order_key = pl.when(pl.col(SESSION_ID).is_null()).then(order_key).otherwise(pl.col(SESSION_ID))
+    return order_key
+
+
+def order_counts(events: pl.LazyFrame, *, config: ProfileConfig) -> pl.LazyFrame:
+    """Orders per customer: distinct purchase sessions (a purchase day where there is no session id)."""
     return (
         events.filter(pl.col(EVENT_TYPE) == config.purchase_event)
         .group_by(CUSTOMER_ID)
-        .agg(order_key.n_unique().cast(pl.Int32).alias("frequency"))
+        .agg(_order_key(events.collect_schema().names()).n_unique().cast(pl.Int32).alias("frequency"))
+    )
+
+
+def purchase_summary(events: pl.LazyFrame, items: pl.LazyFrame, *, config: ProfileConfig) -> pl.LazyFrame:
+    """Per customer with a purchase, from the purchases alone: ``first_purchase, last_purchase, monetary``
+    (price × quantity; a purchase without a price counts at its item's price, a missing quantity as 1) and
+    ``frequency`` (orders, as :func:`order_counts`)."""
+    schema = events.collect_schema().names()
+    ts = pl.col(TIMESTAMP_COL)
+    qty = pl.col(QUANTITY).fill_null(1).cast(pl.Float64) if QUANTITY in schema else pl.lit(1.0)
+    price = pl.col(PRICE) if PRICE in schema else pl.lit(None, dtype=pl.Float64)
+    purchases = events.filter(pl.col(EVENT_TYPE) == config.purchase_event)
+    if PRICE in items.collect_schema().names():
+        purchases = purchases.join(
+            items.select(ITEM_ID, pl.col(PRICE).alias("__item_price")), on=ITEM_ID, how="left"
+        )
+        price = pl.coalesce(price, pl.col("__item_price"))
+    return purchases.group_by(CUSTOMER_ID).agg(
+        ts.min().alias("first_purchase"),
+        ts.max().alias("last_purchase"),
+        (price * qty).fill_null(0).sum().cast(pl.Float64).alias("monetary"),
+        _order_key(schema).n_unique().cast(pl.Int32).alias("frequency"),
+    )
+
+
+def recent_summary(events: pl.LazyFrame, *, as_of: datetime, config: ProfileConfig) -> pl.LazyFrame:
+    """Per customer active in the last ``recent_days`` before ``as_of``: ``recent_items_viewed`` (distinct items
+    viewed or clicked) and ``__last_cart`` (the latest add-to-cart)."""
+    ts = pl.col(TIMESTAMP_COL)
+    kind = pl.col(EVENT_TYPE)
+    return (
+        events.filter(ts >= pl.lit(as_of) - pl.duration(days=config.recent_days))
+        .group_by(CUSTOMER_ID)
+        .agg(
+            pl.col(ITEM_ID)
+            .filter(kind.is_in(config.browse_events))
+            .n_unique()
+            .cast(pl.Int32)
+            .alias("recent_items_viewed"),
+            ts.filter(kind == config.cart_event).max().alias("__last_cart"),
+        )
     )
 
 
 def customer_summary(
-    pairs: pl.LazyFrame, orders: pl.LazyFrame, items: pl.LazyFrame, *, as_of: datetime
+    pairs: pl.LazyFrame, purchases: pl.LazyFrame, recent: pl.LazyFrame, *, as_of: datetime
 ) -> pl.LazyFrame:
-    """Per customer, from :func:`pair_summary` and :func:`order_counts`: activity, RFM, usual purchase interval,
-    recent browsing and cart state. A purchase without a price counts at its item's price."""
+    """Per customer, from :func:`pair_summary`, :func:`purchase_summary` and :func:`recent_summary`: activity,
+    RFM, usual purchase interval, recent browsing and cart state."""
     day = 86_400.0
-    summary = pairs.group_by(CUSTOMER_ID).agg(
-        pl.col("n_events").sum().cast(pl.UInt32),
-        pl.col("first_seen").min(),
-        pl.col("last_seen").max(),
-        pl.col("first_purchase").min(),
-        pl.col("last_purchase").max(),
-        pl.col("spend_known").fill_null(0).sum().cast(pl.Float64).alias("monetary"),
-        pl.col("recent_browse").sum().cast(pl.Int32).alias("recent_items_viewed"),
-        pl.col("last_cart").max().alias("__last_cart"),
+    summary = (
+        pairs.group_by(CUSTOMER_ID)
+        .agg(
+            pl.col("n_events").sum().cast(pl.UInt32),
+            pl.col("first_seen").min(),
+            pl.col("last_seen").max(),
+        )
+        .join(purchases, on=CUSTOMER_ID, how="left")
+        .join(recent, on=CUSTOMER_ID, how="left")
+        .with_columns(
+            pl.col("monetary").fill_null(0.0),
+            pl.col("recent_items_viewed").fill_null(0),
+            pl.col("frequency").fill_null(0),
+        )
     )
-    if PRICE in items.collect_schema().names():
-        # Only pairs with unpriced purchases need the item's price: join those few, not every pair.
-        unpriced = (
-            pairs.filter(pl.col("qty_unpriced") > 0)
-            .join(items.select(ITEM_ID, PRICE), on=ITEM_ID, how="left")
-            .group_by(CUSTOMER_ID)
-            .agg((pl.col("qty_unpriced") * pl.col(PRICE).fill_null(0)).sum().alias("__unpriced"))
-        )
-        summary = (
-            summary.join(unpriced, on=CUSTOMER_ID, how="left")
-            .with_columns(pl.col("monetary") + pl.col("__unpriced").fill_null(0))
-            .drop("__unpriced")
-        )
-    summary = summary.join(orders, on=CUSTOMER_ID, how="left").with_columns(pl.col("frequency").fill_null(0))
+    # The column order of the profiles (as before purchases and the recent window had passes of their own).
+    order = ["n_events", "first_seen", "last_seen", "first_purchase", "last_purchase", "monetary"]
+    summary = summary.select(CUSTOMER_ID, *order, "recent_items_viewed", "__last_cart", "frequency")
 
     def since(c: str) -> pl.Expr:
         return (pl.lit(as_of) - pl.col(c)).dt.total_seconds() / day
@@ -396,8 +425,12 @@ def build_profiles(
             CUSTOMER_ID, ITEM_ID, pl.col("profile_weight").alias(WEIGHT)
         )
     )
-    orders = order_counts(events, config=config)
-    summary = customer_summary(pairs.lazy(), orders, items, as_of=as_of).collect()
+    summary = customer_summary(
+        pairs.lazy(),
+        purchase_summary(events, items, config=config),
+        recent_summary(events, as_of=as_of, config=config),
+        as_of=as_of,
+    ).collect()
     return profiles_from_summary(
         weights, summary, items, customers, as_of=as_of, config=config, value_thresholds=value_thresholds
     ).lazy()

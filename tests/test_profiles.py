@@ -83,7 +83,7 @@ def test_online_profile_of_one_customer_equals_the_offline_row(tiny_dataset, pro
 
 
 def test_monetary_counts_a_purchase_without_a_price_at_its_items_price():
-    from features.profiles import customer_summary, order_counts, pair_summary
+    from features.profiles import customer_summary, pair_summary, purchase_summary, recent_summary
 
     t = [T0 + timedelta(days=d) for d in (1, 2, 3)]
     events = pl.DataFrame(
@@ -102,12 +102,15 @@ def test_monetary_counts_a_purchase_without_a_price_at_its_items_price():
     items = pl.DataFrame({"item_id": ["I1", "I2", "I3"], "price": [99.0, 4.5, None]}).lazy()
     config = ProfileConfig()
     pairs = pair_summary(events, as_of=AS_OF, config=config)
-    summary = customer_summary(pairs, order_counts(events, config=config), items, as_of=AS_OF).collect()
-    monetary = dict(summary.select("customer_id", "monetary").iter_rows())
-    assert monetary == {"A": pytest.approx(2 * 10 + (1 + 3) * 4.5), "B": 0.0}
+    recent = recent_summary(events, as_of=AS_OF, config=config)
+
+    def monetary(items: pl.LazyFrame) -> dict:
+        summary = customer_summary(pairs, purchase_summary(events, items, config=config), recent, as_of=AS_OF)
+        return dict(summary.collect().select("customer_id", "monetary").iter_rows())
+
+    assert monetary(items) == {"A": pytest.approx(2 * 10 + (1 + 3) * 4.5), "B": 0.0}
     # Without a price column in the items table, unpriced purchases add nothing.
-    bare = customer_summary(pairs, order_counts(events, config=config), items.select("item_id"), as_of=AS_OF)
-    assert dict(bare.collect().select("customer_id", "monetary").iter_rows()) == {"A": 20.0, "B": 0.0}
+    assert monetary(items.select("item_id")) == {"A": 20.0, "B": 0.0}
 
 
 def test_orders_are_purchase_sessions_or_purchase_days_without_one():
@@ -127,3 +130,22 @@ def test_orders_are_purchase_sessions_or_purchase_days_without_one():
     ).lazy()
     orders = dict(order_counts(events, config=ProfileConfig()).collect().iter_rows())
     assert orders == {"A": 2, "B": 1}
+
+
+def test_recent_window_counts_distinct_browsed_items_and_the_latest_cart():
+    from features.profiles import recent_summary
+
+    as_of = T0 + timedelta(days=30)
+    at = [as_of - timedelta(days=d) for d in (1, 2, 3, 8, 2)]
+    events = pl.DataFrame(
+        {
+            "customer_id": ["A", "A", "A", "A", "B"],
+            # I1 viewed twice and clicked once in the window counts once; I3 was viewed before it (8 days ago).
+            "item_id": ["I1", "I1", "I2", "I3", "I1"],
+            "event_type": ["view", "click", "add_to_cart", "view", "add_to_cart"],
+            "timestamp": at,
+        }
+    ).lazy()
+    events = pl.concat([events, events.filter(pl.col("customer_id") == "A").head(1)])
+    recent = recent_summary(events, as_of=as_of, config=ProfileConfig()).collect().sort("customer_id")
+    assert recent.rows() == [("A", 1, at[2]), ("B", 0, at[4])]
