@@ -21,6 +21,9 @@ purchases strictly before the exposure (cookies resolved through ``truth/identit
   Bayes posterior given the customer's session counts per channel in our table (the generator's channel mix,
   the world's share of app customers by age group as the prior) and over the latent price sensitivity at its
   share in the world; the other inputs exact.
+* oracle formula on what our table shows: the same, with the brand and sport matches from our profiles'
+  preferred brand and sport, and the group mean for rows without a profile (no events before the snapshot):
+  nearly the best a model of our table could do given unlimited data.
 * GB rows: scikit-learn ``HistGradientBoostingClassifier`` fitted on the training and validation periods (its
   own early stopping on a random 10%), mean test AUC over seeds 0..n-1. On the true inputs; then with the
   customer inputs but the age (brand/sport match, app habit, R, F90, M) missing for decliners and the price
@@ -215,20 +218,36 @@ def oracle_under_consent(x: pl.DataFrame, rows: pl.DataFrame) -> np.ndarray:
     return r.select(pl.when(granted).then("p_true").otherwise("p_group")).to_series().to_numpy()
 
 
-def oracle_with_observed_habit(x: pl.DataFrame, rows: pl.DataFrame) -> np.ndarray:
+def oracle_with_observed_habit(
+    x: pl.DataFrame, rows: pl.DataFrame, *, observed_preferences: bool = False
+) -> np.ndarray:
     """:func:`oracle_under_consent`, but with the two latent traits read as well as behaviour allows: the
     planted formula averaged over P(app habit | session counts per channel in our table) — a Bayes posterior
     under the generator's :data:`~features.generate.CHANNEL_MIX`, the world's share of app customers by age
-    group as the prior — and over the price sensitivity at its share in the world. Every other input exact."""
+    group as the prior — and over the price sensitivity at its share in the world. Every other input exact;
+    with ``observed_preferences`` the brand and sport matches come from our profiles' preferred brand and sport
+    instead, and a row without a profile (no events before its snapshot) gets the group mean like a decliner —
+    nearly the best any model of our table could do with unlimited data."""
     from features.generate import CHANNEL_MIX, CUSTOMER_TYPES
 
     customers = x.unique("customer_id").with_columns(_AGE_GROUP)
     prior = customers.group_by("age_group").agg(
         *[(pl.col("channel_type") == t).mean().alias(t) for t in CUSTOMER_TYPES]
     )
-    r = rows.select("exposure_id", *[f"sessions_{t}" for t in CUSTOMER_TYPES]).join(
-        x.with_columns(_AGE_GROUP), on="exposure_id", how="left", maintain_order="left"
-    )
+    r = rows.select(
+        "exposure_id",
+        "n_events",
+        "preferred_brand",
+        "preferred_sport",
+        *[f"sessions_{t}" for t in CUSTOMER_TYPES],
+    ).join(x.with_columns(_AGE_GROUP), on="exposure_id", how="left", maintain_order="left")
+    granted = (r["profiling"] & r["personalisation"]).to_numpy()
+    if observed_preferences:
+        r = r.with_columns(
+            (pl.col("action_brand") == pl.col("preferred_brand")).fill_null(False).alias("brand_match"),
+            (pl.col("action_sport") == pl.col("preferred_sport")).fill_null(False).alias("sport_match"),
+        )
+        granted = granted & r["n_events"].is_not_null().to_numpy()
     p_type = r.select("age_group").join(prior, on="age_group", how="left", maintain_order="left")
     counts = np.column_stack(
         [r[f"sessions_{t}"].fill_null(0).cast(pl.Float64).to_numpy() for t in CUSTOMER_TYPES]
@@ -244,9 +263,7 @@ def oracle_with_observed_habit(x: pl.DataFrame, rows: pl.DataFrame) -> np.ndarra
         for sensitive, p_s in ((True, share_sensitive), (False, 1.0 - share_sensitive)):
             planted = _planted(r.with_columns(pl.lit(app).alias("app_user")), np.full(r.height, sensitive))
             expected += p_a * p_s * planted
-    under_consent = oracle_under_consent(x, rows)
-    granted = (r["profiling"] & r["personalisation"]).to_numpy()
-    return np.where(granted, expected, under_consent)
+    return np.where(granted, expected, oracle_under_consent(x, rows))
 
 
 def true_matrix(x: pl.DataFrame, rows: pl.DataFrame, hidden: np.ndarray, *, sensitivity: bool) -> np.ndarray:
@@ -319,6 +336,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "oracle, consent rule": [roc_auc(y, oracle_under_consent(x, test))],
         "oracle, consent rule, latent traits read from behaviour": [
             roc_auc(y, oracle_with_observed_habit(x, test))
+        ],
+        "oracle formula on what our table shows": [
+            roc_auc(y, oracle_with_observed_habit(x, test, observed_preferences=True))
         ],
     }
 
