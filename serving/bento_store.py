@@ -285,7 +285,7 @@ def export_champions(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from training.tracking import quiet_mlflow, resolve_tracking_uri, sqlite_path
+    from training.tracking import quiet_mlflow, resolve_tracking_uri, sqlite_path, version_by_alias
 
     uri = tracking_uri or resolve_tracking_uri()
     db = sqlite_path(uri)
@@ -307,20 +307,14 @@ def export_champions(
                 f"'nextbest promote {kind}' first"
             ) from None
 
-        def by_alias(alias: str, name: str = name) -> Any | None:
-            try:
-                return client.get_model_version_by_alias(name, alias)
-            except MlflowException:
-                return None
-
-        champion = by_alias(CHAMPION)
+        champion = version_by_alias(client, name, CHAMPION)
         if champion is None:
             raise BentoStoreError(
                 f"{name} has no '{CHAMPION}' version in the MLflow registry at {uri}: run "
                 f"'nextbest promote {kind}' first"
             )
         roles: list[tuple[str, Any]] = []
-        challenger = by_alias(CHALLENGER) if challengers else None
+        challenger = version_by_alias(client, name, CHALLENGER) if challengers else None
         if challenger is not None and str(challenger.version) != str(champion.version):
             roles.append((CHALLENGER, challenger))
         roles.append((CHAMPION, champion))  # last, so that it is the latest version of its name

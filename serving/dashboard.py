@@ -939,7 +939,13 @@ def load_champion_recommender(
         registered_model: the registered model name; default ``nextbest-recommender``.
         alias: the alias to resolve.
     """
-    from training.tracking import REGISTERED_MODEL, quiet_mlflow, resolve_tracking_uri, sqlite_path
+    from training.tracking import (
+        REGISTERED_MODEL,
+        quiet_mlflow,
+        resolve_tracking_uri,
+        sqlite_path,
+        version_by_alias,
+    )
 
     uri = tracking_uri or resolve_tracking_uri()
     db = sqlite_path(uri)
@@ -947,24 +953,20 @@ def load_champion_recommender(
         return None
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    from training.recommender_bundle import BUNDLE_FILE, RecommenderBundle
+    from training.recommender_bundle import find_bundle
 
     name = registered_model or REGISTERED_MODEL
-    client = MlflowClient(uri, uri)
-    try:
-        version = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    version = version_by_alias(MlflowClient(uri, uri), name, alias)
+    if version is None:
         return None
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     with quiet_mlflow():
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}"))
-    found = sorted(root.rglob(BUNDLE_FILE))
-    if not found:
+    bundle = find_bundle(root)
+    if bundle is None:
         return None
-    bundle = RecommenderBundle.load(found[0].parent)
     kind = bundle.metadata.get("model") or (version.tags or {}).get("model")
     label = f"{name} v{version.version} ({alias}{', ' + kind if kind else ''})"
     return ChampionRecommender(bundle, label, (version.tags or {}).get("dataset"))

@@ -60,15 +60,6 @@ def _train_hint(kind: str, data: Path) -> str:
     )
 
 
-def _resolve_version(client: Any, name: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
 def check_registry(config: EngineConfig) -> dict[str, str]:
     """Check that both champions exist, without loading them; return their ``name/version`` labels.
 
@@ -78,7 +69,7 @@ def check_registry(config: EngineConfig) -> dict[str, str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from training.tracking import resolve_tracking_uri, sqlite_path
+    from training.tracking import resolve_tracking_uri, sqlite_path, version_by_alias
 
     uri = config.tracking_uri or resolve_tracking_uri()
     db = sqlite_path(uri)
@@ -96,7 +87,7 @@ def check_registry(config: EngineConfig) -> dict[str, str]:
             raise EngineLoadError(
                 f"no model {name!r} in the MLflow registry at {uri}: run '{_train_hint(kind, config.data)}' first"
             ) from None
-        version = _resolve_version(client, name, CHAMPION)
+        version = version_by_alias(client, name, CHAMPION)
         if version is None:
             raise EngineLoadError(
                 f"{name} has no '{CHAMPION}' version in the MLflow registry at {uri}: train one with "
@@ -108,12 +99,12 @@ def check_registry(config: EngineConfig) -> dict[str, str]:
 
 def _load_recommender(root: Path, label: str) -> Any:
     """The recommender bundle inside an MLflow model directory (downloaded or copied into the model store)."""
-    from training.recommender_bundle import BUNDLE_FILE, RecommenderBundle
+    from training.recommender_bundle import BUNDLE_FILE, find_bundle
 
-    found = sorted(root.rglob(BUNDLE_FILE))
-    if not found:
+    bundle = find_bundle(root)
+    if bundle is None:
         raise EngineLoadError(f"{label} holds no recommender bundle ({BUNDLE_FILE}) under {root}")
-    return RecommenderBundle.load(found[0].parent)
+    return bundle
 
 
 def _load_propensity(root: Path, label: str) -> Any:
@@ -236,7 +227,7 @@ def _load_from_registry(config: EngineConfig) -> ServingModels:
     import mlflow
     from mlflow import MlflowClient
 
-    from training.tracking import quiet_mlflow, resolve_tracking_uri
+    from training.tracking import quiet_mlflow, resolve_tracking_uri, version_by_alias
 
     check_registry(config)
     uri = config.tracking_uri or resolve_tracking_uri()
@@ -251,7 +242,7 @@ def _load_from_registry(config: EngineConfig) -> ServingModels:
 
     out: dict[str, dict[str, RegisteredModel]] = {}
     for kind, name in _registered_names(config).items():
-        champion = _resolve_version(client, name, CHAMPION)
+        champion = version_by_alias(client, name, CHAMPION)
         assert champion is not None  # check_registry made sure
         slots = {
             CHAMPION: RegisteredModel(
@@ -259,7 +250,7 @@ def _load_from_registry(config: EngineConfig) -> ServingModels:
             )
         }
         if config.challenger_share > 0:
-            challenger = _resolve_version(client, name, CHALLENGER)
+            challenger = version_by_alias(client, name, CHALLENGER)
             if challenger is not None and str(challenger.version) != str(champion.version):
                 slots[CHALLENGER] = RegisteredModel(
                     name, str(challenger.version), CHALLENGER, loaded(kind, name, challenger.version)

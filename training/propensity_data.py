@@ -1261,17 +1261,15 @@ def registered_recommender(
     import mlflow
     from mlflow import MlflowClient
 
-    from training.recommender_bundle import BUNDLE_FILE, RecommenderBundle
-    from training.tracking import quiet_mlflow, resolve_tracking_uri, sqlite_path
+    from training.recommender_bundle import find_bundle
+    from training.tracking import quiet_mlflow, resolve_tracking_uri, sqlite_path, version_by_alias
 
     uri = tracking_uri or resolve_tracking_uri()
     db = sqlite_path(uri)
     if db is not None and not db.exists():
         return None
-    client = MlflowClient(uri, uri)
-    try:
-        version = client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
+    version = version_by_alias(MlflowClient(uri, uri), name, alias)
+    if version is None:
         return None
     tags = dict(version.tags or {})
     if tags.get("dataset") and Path(tags["dataset"]) != ds.root.resolve():
@@ -1283,11 +1281,8 @@ def registered_recommender(
             root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}"))
     finally:
         mlflow.set_tracking_uri(previous)
-    found = sorted(root.rglob(BUNDLE_FILE))
-    if not found:
-        return None
-    bundle = RecommenderBundle.load(found[0].parent)
-    if foldable_factor_model(bundle.model) is None:
+    bundle = find_bundle(root)
+    if bundle is None or foldable_factor_model(bundle.model) is None:
         return None
     trained_on = bundle.metadata.get("dataset")
     if trained_on is not None and Path(trained_on) != ds.root.resolve():

@@ -83,3 +83,10 @@ class RecommenderBundle:
         meta_path = d / BUNDLE_FILE
         metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         return cls(load_recommender(d / MODEL_DIR), Interactions.load(d / HISTORY_DIR), metadata)
+
+
+def find_bundle(root: str | Path) -> RecommenderBundle | None:
+    """The bundle saved under ``root`` (an MLflow model directory, downloaded or copied into a model store), the
+    first in path order; None when there is none."""
+    found = sorted(Path(root).rglob(BUNDLE_FILE))
+    return RecommenderBundle.load(found[0].parent) if found else None

@@ -693,7 +693,9 @@ class PromotionDecision(BaseModel):
     champion_value: float | None = None
 
 
-def _version_by_alias(client: Any, name: str, alias: str) -> Any | None:
+def version_by_alias(client: Any, name: str, alias: str) -> Any | None:
+    """The version of registered model ``name`` that ``alias`` points at; None when there is none (no such
+    model or alias)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -771,8 +773,8 @@ def _decide_and_move(
     def decide(promoted: bool, reason: str, **kw: Any) -> PromotionDecision:
         return PromotionDecision(promoted=promoted, reason=reason, metric=metric, registered_model=name, **kw)
 
-    def version_by_alias(alias: str) -> Any | None:
-        return _version_by_alias(client, name, alias)
+    def by_alias(alias: str) -> Any | None:
+        return version_by_alias(client, name, alias)
 
     def logged(version: Any) -> float | None:
         return _logged_metric(client, version, metric)
@@ -781,7 +783,7 @@ def _decide_and_move(
         client.get_registered_model(name)
     except MlflowException:
         return decide(False, f"no registered model {name!r} at {uri}: train one with '{train_command}' first")
-    challenger = version_by_alias(tracking.alias)
+    challenger = by_alias(tracking.alias)
     if challenger is None:
         return decide(False, f"{name} has no {tracking.alias!r} version to promote")
     cv = str(challenger.version)
@@ -798,7 +800,7 @@ def _decide_and_move(
             )
     if c_value is None:
         return decide(False, f"challenger v{cv} has no logged {metric}", challenger_version=cv)
-    champion = version_by_alias(CHAMPION)
+    champion = by_alias(CHAMPION)
     if champion is None:
         client.set_registered_model_alias(name, CHAMPION, cv)
         return decide(
