@@ -652,6 +652,14 @@ def cmd_run(args: argparse.Namespace) -> None:
 # --- parser -----------------------------------------------------------------------------------------------
 
 
+def _no_bento(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-bento",
+        action="store_true",
+        help="do not export the champions (and challengers) into the BentoML model store (BENTOML_HOME)",
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON summary as the last line of stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -674,11 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-training", action="store_true", help="stop after the features")
     run.add_argument("--serve", action="store_true", help="end by serving the trained models on --port")
     run.add_argument("--port", type=int, default=3000)
-    run.add_argument(
-        "--no-bento",
-        action="store_true",
-        help="do not export the champions into the BentoML model store (BENTOML_HOME)",
-    )
+    _no_bento(run)
     _common(run)
     run.set_defaults(func=cmd_run)
 
@@ -821,20 +825,13 @@ def _add_training(sub: Any) -> None:
     tracked(uc)
     uc.set_defaults(func=cmd_tune_cf)
 
-    def no_bento(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--no-bento",
-            action="store_true",
-            help="do not export the champion (and challenger) into the BentoML model store (BENTOML_HOME)",
-        )
-
     promote = sub.add_parser(
         "promote", help="move champion to the challenger if it is better, then export it for a Bento"
     ).add_subparsers(dest="promote_command", required=True, metavar="MODEL_KIND")
     pr = promote.add_parser("recommender", help="nextbest-recommender")
     pr.add_argument("--data", help="require the challenger to be trained on this dataset")
     pr.add_argument("--metric", default="ndcg_at_10")
-    no_bento(pr)
+    _no_bento(pr)
     tracked(pr)
     pr.set_defaults(func=cmd_promote_recommender)
 
@@ -873,7 +870,7 @@ def _add_training(sub: Any) -> None:
     pp.add_argument(
         "--metric", default="val_log_loss", help="val_log_loss (lower is better), val_auc, val_ece …"
     )
-    no_bento(pp)
+    _no_bento(pp)
     tracked(pp)
     pp.set_defaults(func=cmd_promote_propensity)
 
