@@ -139,19 +139,10 @@ def _order_key(schema: Sequence[str]) -> pl.Expr:
     return order_key
 
 
-def order_counts(events: pl.LazyFrame, *, config: ProfileConfig) -> pl.LazyFrame:
-    """Orders per customer: distinct purchase sessions (a purchase day where there is no session id)."""
-    return (
-        events.filter(pl.col(EVENT_TYPE) == config.purchase_event)
-        .group_by(CUSTOMER_ID)
-        .agg(_order_key(events.collect_schema().names()).n_unique().cast(pl.Int32).alias("frequency"))
-    )
-
-
 def purchase_summary(events: pl.LazyFrame, items: pl.LazyFrame, *, config: ProfileConfig) -> pl.LazyFrame:
     """Per customer with a purchase, from the purchases alone: ``first_purchase, last_purchase, monetary``
     (price × quantity; a purchase without a price counts at its item's price, a missing quantity as 1) and
-    ``frequency`` (orders, as :func:`order_counts`)."""
+    ``frequency`` (orders: distinct purchase sessions, a purchase day where there is no session id)."""
     schema = events.collect_schema().names()
     ts = pl.col(TIMESTAMP_COL)
     qty = pl.col(QUANTITY).fill_null(1).cast(pl.Float64) if QUANTITY in schema else pl.lit(1.0)

@@ -114,7 +114,7 @@ def test_monetary_counts_a_purchase_without_a_price_at_its_items_price():
 
 
 def test_orders_are_purchase_sessions_or_purchase_days_without_one():
-    from features.profiles import order_counts
+    from features.profiles import purchase_summary
 
     day = [T0 + timedelta(days=d, hours=h) for d, h in ((1, 9), (1, 17), (2, 9), (2, 10), (3, 9))]
     events = pl.DataFrame(
@@ -128,7 +128,9 @@ def test_orders_are_purchase_sessions_or_purchase_days_without_one():
             "session_id": [None, None, "s9", "s9", "s10", "s1"],
         }
     ).lazy()
-    orders = dict(order_counts(events, config=ProfileConfig()).collect().iter_rows())
+    items = pl.LazyFrame(schema={"item_id": pl.String})
+    summary = purchase_summary(events, items, config=ProfileConfig()).collect()
+    orders = dict(summary.select("customer_id", "frequency").iter_rows())
     assert orders == {"A": 2, "B": 1}
 
 
