@@ -42,7 +42,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from serving.arms import CHALLENGER, CHAMPION
-from serving.engine_config import PROPENSITY_MODEL, RECOMMENDER_MODEL
+from serving.engine_config import PROPENSITY_MODEL, RECOMMENDER_MODEL, train_command
 
 SERVED_MODELS: dict[str, str] = {"recommender": RECOMMENDER_MODEL, "propensity": PROPENSITY_MODEL}
 """Kind → registered model name of the models the service loads. The kind is also the model's alias in a
@@ -104,10 +104,6 @@ class StoredModel:
 
 def _kind_of(name: str) -> str:
     return next((k for k, n in SERVED_MODELS.items() if n == name), "recommender")
-
-
-def _train_command(kind: str) -> str:
-    return "nextbest train cf" if kind == "recommender" else "nextbest train propensity"
 
 
 def bentoml_home() -> Path:
@@ -303,7 +299,7 @@ def export_champions(
             client.get_registered_model(name)
         except MlflowException:
             raise BentoStoreError(
-                f"no model {name!r} in the MLflow registry at {uri}: run '{_train_command(kind)}' and "
+                f"no model {name!r} in the MLflow registry at {uri}: run '{train_command(kind)}' and "
                 f"'nextbest promote {kind}' first"
             ) from None
 

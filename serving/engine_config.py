@@ -18,6 +18,11 @@ DEFAULT_STATE_DIR = "service"
 """The state directory's default name, inside the dataset directory."""
 
 
+def train_command(kind: str) -> str:
+    """The command that trains a model of ``kind`` (``recommender`` or ``propensity``), for messages."""
+    return "nextbest train cf" if kind == "recommender" else "nextbest train propensity"
+
+
 # --- errors -------------------------------------------------------------------------------------------------
 
 

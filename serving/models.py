@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from serving.arms import CHALLENGER, CHAMPION
-from serving.engine_config import EngineConfig, EngineLoadError, one_line
+from serving.engine_config import EngineConfig, EngineLoadError, one_line, train_command
 
 logger = logging.getLogger("nextbest.serving")
 
@@ -53,11 +53,7 @@ class ServingModels:
 
 
 def _train_hint(kind: str, data: Path) -> str:
-    return (
-        f"nextbest train cf --data {data}"
-        if kind == "recommender"
-        else f"nextbest train propensity --data {data}"
-    )
+    return f"{train_command(kind)} --data {data}"
 
 
 def check_registry(config: EngineConfig) -> dict[str, str]:
