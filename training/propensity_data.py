@@ -1602,7 +1602,10 @@ def load_propensity_data(
         target = "actions" if ds.has_table("actions") else "derived"
     steps = tqdm(total=3, desc="propensity data", disable=not progress, unit="step")
     steps.set_postfix_str("events")
-    events = clean_events(ds, feature_config, purpose="profiling").collect()
+    # The data's "now", as the feature build takes it (identity resolution never changes timestamps, so the raw
+    # files' statistics give it): the events' retention and the consent in force are both read at it.
+    as_of = feature_config.as_of or data_as_of(ds.scan("events"))
+    events = clean_events(ds, feature_config, purpose="profiling", as_of=as_of).collect()
     items = ds.scan("items", required=False)
     customers = ds.scan("customers", required=False)
     steps.update()
@@ -1673,7 +1676,6 @@ def load_propensity_data(
     ]
     customer_columns = [c for c in customer_columns if c not in exposures.columns]
     # What the service would show the model for each row's customer (consent, demographics of new customers).
-    as_of = feature_config.as_of or data_as_of(ds.scan("events"))
     table = model_view(
         table,
         customer_columns,
