@@ -579,7 +579,7 @@ def test_training_rows_show_the_model_what_the_service_shows_it(engine, trained)
             [{"customer_id": cid, **row, "cf_affinity": 0.5}],
             schema={"customer_id": pl.String, **{c: schema[c] for c in row}, "cf_affinity": pl.Float64},
         )
-        offline = model_view(table, columns, customers, state, default=ds_consent_default(engine)).row(
+        offline = model_view(table, columns, customers, state, default=engine.data.consent_default).row(
             0, named=True
         )
         online = engine._model_features(engine._view(cid))
@@ -593,7 +593,3 @@ def test_training_rows_show_the_model_what_the_service_shows_it(engine, trained)
             assert offline[c] == online.get(c), (case, c, offline[c], online.get(c))
         if case == "no events yet":
             assert offline["age"] is not None  # the point of the fill: a new customer still has an age
-
-
-def ds_consent_default(engine: Engine) -> bool:
-    return engine.data.consent_default
