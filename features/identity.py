@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from features.schema import CUSTOMER_ID, SOURCE_ID, SOURCE_SYSTEM, TIMESTAMP_COL
+from features.schema import CUSTOMER_ID, SOURCE_ID, SOURCE_SYSTEM
 
 UNLINKED_SEPARATOR = ":"
 """An unlinked source id becomes its own customer ``<source_system>:<source_id>``, so its events stay usable
@@ -47,37 +47,6 @@ def resolve_identities(events: pl.LazyFrame, identities: pl.LazyFrame) -> pl.Laz
         pl.when(linked).then(None).otherwise(pl.col(SOURCE_SYSTEM)).alias(SOURCE_SYSTEM),
     ).select(columns)
     return pl.concat([canonical, resolved])
-
-
-def unlinked_report(events: pl.LazyFrame, identities: pl.LazyFrame) -> pl.LazyFrame:
-    """The source ids seen in events that no identity links to a customer.
-
-    Returns:
-        ``source_system, source_id, events, first_seen, last_seen``, most active first.
-    """
-    if SOURCE_SYSTEM not in events.collect_schema().names():
-        return pl.LazyFrame(
-            schema={
-                SOURCE_SYSTEM: pl.String,
-                SOURCE_ID: pl.String,
-                "events": pl.UInt32,
-                "first_seen": pl.Datetime("us"),
-                "last_seen": pl.Datetime("us"),
-            }
-        )
-    links = identities.filter(pl.col(CUSTOMER_ID).is_not_null()).select(SOURCE_SYSTEM, SOURCE_ID)
-    return (
-        events.filter(pl.col(SOURCE_SYSTEM).is_not_null())
-        .select(SOURCE_SYSTEM, pl.col(CUSTOMER_ID).alias(SOURCE_ID), TIMESTAMP_COL)
-        .join(links, on=[SOURCE_SYSTEM, SOURCE_ID], how="anti")
-        .group_by(SOURCE_SYSTEM, SOURCE_ID)
-        .agg(
-            pl.len().alias("events"),
-            pl.col(TIMESTAMP_COL).min().alias("first_seen"),
-            pl.col(TIMESTAMP_COL).max().alias("last_seen"),
-        )
-        .sort(["events", SOURCE_SYSTEM, SOURCE_ID], descending=[True, False, False])
-    )
 
 
 def linked_ids(identities: pl.LazyFrame, customer_id: str) -> list[str]:

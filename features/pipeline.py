@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -15,31 +15,31 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from features.dataset import Dataset, write_json_atomic, write_parquet_atomic
-from features.identity import resolve_identities, unlinked_report
-from features.interactions import WEIGHT, InteractionConfig, build_interactions
+from features.identity import resolve_identities
+from features.interactions import WEIGHT, InteractionConfig
 from features.privacy import (
     apply_retention,
     consent_state,
     erased_digests,
     exclude_erased,
     filter_consented,
+    retained,
 )
 from features.profiles import (
     ProfileConfig,
     customer_summary,
-    pair_summary,
     profiles_from_summary,
     purchase_summary,
     recent_summary,
+    summarise_events,
     value_tier_thresholds,
 )
 from features.schema import (
     CONSENT_PURPOSES,
     CUSTOMER_ID,
     DEFAULT_EVENT_TYPES,
-    ITEM_ID,
+    EVENT_TYPE,
     TIMESTAMP_COL,
-    Vocabulary,
 )
 from features.splits import SplitError, default_cutoffs
 
@@ -89,9 +89,20 @@ class FeatureConfig(BaseModel):
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
 
 
-def resolved_events(ds: Dataset) -> pl.LazyFrame:
-    """All events with canonical customer ids, erased customers left out."""
-    events = resolve_identities(ds.scan("events"), ds.scan("identities", required=False))
+def resolved_events(ds: Dataset, where: pl.Expr | None = None) -> pl.LazyFrame:
+    """Events with canonical customer ids, erased customers left out.
+
+    Args:
+        ds: the dataset.
+        where: keep only the events matching this filter, which may only read columns that resolution leaves
+            as they are (event type, timestamp, ...). They are read in one scan and resolved in memory: lazily,
+            resolution's two branches would each scan every file (a selective filter reads a fifth of the events
+            in 0.3 s, resolved lazily 0.7 s).
+    """
+    events = ds.scan("events")
+    if where is not None:
+        events = events.filter(where).collect().lazy()
+    events = resolve_identities(events, ds.scan("identities", required=False))
     return exclude_erased(events, erased_digests(ds))
 
 
@@ -206,70 +217,65 @@ def build_features(
     steps.start("resolving identities")
     identities = ds.scan("identities", required=False)
     raw_events = ds.scan("events")
-    events = resolved_events(ds)
     # Identity resolution never changes timestamps: the raw files' statistics give the latest event cheaply.
     as_of = config.as_of or data_as_of(raw_events)
-    retained = apply_retention(events, as_of=as_of, days=config.retention_days).filter(
-        pl.col(TIMESTAMP_COL) <= as_of
-    )
+    kept = retained(as_of=as_of, days=config.retention_days) & (pl.col(TIMESTAMP_COL) <= as_of)
     items = ds.scan("items", required=False)
-    # One pass over the events builds (customer, item) pairs, two filtered ones the purchases and the recent
-    # window; everything after works on those far smaller tables.
-    pairs = pair_summary(
-        retained, as_of=as_of, config=config.profiles, interactions=config.interactions
-    ).collect()
+    # One pass over the events (ids resolved on the ids as logged, not event by event), two filtered ones for
+    # the purchases and the recent window; everything after works on far smaller tables.
+    events_summary = summarise_events(
+        raw_events.filter(kept),
+        as_of=as_of,
+        config=config.profiles,
+        interactions=config.interactions,
+        identities=identities,
+        erased=erased_digests(ds),
+    )
+    recent_start = as_of - timedelta(days=config.profiles.recent_days)
     summary = customer_summary(
-        pairs.lazy(),
-        purchase_summary(retained, items, config=config.profiles),
-        recent_summary(retained, as_of=as_of, config=config.profiles),
+        events_summary.activity.lazy(),
+        purchase_summary(
+            resolved_events(ds, kept & (pl.col(EVENT_TYPE) == config.profiles.purchase_event)),
+            items,
+            config=config.profiles,
+        ),
+        recent_summary(
+            resolved_events(ds, kept & (pl.col(TIMESTAMP_COL) >= recent_start)),
+            as_of=as_of,
+            config=config.profiles,
+        ),
         as_of=as_of,
     ).collect()
-    steps.done()
-
-    steps.start("interaction matrix")
-    positive = pairs.filter(pl.col(WEIGHT) > 0)
-    # When no pair has a zero weight, the matrix's rows are exactly the summary's customers (one row each):
-    # sorting those is far cheaper than finding the unique ids among the pairs.
-    rows = (
-        Vocabulary(tuple(summary[CUSTOMER_ID].sort().to_list())) if positive.height == pairs.height else None
-    )
-    everyone = build_interactions(positive.select(CUSTOMER_ID, ITEM_ID, WEIGHT), customers=rows)
-    if pairs.select((pl.col(WEIGHT) == pl.col("profile_weight")).all()).item():
-        profile_matrix = everyone
-    else:
-        profile_matrix = build_interactions(
-            pairs.filter(pl.col("profile_weight") > 0).select(
-                CUSTOMER_ID, ITEM_ID, pl.col("profile_weight").alias(WEIGHT)
-            ),
-            customers=everyone.customers,
-            items=everyone.items,
-        )
     steps.done()
 
     steps.start("consent")
     state = consent_state(ds.scan("consent", required=False), as_of=as_of).sort(CUSTOMER_ID).collect()
     write_parquet_atomic(state, out_dir / CONSENT_FILE)
-    # Consent is per customer, so it filters the customer vocabulary (rows), never the events themselves.
-    customer_ids = pl.DataFrame({CUSTOMER_ID: list(everyone.customers.ids)}, schema={CUSTOMER_ID: pl.String})
-    allowed = {
-        purpose: filter_consented(
-            customer_ids.lazy(), state.lazy(), purpose, default=config.consent_default
-        ).collect()[CUSTOMER_ID]
+    # Consent is per customer, so it selects customers (matrix rows), never the events themselves. The summary's
+    # rows are the activity's: one per customer, sorted.
+    consented = {
+        purpose: summary[CUSTOMER_ID]
+        .is_in(
+            filter_consented(
+                summary.lazy().select(CUSTOMER_ID), state.lazy(), purpose, default=config.consent_default
+            )
+            .collect()[CUSTOMER_ID]
+            .implode()
+        )
+        .to_numpy()
         for purpose in ("personalisation", "profiling")
     }
-    interactions = everyone.select_customers(
-        customer_ids[CUSTOMER_ID].is_in(allowed["personalisation"].implode()).to_numpy()
-    )
+    steps.done()
+
+    steps.start("interaction matrix")
+    interactions = events_summary.matrix(WEIGHT, keep=consented["personalisation"])
     interactions.save(out_dir)
-    profiling_ids = filter_consented(
-        summary.select(CUSTOMER_ID).lazy(), state.lazy(), "profiling", default=config.consent_default
-    ).collect()[CUSTOMER_ID]
     steps.done()
 
     steps.start("profiles")
     profiles = profiles_from_summary(
-        profile_matrix.select_customers(customer_ids[CUSTOMER_ID].is_in(profiling_ids.implode()).to_numpy()),
-        summary.filter(pl.col(CUSTOMER_ID).is_in(profiling_ids.implode())),
+        events_summary.matrix("profile_weight", keep=consented["profiling"]),
+        summary.filter(pl.Series(consented["profiling"])),
         items,
         ds.scan("customers", required=False),
         as_of=as_of,
@@ -290,13 +296,13 @@ def build_features(
     steps.done()
 
     steps.start("identity report")
-    unlinked = unlinked_report(raw_events, identities).collect()
+    unlinked = events_summary.unlinked
     write_parquet_atomic(unlinked, out_dir / UNLINKED_FILE)
     steps.done()
     steps.close()
 
     n_customers_retained = summary.height
-    personal_summary = summary.filter(pl.col(CUSTOMER_ID).is_in(allowed["personalisation"].implode()))
+    personal_summary = summary.filter(pl.Series(consented["personalisation"]))
     consent_counts = {
         p: int(state.filter(pl.col(p) == False).height)  # noqa: E712
         for p in CONSENT_PURPOSES
@@ -312,9 +318,7 @@ def build_features(
             "raw_events": raw_events.select(pl.len()).collect().item(),
             "retained_events": int(summary["n_events"].sum()),
             "personalisation_events": int(personal_summary["n_events"].sum()),
-            "profiling_events": int(
-                summary.filter(pl.col(CUSTOMER_ID).is_in(profiling_ids.implode()))["n_events"].sum()
-            ),
+            "profiling_events": int(summary.filter(pl.Series(consented["profiling"]))["n_events"].sum()),
             "customers_retained": n_customers_retained,
             "customers_declined": consent_counts,
             "interaction_customers": len(interactions.customers),

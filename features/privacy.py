@@ -59,14 +59,15 @@ def consent_state(consent: pl.LazyFrame, *, as_of: datetime | None = None) -> pl
 def filter_consented(
     frame: pl.LazyFrame, state: pl.LazyFrame, purpose: str, *, default: bool
 ) -> pl.LazyFrame:
-    """Keep the rows of customers who granted ``purpose`` (customers without a record count as ``default``).
+    """Keep the rows of customers who granted ``purpose`` (customers without a record count as ``default``), in
+    their order.
 
     Ids of unlinked source systems (``web:…``) are never in the consent table: they follow ``default`` for
     personalisation of their own session, but are treated as not consenting to profiling or marketing.
     """
     _check_purpose(purpose)
     columns = frame.collect_schema().names()
-    joined = frame.join(state.select(CUSTOMER_ID, purpose), on=CUSTOMER_ID, how="left")
+    joined = frame.join(state.select(CUSTOMER_ID, purpose), on=CUSTOMER_ID, how="left", maintain_order="left")
     return joined.filter(consent_granted(purpose, default=default)).select(columns)
 
 
@@ -82,9 +83,14 @@ def consent_granted(purpose: str, *, default: bool) -> pl.Expr:
 
 def apply_retention(events: pl.LazyFrame, *, as_of: datetime, days: int) -> pl.LazyFrame:
     """Drop events older than ``days`` before ``as_of`` (and none after it)."""
+    return events.filter(retained(as_of=as_of, days=days))
+
+
+def retained(*, as_of: datetime, days: int) -> pl.Expr:
+    """Whether an event is within the ``days`` before ``as_of`` (the retention window)."""
     if days <= 0:
         raise ValueError(f"retention days must be > 0, got {days}")
-    return events.filter(pl.col(TIMESTAMP_COL) >= as_of - timedelta(days=days))
+    return pl.col(TIMESTAMP_COL) >= as_of - timedelta(days=days)
 
 
 def id_digest(customer_id: str) -> str:

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import polars as pl
 import pytest
 
-from features.identity import linked_ids, resolve_identities, unlinked_report
+from features.identity import linked_ids, resolve_identities
 from features.pipeline import FeatureConfig, build_features, clean_events
 from features.privacy import ConsentError, apply_retention, consent_state, filter_consented, forget
 from tests.conftest import T0, events_frame
@@ -22,9 +22,23 @@ def test_identities_resolve_linked_cookies_and_keep_unlinked_ones(tiny_dataset):
     assert sorted(c1_items) == ["I1", "I1", "I1", "I2", "I2"]  # W1's view now belongs to C1
     assert "web:W9" in resolved["customer_id"].to_list()
     assert resolved.filter(pl.col("customer_id") == "C1")["source_system"].null_count() == 5
-    report = unlinked_report(ds.scan("events"), ds.scan("identities")).collect()
-    assert report.select("source_system", "source_id", "events").rows() == [("web", "W9", 1)]
     assert linked_ids(ds.scan("identities"), "C1") == ["C1", "E1", "W1"]
+
+
+def test_the_identity_report_lists_unlinked_ids_within_retention(tiny_dataset):
+    ds = tiny_dataset
+
+    def report(config: FeatureConfig) -> list[tuple]:
+        manifest = build_features(ds, config)
+        unlinked = pl.read_parquet(ds.features_dir / "unlinked_identities.parquet")
+        assert manifest["row_counts"]["unlinked_ids"] == unlinked.height
+        return unlinked.rows()
+
+    # W9's one view on day 9 is the only event of an id no identity links; W1 is linked to C1.
+    day9 = T0 + timedelta(days=9)
+    assert report(FeatureConfig(validation_days=3, test_days=3)) == [("web", "W9", 1, day9, day9)]
+    # As of day 60, a 30-day window has left W9's view out: the report only covers events still held.
+    assert report(FeatureConfig(retention_days=30, validation_days=3, test_days=3)) == []
 
 
 def test_latest_consent_record_wins_and_filters_by_purpose(tiny_dataset):

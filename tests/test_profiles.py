@@ -83,7 +83,7 @@ def test_online_profile_of_one_customer_equals_the_offline_row(tiny_dataset, pro
 
 
 def test_monetary_counts_a_purchase_without_a_price_at_its_items_price():
-    from features.profiles import customer_summary, pair_summary, purchase_summary, recent_summary
+    from features.profiles import customer_summary, purchase_summary, recent_summary, summarise_events
 
     t = [T0 + timedelta(days=d) for d in (1, 2, 3)]
     events = pl.DataFrame(
@@ -101,11 +101,13 @@ def test_monetary_counts_a_purchase_without_a_price_at_its_items_price():
     ).lazy()
     items = pl.DataFrame({"item_id": ["I1", "I2", "I3"], "price": [99.0, 4.5, None]}).lazy()
     config = ProfileConfig()
-    pairs = pair_summary(events, as_of=AS_OF, config=config)
+    activity = summarise_events(events, as_of=AS_OF, config=config).activity.lazy()
     recent = recent_summary(events, as_of=AS_OF, config=config)
 
     def monetary(items: pl.LazyFrame) -> dict:
-        summary = customer_summary(pairs, purchase_summary(events, items, config=config), recent, as_of=AS_OF)
+        summary = customer_summary(
+            activity, purchase_summary(events, items, config=config), recent, as_of=AS_OF
+        )
         return dict(summary.collect().select("customer_id", "monetary").iter_rows())
 
     assert monetary(items) == {"A": pytest.approx(2 * 10 + (1 + 3) * 4.5), "B": 0.0}
