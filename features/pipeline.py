@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
@@ -19,6 +21,7 @@ from features.identity import resolve_identities
 from features.interactions import WEIGHT, InteractionConfig
 from features.privacy import (
     apply_retention,
+    consent_granted,
     consent_state,
     erased_digests,
     exclude_erased,
@@ -106,10 +109,38 @@ def resolved_events(ds: Dataset, where: pl.Expr | None = None) -> pl.LazyFrame:
     return exclude_erased(events, erased_digests(ds))
 
 
-def data_as_of(events: pl.LazyFrame) -> datetime:
-    latest = events.select(pl.col(TIMESTAMP_COL).max()).collect().item()
+def data_as_of(ds: Dataset) -> datetime:
+    """The time of the latest event in ``ds``: the data's "now" (identity resolution never changes it).
+
+    Read from the event files' row-group statistics where every row group has them (a few milliseconds), else
+    from the events themselves.
+    """
+    latest = _latest_by_statistics(ds.table_files("events"))
+    if latest is None:
+        latest = ds.scan("events").select(pl.col(TIMESTAMP_COL).max()).collect().item()
     if latest is None:
         raise ValueError("the dataset has no events")
+    return latest
+
+
+def _latest_by_statistics(files: list[Path]) -> datetime | None:
+    """The largest timestamp in the files' statistics; None where a file or row group has none to give."""
+    latest: datetime | None = None
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        if TIMESTAMP_COL not in names:
+            return None
+        column = names.index(TIMESTAMP_COL)
+        for group in range(meta.num_row_groups):
+            if meta.row_group(group).num_rows == 0:
+                continue
+            stats = meta.row_group(group).column(column).statistics
+            value = stats.max if stats is not None and stats.has_min_max else None
+            # Only a naive datetime compares with the table's timestamps as Polars reads them.
+            if not isinstance(value, datetime) or value.tzinfo is not None:
+                return None
+            latest = value if latest is None else max(latest, value)
     return latest
 
 
@@ -126,7 +157,7 @@ def clean_events(
         as_of: reference time; default ``config.as_of`` or the latest event.
     """
     events = resolved_events(ds)
-    as_of = as_of or config.as_of or data_as_of(events)
+    as_of = as_of or config.as_of or data_as_of(ds)
     events = apply_retention(events, as_of=as_of, days=config.retention_days)
     events = events.filter(pl.col(TIMESTAMP_COL) <= as_of)
     state = consent_state(ds.scan("consent", required=False), as_of=as_of)
@@ -218,7 +249,7 @@ def build_features(
     identities = ds.scan("identities", required=False)
     raw_events = ds.scan("events")
     # Identity resolution never changes timestamps: the raw files' statistics give the latest event cheaply.
-    as_of = config.as_of or data_as_of(raw_events)
+    as_of = config.as_of or data_as_of(ds)
     kept = retained(as_of=as_of, days=config.retention_days) & (pl.col(TIMESTAMP_COL) <= as_of)
     items = ds.scan("items", required=False)
     # One pass over the events (ids resolved on the ids as logged, not event by event), two filtered ones for
@@ -232,39 +263,44 @@ def build_features(
         erased=erased_digests(ds),
     )
     recent_start = as_of - timedelta(days=config.profiles.recent_days)
-    summary = customer_summary(
-        events_summary.activity.lazy(),
-        purchase_summary(
+
+    def side_passes() -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+        purchases = purchase_summary(
             resolved_events(ds, kept & (pl.col(EVENT_TYPE) == config.profiles.purchase_event)),
             items,
             config=config.profiles,
-        ),
-        recent_summary(
+        )
+        recent = recent_summary(
             resolved_events(ds, kept & (pl.col(TIMESTAMP_COL) >= recent_start)),
             as_of=as_of,
             config=config.profiles,
-        ),
-        as_of=as_of,
+        )
+        state = consent_state(ds.scan("consent", required=False), as_of=as_of).sort(CUSTOMER_ID)
+        return purchases.collect(), recent.collect(), state.collect()
+
+    # SciPy sums the matrices on one core: the filtered passes and the consent state (Polars) run beside it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="features") as pool:
+        side = pool.submit(side_passes)
+        _ = events_summary.weights, events_summary.profile_weights
+        purchases, recent, state = side.result()
+    summary = customer_summary(
+        events_summary.activity.lazy(), purchases.lazy(), recent.lazy(), as_of=as_of
     ).collect()
     steps.done()
 
     steps.start("consent")
-    state = consent_state(ds.scan("consent", required=False), as_of=as_of).sort(CUSTOMER_ID).collect()
     write_parquet_atomic(state, out_dir / CONSENT_FILE)
-    # Consent is per customer, so it selects customers (matrix rows), never the events themselves. The summary's
-    # rows are the activity's: one per customer, sorted.
-    consented = {
-        purpose: summary[CUSTOMER_ID]
-        .is_in(
-            filter_consented(
-                summary.lazy().select(CUSTOMER_ID), state.lazy(), purpose, default=config.consent_default
-            )
-            .collect()[CUSTOMER_ID]
-            .implode()
-        )
-        .to_numpy()
-        for purpose in ("personalisation", "profiling")
-    }
+    # Consent is per customer, so it selects customers (matrix rows), never the events themselves: a mask over
+    # the summary's customers (one row each, sorted, as the matrices' rows) per purpose.
+    purposes = ("personalisation", "profiling")
+    granted = (
+        summary.lazy()
+        .select(CUSTOMER_ID)
+        .join(state.lazy().select(CUSTOMER_ID, *purposes), on=CUSTOMER_ID, how="left", maintain_order="left")
+        .select(consent_granted(p, default=config.consent_default).alias(p) for p in purposes)
+        .collect()
+    )
+    consented = {p: granted[p].to_numpy() for p in purposes}
     steps.done()
 
     steps.start("interaction matrix")

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 import numpy as np
 import polars as pl
@@ -107,17 +108,41 @@ class EventSummary:
     Attributes:
         activity: ``customer_id`` (sorted), ``n_events, first_seen, last_seen``.
         items: the ids of the items with an event (sorted).
-        weights: the activity's customers × the items: summed interaction weights (decayed if configured).
-        profile_weights: the same for profile weights (``weights`` itself when they are the same).
         unlinked: the ids of source systems that no identity links to a customer: ``source_system, source_id,
             events, first_seen, last_seen``, most active first.
+        rows: each event's row (a position in ``activity``).
+        columns: each event's column (a position in ``items``).
+        event_weights: each event's ``weight`` and ``profile_weight`` (the same array when they are equal).
     """
 
     activity: pl.DataFrame
     items: pl.Series
-    weights: sp.csr_matrix
-    profile_weights: sp.csr_matrix
     unlinked: pl.DataFrame
+    rows: np.ndarray
+    columns: np.ndarray
+    event_weights: dict[str, np.ndarray]
+
+    @cached_property
+    def weights(self) -> sp.csr_matrix:
+        """The activity's customers × the items: summed interaction weights (decayed if configured).
+
+        Built on first use, with SciPy on one core: a caller may run other work beside it.
+        """
+        return self._summed(WEIGHT)
+
+    @cached_property
+    def profile_weights(self) -> sp.csr_matrix:
+        """The same for profile weights (:attr:`weights` itself when they are the same)."""
+        if self.event_weights["profile_weight"] is self.event_weights[WEIGHT]:
+            return self.weights
+        return self._summed("profile_weight")
+
+    def _summed(self, weight: str) -> sp.csr_matrix:
+        # Repeated (row, column) entries are summed (in float64, as Polars would), then kept as float32.
+        shape = (self.activity.height, len(self.items))
+        matrix = sp.csr_matrix((self.event_weights[weight], (self.rows, self.columns)), shape=shape)
+        matrix.eliminate_zeros()
+        return sp.csr_matrix(matrix, dtype=np.float32)
 
     def matrix(self, weight: str = WEIGHT, *, keep: np.ndarray | None = None) -> Interactions:
         """The interaction (``weight``) or profile (``profile_weight``) matrix.
@@ -263,7 +288,7 @@ def summarise_events(
         .filter("__kept")
     )
     event_logged = coded["__logged"].to_numpy()
-    row_of = np.full(int(event_logged.max(initial=0)) + 1, -1, dtype=np.int64)
+    row_of = np.full(int(event_logged.max(initial=0)) + 1, -1, dtype=np.int32)
     row_of[position["__logged"].to_numpy()] = position["__row"].to_numpy()
     rows = row_of[event_logged]
     items = (
@@ -275,32 +300,27 @@ def summarise_events(
         .collect()
     )
     columns = _positions(items["__code"])[coded[ITEM_ID].to_physical().to_numpy()]
+    event_weights = {w: coded[w].to_numpy() for w in (WEIGHT, "profile_weight") if w in coded.columns}
     if erased:
         known = rows >= 0
-        rows, columns, coded = rows[known], columns[known], coded.filter(pl.Series(known))
-    shape = (activity.height, items.height)
-
-    def summed(column: str) -> sp.csr_matrix:
-        # Repeated (row, column) entries are summed (in float64, as Polars would), then kept as float32.
-        matrix = sp.csr_matrix((coded[column].to_numpy(), (rows, columns)), shape=shape)
-        matrix.eliminate_zeros()
-        return sp.csr_matrix(matrix, dtype=np.float32)
-
-    weight_matrix = summed(WEIGHT)
+        rows, columns = rows[known], columns[known]
+        event_weights = {w: v[known] for w, v in event_weights.items()}
+    event_weights.setdefault("profile_weight", event_weights[WEIGHT])
     return EventSummary(
         activity=activity,
         items=items[ITEM_ID],
-        weights=weight_matrix,
-        profile_weights=weight_matrix if same else summed("profile_weight"),
         unlinked=unlinked,
+        rows=rows,
+        columns=columns,
+        event_weights=event_weights,
     )
 
 
 def _positions(codes: pl.Series) -> np.ndarray:
     """An array mapping each code to its position in ``codes``."""
     values = codes.to_numpy().astype(np.int64)
-    out = np.full(int(values.max()) + 1 if len(values) else 0, -1, dtype=np.int64)
-    out[values] = np.arange(len(values))
+    out = np.full(int(values.max()) + 1 if len(values) else 0, -1, dtype=np.int32)
+    out[values] = np.arange(len(values), dtype=np.int32)
     return out
 
 

@@ -120,3 +120,26 @@ def test_temporal_split_property_every_event_in_exactly_one_period(days, v, gap)
     )
     sizes = [f.select(pl.len()).collect().item() for f in (split.train, split.validation, split.test)]
     assert sum(sizes) == len(days)
+
+
+def test_the_datas_now_is_the_latest_event_with_or_without_file_statistics(tmp_path):
+    from features.dataset import Dataset
+    from features.pipeline import data_as_of
+
+    ds = Dataset.at(tmp_path / "d").ensure()
+    with pytest.raises(ValueError, match="no events"):
+        ds.write_table("events", events_frame([]).clear())
+        data_as_of(ds)
+    latest = T0 + timedelta(days=7, hours=3, microseconds=5)
+    # Two files; the latest event sits in the second, in the middle of its rows.
+    first = events_frame([("A", "x", "view", 1), ("B", "y", "view", 2)])
+    second = events_frame(
+        [("C", "x", "view", 3), ("C", "x", "view", 7.125 + 5e-6 / 86_400), ("D", "y", "view", 5)]
+    )
+    assert second["timestamp"].max() == latest
+    for statistics in (True, False):  # from the row groups' statistics, or (without them) from the events
+        for f in ds.raw_dir.glob("events*.parquet"):
+            f.unlink()
+        first.write_parquet(ds.raw_dir / "events-00000.parquet", statistics=statistics)
+        second.write_parquet(ds.raw_dir / "events-00001.parquet", statistics=statistics, row_group_size=1)
+        assert data_as_of(ds) == latest

@@ -1604,7 +1604,7 @@ def load_propensity_data(
     steps.set_postfix_str("events")
     # The data's "now", as the feature build takes it (identity resolution never changes timestamps, so the raw
     # files' statistics give it): the events' retention and the consent in force are both read at it.
-    as_of = feature_config.as_of or data_as_of(ds.scan("events"))
+    as_of = feature_config.as_of or data_as_of(ds)
     events = clean_events(ds, feature_config, purpose="profiling", as_of=as_of).collect()
     items = ds.scan("items", required=False)
     customers = ds.scan("customers", required=False)
