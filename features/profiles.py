@@ -220,8 +220,9 @@ def summarise_events(
     sourced = identities is not None and SOURCE_SYSTEM in events.collect_schema().names()
     keys = [CUSTOMER_ID, SOURCE_SYSTEM] if sourced else [CUSTOMER_ID]
     # Codes of this call's own categories (freed with the frames that use them), never the global ones.
+    categories = {c: pl.Categories.random() for c in (*keys, ITEM_ID)}
     coded = events.select(
-        *(pl.col(c).cast(pl.Categorical(pl.Categories.random())) for c in (*keys, ITEM_ID)),
+        *(pl.col(c).cast(pl.Categorical(categories[c])) for c in (*keys, ITEM_ID)),
         ts,
         *weights,
     ).collect()
@@ -236,13 +237,21 @@ def summarise_events(
         coded.lazy()
         .group_by("__logged")
         .agg(
-            *(pl.col(c).first().cast(pl.String) for c in keys),
             pl.len().cast(pl.UInt32).alias("n_events"),
             ts.min().alias("first_seen"),
             ts.max().alias("last_seen"),
         )
         .collect()
     )
+    # The ids' strings from their codes (the categories list them in code order): cheaper than carrying the
+    # strings through the group_by.
+    code = logged["__logged"].to_numpy()
+    logged = logged.with_columns(categories[CUSTOMER_ID].to_series().gather(code // width).alias(CUSTOMER_ID))
+    if sourced:
+        system = pl.Series(code % width - 1)
+        logged = logged.with_columns(
+            categories[SOURCE_SYSTEM].to_series().gather(system.set(system < 0, None)).alias(SOURCE_SYSTEM)
+        )
     resolved = logged.select(keys)
     if sourced:
         assert identities is not None

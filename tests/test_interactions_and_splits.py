@@ -124,7 +124,7 @@ def test_temporal_split_property_every_event_in_exactly_one_period(days, v, gap)
 
 def test_the_datas_now_is_the_latest_event_with_or_without_file_statistics(tmp_path):
     from features.dataset import Dataset
-    from features.pipeline import data_as_of
+    from features.pipeline import data_as_of, event_time_span
 
     ds = Dataset.at(tmp_path / "d").ensure()
     with pytest.raises(ValueError, match="no events"):
@@ -143,3 +143,5 @@ def test_the_datas_now_is_the_latest_event_with_or_without_file_statistics(tmp_p
         first.write_parquet(ds.raw_dir / "events-00000.parquet", statistics=statistics)
         second.write_parquet(ds.raw_dir / "events-00001.parquet", statistics=statistics, row_group_size=1)
         assert data_as_of(ds) == latest
+        # The span the statistics show decides whether the build must filter events by retention at all.
+        assert event_time_span(ds) == ((T0 + timedelta(days=1), latest) if statistics else None)
