@@ -121,6 +121,12 @@ class EventSummary:
     rows: np.ndarray
     columns: np.ndarray
     event_weights: dict[str, np.ndarray]
+    logged: LoggedIds
+
+    def with_rows(self, events: pl.LazyFrame) -> pl.LazyFrame:
+        """``events`` (as logged, among those summarised) with ``__row``, their customer's row in ``activity``;
+        events of erased customers are left out."""
+        return self.logged.with_rows(events)
 
     @cached_property
     def weights(self) -> sp.csr_matrix:
@@ -166,6 +172,37 @@ class EventSummary:
             matrix,
             Vocabulary(tuple(self.activity[CUSTOMER_ID].filter(pl.Series(rows)).to_list())),
             Vocabulary(tuple(self.items.filter(pl.Series(columns)).to_list())),
+        )
+
+
+@dataclass(frozen=True)
+class LoggedIds:
+    """Ids as logged (a customer id and, with source systems, a system) → rows of a summary's activity.
+
+    Attributes:
+        categories: the summary's own categories of customer ids (and systems).
+        width: a logged id's key is its customer code × ``width`` + its system code + 1 (0 for none).
+        rows: ``__logged`` (key) → ``__row`` (the activity row its customer resolved to), erased ids left out.
+        keepalive: an empty frame of the categorical columns, which keeps the categories' mappings alive.
+    """
+
+    categories: dict[str, pl.Categories]
+    width: int
+    rows: pl.DataFrame
+    keepalive: pl.DataFrame
+
+    def key(self) -> pl.Expr:
+        """The logged-id key of each row of a frame of events (ids as strings or as this summary's codes)."""
+        key = pl.col(CUSTOMER_ID).cast(pl.Categorical(self.categories[CUSTOMER_ID])).to_physical()
+        key = key.cast(pl.Int64) * self.width
+        if SOURCE_SYSTEM in self.categories:
+            system = pl.col(SOURCE_SYSTEM).cast(pl.Categorical(self.categories[SOURCE_SYSTEM])).to_physical()
+            key = key + (system.cast(pl.Int64) + 1).fill_null(0)
+        return key
+
+    def with_rows(self, events: pl.LazyFrame) -> pl.LazyFrame:
+        return events.with_columns(self.key().alias("__logged")).join(
+            self.rows.lazy(), on="__logged", how="inner"
         )
 
 
@@ -315,7 +352,14 @@ def summarise_events(
         rows, columns = rows[known], columns[known]
         event_weights = {w: v[known] for w, v in event_weights.items()}
     event_weights.setdefault("profile_weight", event_weights[WEIGHT])
+    logged_ids = LoggedIds(
+        categories={c: categories[c] for c in keys},
+        width=width,
+        rows=position.select("__logged", pl.col("__row").cast(pl.Int64)),
+        keepalive=coded.select(keys).clear(),
+    )
     return EventSummary(
+        logged=logged_ids,
         activity=activity,
         items=items[ITEM_ID],
         unlinked=unlinked,
@@ -342,10 +386,13 @@ def _order_key(schema: Sequence[str]) -> pl.Expr:
     return order_key
 
 
-def purchase_summary(events: pl.LazyFrame, items: pl.LazyFrame, *, config: ProfileConfig) -> pl.LazyFrame:
-    """Per customer with a purchase, from the purchases alone: ``first_purchase, last_purchase, monetary``
-    (price × quantity; a purchase without a price counts at its item's price, a missing quantity as 1) and
-    ``frequency`` (orders: distinct purchase sessions, a purchase day where there is no session id)."""
+def purchase_summary(
+    events: pl.LazyFrame, items: pl.LazyFrame, *, config: ProfileConfig, by: str = CUSTOMER_ID
+) -> pl.LazyFrame:
+    """Per customer (``by``: ``customer_id``, or ``__row`` from :meth:`EventSummary.with_rows`) with a purchase,
+    from the purchases alone: ``first_purchase, last_purchase, monetary`` (price × quantity; a purchase without
+    a price counts at its item's price, a missing quantity as 1) and ``frequency`` (orders: distinct purchase
+    sessions, a purchase day where there is no session id)."""
     schema = events.collect_schema().names()
     ts = pl.col(TIMESTAMP_COL)
     qty = pl.col(QUANTITY).fill_null(1).cast(pl.Float64) if QUANTITY in schema else pl.lit(1.0)
@@ -356,7 +403,7 @@ def purchase_summary(events: pl.LazyFrame, items: pl.LazyFrame, *, config: Profi
             items.select(ITEM_ID, pl.col(PRICE).alias("__item_price")), on=ITEM_ID, how="left"
         )
         price = pl.coalesce(price, pl.col("__item_price"))
-    return purchases.group_by(CUSTOMER_ID).agg(
+    return purchases.group_by(by).agg(
         ts.min().alias("first_purchase"),
         ts.max().alias("last_purchase"),
         (price * qty).fill_null(0).sum().cast(pl.Float64).alias("monetary"),
@@ -364,14 +411,16 @@ def purchase_summary(events: pl.LazyFrame, items: pl.LazyFrame, *, config: Profi
     )
 
 
-def recent_summary(events: pl.LazyFrame, *, as_of: datetime, config: ProfileConfig) -> pl.LazyFrame:
-    """Per customer active in the last ``recent_days`` before ``as_of``: ``recent_items_viewed`` (distinct items
-    viewed or clicked) and ``__last_cart`` (the latest add-to-cart)."""
+def recent_summary(
+    events: pl.LazyFrame, *, as_of: datetime, config: ProfileConfig, by: str = CUSTOMER_ID
+) -> pl.LazyFrame:
+    """Per customer (``by``, as in :func:`purchase_summary`) active in the last ``recent_days`` before ``as_of``:
+    ``recent_items_viewed`` (distinct items viewed or clicked) and ``__last_cart`` (the latest add-to-cart)."""
     ts = pl.col(TIMESTAMP_COL)
     kind = pl.col(EVENT_TYPE)
     return (
         events.filter(ts >= pl.lit(as_of) - pl.duration(days=config.recent_days))
-        .group_by(CUSTOMER_ID)
+        .group_by(by)
         .agg(
             pl.col(ITEM_ID)
             .filter(kind.is_in(config.browse_events))
@@ -386,13 +435,16 @@ def recent_summary(events: pl.LazyFrame, *, as_of: datetime, config: ProfileConf
 def customer_summary(
     activity: pl.LazyFrame, purchases: pl.LazyFrame, recent: pl.LazyFrame, *, as_of: datetime
 ) -> pl.LazyFrame:
-    """Per customer, from :attr:`EventSummary.activity`, :func:`purchase_summary` and :func:`recent_summary`:
-    activity, RFM, usual purchase interval, recent browsing and cart state (in the activity's row order)."""
+    """Per customer, from :attr:`EventSummary.activity`, and :func:`purchase_summary` and :func:`recent_summary`
+    by ``__row`` (the activity's rows): activity, RFM, usual purchase interval, recent browsing and cart state
+    (in the activity's row order)."""
     day = 86_400.0
     summary = (
         activity.select(CUSTOMER_ID, "n_events", "first_seen", "last_seen")
-        .join(purchases, on=CUSTOMER_ID, how="left", maintain_order="left")
-        .join(recent, on=CUSTOMER_ID, how="left", maintain_order="left")
+        .with_row_index("__row")
+        .with_columns(pl.col("__row").cast(pl.Int64))
+        .join(purchases, on="__row", how="left", maintain_order="left")
+        .join(recent, on="__row", how="left", maintain_order="left")
         .with_columns(
             pl.col("monetary").fill_null(0.0),
             pl.col("recent_items_viewed").fill_null(0),
@@ -609,10 +661,11 @@ def build_profiles(
     """
     config = config or ProfileConfig()
     summary_of_events = summarise_events(events, as_of=as_of, config=config)
+    with_rows = summary_of_events.with_rows(events)
     summary = customer_summary(
         summary_of_events.activity.lazy(),
-        purchase_summary(events, items, config=config),
-        recent_summary(events, as_of=as_of, config=config),
+        purchase_summary(with_rows, items, config=config, by="__row"),
+        recent_summary(with_rows, as_of=as_of, config=config, by="__row"),
         as_of=as_of,
     ).collect()
     return profiles_from_summary(

@@ -101,13 +101,13 @@ def test_monetary_counts_a_purchase_without_a_price_at_its_items_price():
     ).lazy()
     items = pl.DataFrame({"item_id": ["I1", "I2", "I3"], "price": [99.0, 4.5, None]}).lazy()
     config = ProfileConfig()
-    activity = summarise_events(events, as_of=AS_OF, config=config).activity.lazy()
-    recent = recent_summary(events, as_of=AS_OF, config=config)
+    summarised = summarise_events(events, as_of=AS_OF, config=config)
+    with_rows = summarised.with_rows(events)
+    recent = recent_summary(with_rows, as_of=AS_OF, config=config, by="__row")
 
     def monetary(items: pl.LazyFrame) -> dict:
-        summary = customer_summary(
-            activity, purchase_summary(events, items, config=config), recent, as_of=AS_OF
-        )
+        purchases = purchase_summary(with_rows, items, config=config, by="__row")
+        summary = customer_summary(summarised.activity.lazy(), purchases, recent, as_of=AS_OF)
         return dict(summary.collect().select("customer_id", "monetary").iter_rows())
 
     assert monetary(items) == {"A": pytest.approx(2 * 10 + (1 + 3) * 4.5), "B": 0.0}
