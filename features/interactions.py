@@ -121,16 +121,6 @@ class Interactions:
             Vocabulary.load(directory / ITEM_VOCAB_FILE, ITEM_ID),
         )
 
-    def select_customers(self, keep: np.ndarray) -> Interactions:
-        """The rows where ``keep`` is true, dropping customers left with an empty row."""
-        keep = np.asarray(keep, dtype=bool) & (np.diff(self.matrix.indptr) > 0)
-        rows = np.flatnonzero(keep)
-        return Interactions(
-            sp.csr_matrix(self.matrix[rows]),
-            Vocabulary(tuple(map(self.customers.ids.__getitem__, rows.tolist()))),
-            self.items,
-        )
-
     def row(self, customer_id: str) -> sp.csr_matrix:
         """The interaction row of one customer (an empty row for an unknown customer)."""
         i = self.customers.get(customer_id)

@@ -260,7 +260,7 @@ def build_features(
     )
     recent_start = as_of - timedelta(days=config.profiles.recent_days)
 
-    def side_passes() -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    def side_passes() -> tuple[pl.DataFrame, pl.DataFrame]:
         # Each filtered pass maps its ids as logged to the summary's rows: no identity resolution again.
         purchases = purchase_summary(
             events_summary.with_rows(
@@ -276,42 +276,46 @@ def build_features(
             config=config.profiles,
             by="__row",
         )
-        state = consent_state(ds.scan("consent", required=False), as_of=as_of).sort(CUSTOMER_ID)
-        return purchases.collect(), recent.collect(), state.collect()
+        return purchases.collect(), recent.collect()
 
-    # SciPy sums the matrices on one core: the filtered passes and the consent state (Polars) run beside it.
+    # The filtered passes (Polars) run in a worker beside the main thread's SciPy sums (one core), the consent
+    # state and the interaction matrix, which need neither.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="features") as pool:
         side = pool.submit(side_passes)
         _ = events_summary.weights, events_summary.profile_weights
-        purchases, recent, state = side.result()
+        steps.done()
+
+        steps.start("consent")
+        state = consent_state(ds.scan("consent", required=False), as_of=as_of).sort(CUSTOMER_ID).collect()
+        write_parquet_atomic(state, out_dir / CONSENT_FILE)
+        # Consent is per customer, so it selects customers (matrix rows), never the events themselves: a mask
+        # over the summary's customers (one row each, sorted, as the matrices' rows) per purpose.
+        purposes = ("personalisation", "profiling")
+        granted = (
+            events_summary.activity.lazy()
+            .select(CUSTOMER_ID)
+            .join(
+                state.lazy().select(CUSTOMER_ID, *purposes), on=CUSTOMER_ID, how="left", maintain_order="left"
+            )
+            .select(consent_granted(p, default=config.consent_default).alias(p) for p in purposes)
+            .collect()
+        )
+        consented = {p: granted[p].to_numpy() for p in purposes}
+        steps.done()
+
+        steps.start("interaction matrix")
+        interactions = events_summary.matrix(WEIGHT, keep=consented["personalisation"])
+        interactions.save(out_dir)
+        steps.done()
+
+        steps.start("profiles")
+        profile_weights = events_summary.matrix("profile_weight", keep=consented["profiling"])
+        purchases, recent = side.result()
     summary = customer_summary(
         events_summary.activity.lazy(), purchases.lazy(), recent.lazy(), as_of=as_of
     ).collect()
-    steps.done()
-
-    steps.start("consent")
-    write_parquet_atomic(state, out_dir / CONSENT_FILE)
-    # Consent is per customer, so it selects customers (matrix rows), never the events themselves: a mask over
-    # the summary's customers (one row each, sorted, as the matrices' rows) per purpose.
-    purposes = ("personalisation", "profiling")
-    granted = (
-        summary.lazy()
-        .select(CUSTOMER_ID)
-        .join(state.lazy().select(CUSTOMER_ID, *purposes), on=CUSTOMER_ID, how="left", maintain_order="left")
-        .select(consent_granted(p, default=config.consent_default).alias(p) for p in purposes)
-        .collect()
-    )
-    consented = {p: granted[p].to_numpy() for p in purposes}
-    steps.done()
-
-    steps.start("interaction matrix")
-    interactions = events_summary.matrix(WEIGHT, keep=consented["personalisation"])
-    interactions.save(out_dir)
-    steps.done()
-
-    steps.start("profiles")
     profiles = profiles_from_summary(
-        events_summary.matrix("profile_weight", keep=consented["profiling"]),
+        profile_weights,
         summary.filter(pl.Series(consented["profiling"])),
         items,
         ds.scan("customers", required=False),
