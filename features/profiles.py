@@ -333,10 +333,8 @@ def summarise_events(
         .join(activity.select(CUSTOMER_ID).with_row_index("__row"), on=CUSTOMER_ID, how="left")
         .filter("__kept")
     )
-    event_logged = coded["__logged"].to_numpy()
-    row_of = np.full(int(event_logged.max(initial=0)) + 1, -1, dtype=np.int32)
+    row_of = np.full(int(coded["__logged"].max() or 0) + 1, -1, dtype=np.int32)
     row_of[position["__logged"].to_numpy()] = position["__row"].to_numpy()
-    rows = row_of[event_logged]
     items = (
         coded.lazy()
         .group_by(ITEM_ID)
@@ -345,8 +343,17 @@ def summarise_events(
         .sort(ITEM_ID)
         .collect()
     )
-    columns = _positions(items["__code"])[coded[ITEM_ID].to_physical().to_numpy()]
-    event_weights = {w: coded[w].to_numpy() for w in (WEIGHT, "profile_weight") if w in coded.columns}
+    # The lookups run in Polars (in parallel, on its allocator's memory); the results leave as single chunks,
+    # which NumPy reads without a copy.
+    cells = coded.select(
+        pl.lit(pl.Series(row_of)).gather(pl.col("__logged")).alias("__row"),
+        pl.lit(pl.Series(_positions(items["__code"])))
+        .gather(pl.col(ITEM_ID).to_physical())
+        .alias("__column"),
+        *(pl.col(w) for w in (WEIGHT, "profile_weight") if w in coded.columns),
+    ).rechunk()
+    rows, columns = cells["__row"].to_numpy(), cells["__column"].to_numpy()
+    event_weights = {w: cells[w].to_numpy() for w in (WEIGHT, "profile_weight") if w in cells.columns}
     if erased:
         known = rows >= 0
         rows, columns = rows[known], columns[known]
