@@ -31,6 +31,8 @@ from features.privacy import (
 from features.profiles import (
     ProfileConfig,
     customer_summary,
+    item_attributes,
+    preferred_attributes,
     profiles_from_summary,
     purchase_summary,
     recent_summary,
@@ -310,6 +312,10 @@ def build_features(
 
         steps.start("profiles")
         profile_weights = events_summary.matrix("profile_weight", keep=consented["profiling"])
+        items_table = items.collect()
+        preferences = preferred_attributes(
+            profile_weights, items_table, item_attributes(items_table, config.profiles)
+        )
         purchases, recent = side.result()
     summary = customer_summary(
         events_summary.activity.lazy(), purchases.lazy(), recent.lazy(), as_of=as_of
@@ -317,10 +323,11 @@ def build_features(
     profiles = profiles_from_summary(
         profile_weights,
         summary.filter(pl.Series(consented["profiling"])),
-        items,
+        items_table,
         ds.scan("customers", required=False),
         as_of=as_of,
         config=config.profiles,
+        preferences=preferences,
     )
     write_parquet_atomic(profiles, out_dir / PROFILES_FILE)
     steps.done()

@@ -611,11 +611,20 @@ def profiles_from_summary(
     as_of: datetime,
     config: ProfileConfig | None = None,
     value_thresholds: tuple[float, float] | None = None,
+    preferences: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """Profiles from the profile-weight matrix and :func:`customer_summary` (the pipeline shares both)."""
+    """Profiles from the profile-weight matrix and :func:`customer_summary` (the pipeline shares both).
+
+    ``preferences``, when given, are :func:`preferred_attributes` of ``weights`` already computed (the pipeline
+    computes them while the purchase pass still runs).
+    """
     config = config or ProfileConfig()
     items_df = items.collect() if isinstance(items, pl.LazyFrame) else items
-    prefs = preferred_attributes(weights, items_df, item_attributes(items_df, config))
+    prefs = (
+        preferences
+        if preferences is not None
+        else preferred_attributes(weights, items_df, item_attributes(items_df, config))
+    )
     cust_cols = customers.collect_schema().names()
     demo = customers.select(CUSTOMER_ID, *(pl.col(c) for c in ("age", "gender", "region") if c in cust_cols))
     prof = (
