@@ -31,8 +31,7 @@ from features.privacy import (
 from features.profiles import (
     ProfileConfig,
     customer_summary,
-    item_attributes,
-    preferred_attributes,
+    profile_preferences,
     profiles_from_summary,
     purchase_summary,
     recent_summary,
@@ -313,9 +312,7 @@ def build_features(
         steps.start("profiles")
         profile_weights = events_summary.matrix("profile_weight", keep=consented["profiling"])
         items_table = items.collect()
-        preferences = preferred_attributes(
-            profile_weights, items_table, item_attributes(items_table, config.profiles)
-        )
+        preferences = profile_preferences(profile_weights, items_table, config.profiles)
         purchases, recent = side.result()
     summary = customer_summary(
         events_summary.activity.lazy(), purchases.lazy(), recent.lazy(), as_of=as_of

@@ -537,6 +537,11 @@ def preferred_attributes(
     return pl.DataFrame(out)
 
 
+def profile_preferences(weights: Interactions, items: pl.DataFrame, config: ProfileConfig) -> pl.DataFrame:
+    """:func:`preferred_attributes` over the item attributes ``config`` profiles."""
+    return preferred_attributes(weights, items, item_attributes(items, config))
+
+
 def journey_phase(config: ProfileConfig) -> pl.Expr:
     """The journey phase of an :func:`activity_summary` row (see the module docstring)."""
     r = pl.col("recency_days")
@@ -615,18 +620,14 @@ def profiles_from_summary(
 ) -> pl.DataFrame:
     """Profiles from the profile-weight matrix and :func:`customer_summary` (the pipeline shares both).
 
-    ``preferences``, when given, are :func:`preferred_attributes` of ``weights`` already computed (the pipeline
+    ``preferences``, when given, are :func:`profile_preferences` of ``weights`` already computed (the pipeline
     computes them while the purchase pass still runs).
     """
     config = config or ProfileConfig()
     items_df = items.collect() if isinstance(items, pl.LazyFrame) else items
-    prefs = (
-        preferences
-        if preferences is not None
-        else preferred_attributes(weights, items_df, item_attributes(items_df, config))
-    )
+    prefs = preferences if preferences is not None else profile_preferences(weights, items_df, config)
     cust_cols = customers.collect_schema().names()
-    demo = customers.select(CUSTOMER_ID, *(pl.col(c) for c in ("age", "gender", "region") if c in cust_cols))
+    demo = customers.select(CUSTOMER_ID, *(pl.col(c) for c in DEMOGRAPHICS if c in cust_cols))
     prof = (
         summary.lazy().join(prefs.lazy(), on=CUSTOMER_ID, how="left").join(demo, on=CUSTOMER_ID, how="left")
     )

@@ -127,8 +127,8 @@ def test_the_datas_now_is_the_latest_event_with_or_without_file_statistics(tmp_p
     from features.pipeline import data_as_of, event_time_span
 
     ds = Dataset.at(tmp_path / "d").ensure()
+    ds.write_table("events", events_frame([]).clear())
     with pytest.raises(ValueError, match="no events"):
-        ds.write_table("events", events_frame([]).clear())
         data_as_of(ds)
     latest = T0 + timedelta(days=7, hours=3, microseconds=5)
     # Two files; the latest event sits in the second, in the middle of its rows.
