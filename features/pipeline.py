@@ -26,6 +26,7 @@ from features.privacy import (
     erased_digests,
     exclude_erased,
     filter_consented,
+    forget,
     retained,
 )
 from features.profiles import (
@@ -91,6 +92,36 @@ class FeatureConfig(BaseModel):
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+def built_config(ds: Dataset) -> FeatureConfig:
+    """The config ``ds``'s features were built with (its manifest), or the default before any build."""
+    if not ds.manifest_path.exists():
+        return FeatureConfig()
+    return FeatureConfig.model_validate(ds.read_manifest().get("config", {}))
+
+
+def erase_customer(
+    ds: Dataset,
+    customer_id: str,
+    *,
+    config: FeatureConfig | None = None,
+    rebuild: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Erase a customer and every id linked to them from ``ds`` (:func:`features.privacy.forget`), then rebuild
+    the features (with ``config``, default the config they were last built with) so that none of them remains.
+
+    What ``nextbest forget`` and the service's erasure queue both run.
+
+    Returns:
+        :func:`~features.privacy.forget`'s report and ``features_rebuilt``.
+    """
+    report = forget(ds, customer_id)
+    rebuilt = rebuild and ds.manifest_path.exists()
+    if rebuilt:
+        build_features(ds, config or built_config(ds), progress=progress)
+    return {**report, "features_rebuilt": rebuilt}
 
 
 def resolved_events(ds: Dataset) -> pl.LazyFrame:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,8 +28,16 @@ from features.schema import (
 )
 
 ERASURE_LOG = "erasure_log.jsonl"
-"""Erasures are logged as SHA-256 digests of the ids (never the ids), so that a later re-import of the same
-source data still leaves the erased customers out."""
+"""Erasures are logged as keyed digests of the ids (HMAC-SHA256, never the ids), so that a later re-import of the
+same source data still leaves the erased customers out, and nobody without the key can recover an erased id by
+hashing candidate ids."""
+ERASURE_KEY_ENV = "NEXTBEST_ERASURE_KEY"
+"""The erasure key itself (any text of at least 16 characters), e.g. from a secret store."""
+ERASURE_KEY_FILE_ENV = "NEXTBEST_ERASURE_KEY_FILE"
+"""A file holding the erasure key; default ``~/.config/nextbest/erasure.key``, created (mode 0600) on the first
+erasure. Keep it outside the dataset and back it up: without it the log's digests match nothing."""
+DEFAULT_ERASURE_KEY_FILE = Path("~/.config/nextbest/erasure.key")
+MIN_KEY_LENGTH = 16
 
 
 class ConsentError(ValueError):
@@ -93,25 +106,170 @@ def retained(*, as_of: datetime, days: int) -> pl.Expr:
     return pl.col(TIMESTAMP_COL) >= as_of - timedelta(days=days)
 
 
-def id_digest(customer_id: str) -> str:
+class ErasureKeyError(RuntimeError):
+    """The erasure key is missing or unusable where the erasure log needs it; says how to provide it."""
+
+
+def erasure_key_file() -> Path:
+    """Where the erasure key is kept: ``NEXTBEST_ERASURE_KEY_FILE`` or ``~/.config/nextbest/erasure.key``."""
+    return Path(os.environ.get(ERASURE_KEY_FILE_ENV) or DEFAULT_ERASURE_KEY_FILE).expanduser()
+
+
+def erasure_key(*, create: bool = False) -> bytes | None:
+    """The secret key of the erasure log's digests.
+
+    ``NEXTBEST_ERASURE_KEY`` wins; else the key file (:func:`erasure_key_file`), created with a fresh random key
+    (mode 0600) when ``create`` and missing.
+
+    Returns:
+        the key, or None when there is none and ``create`` is false.
+
+    Raises:
+        ErasureKeyError: the key is shorter than 16 characters.
+    """
+    given = os.environ.get(ERASURE_KEY_ENV)
+    if given:
+        if len(given) < MIN_KEY_LENGTH:
+            raise ErasureKeyError(f"{ERASURE_KEY_ENV} must hold at least {MIN_KEY_LENGTH} characters")
+        return given.encode("utf-8")
+    path = erasure_key_file()
+    if not path.exists():
+        if not create:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    key = path.read_text().strip()
+    if len(key) < MIN_KEY_LENGTH:
+        raise ErasureKeyError(f"the erasure key in {path} must hold at least {MIN_KEY_LENGTH} characters")
+    return key.encode("utf-8")
+
+
+def id_digest(customer_id: str, key: bytes) -> str:
+    """The keyed digest (HMAC-SHA256, hex) of an id, as the erasure log records it."""
+    return hmac.new(key, customer_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _legacy_digest(customer_id: str) -> str:
     return hashlib.sha256(customer_id.encode("utf-8")).hexdigest()
 
 
-def erased_digests(ds: Dataset) -> set[str]:
-    """Digests of every id erased from ``ds``."""
+@dataclass(frozen=True)
+class ErasedIds:
+    """The ids erased from a dataset, known only by digest: ``customer_id in erased`` tests one id.
+
+    Attributes:
+        keyed: HMAC-SHA256 digests (what erasures write).
+        legacy: unkeyed SHA-256 digests written by versions before the key (still honoured).
+        key: the key of ``keyed``.
+    """
+
+    keyed: frozenset[str] = frozenset()
+    legacy: frozenset[str] = frozenset()
+    key: bytes | None = None
+
+    def __contains__(self, customer_id: object) -> bool:
+        if not isinstance(customer_id, str):
+            return False
+        if self.keyed and self.key is not None and id_digest(customer_id, self.key) in self.keyed:
+            return True
+        return bool(self.legacy) and _legacy_digest(customer_id) in self.legacy
+
+    def __bool__(self) -> bool:
+        return bool(self.keyed or self.legacy)
+
+    def __len__(self) -> int:
+        return len(self.keyed) + len(self.legacy)
+
+    def with_ids(self, ids: Iterable[str]) -> ErasedIds:
+        """These erasures and ``ids`` (needs the key)."""
+        assert self.key is not None, "ErasedIds.with_ids needs the key"
+        return ErasedIds(self.keyed | {id_digest(i, self.key) for i in ids}, self.legacy, self.key)
+
+
+def erased_digests(ds: Dataset) -> ErasedIds:
+    """Every id erased from ``ds``, by digest.
+
+    Raises:
+        ErasureKeyError: the log holds keyed digests and no key is available (they would match nothing, and
+            erased customers would come back).
+    """
     path = ds.root / ERASURE_LOG
-    if not path.exists():
-        return set()
-    return {json.loads(line)["sha256"] for line in path.read_text().splitlines() if line.strip()}
+    keyed: set[str] = set()
+    legacy: set[str] = set()
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue  # a torn last line, left by a crash mid-write: never acknowledged
+            raise
+        else:
+            if "hmac" in record:
+                keyed.add(record["hmac"])
+            elif "sha256" in record:
+                legacy.add(record["sha256"])
+    key = erasure_key(create=False)
+    if keyed and key is None:
+        raise ErasureKeyError(
+            f"{path} records erasures by keyed digest but no erasure key was found: set {ERASURE_KEY_FILE_ENV} "
+            f"(or {ERASURE_KEY_ENV}) to the key the erasures were made with (default {DEFAULT_ERASURE_KEY_FILE})"
+        )
+    return ErasedIds(frozenset(keyed), frozenset(legacy), key)
 
 
-def exclude_erased(frame: pl.LazyFrame, digests: set[str]) -> pl.LazyFrame:
+def log_erasure(ds: Dataset, ids: Iterable[str], *, now: datetime | None = None) -> ErasedIds:
+    """Append the keyed digests of ``ids`` to the dataset's erasure log (fsynced) and return every erasure.
+
+    Creates the erasure key on first use (:func:`erasure_key`).
+    """
+    key = erasure_key(create=True)
+    assert key is not None
+    stamp = (now or datetime.now(UTC)).replace(tzinfo=None).isoformat(timespec="seconds")
+    log = ds.root / ERASURE_LOG
+    with log.open("a", encoding="utf-8") as fh:
+        for i in ids:
+            fh.write(json.dumps({"hmac": id_digest(i, key), "erased_at": stamp}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return erased_digests(ds)
+
+
+def exclude_erased(frame: pl.LazyFrame, erased: ErasedIds) -> pl.LazyFrame:
     """Leave out rows whose customer_id was erased (matched by digest)."""
-    if not digests:
+    if not erased:
         return frame
     ids = frame.select(pl.col(CUSTOMER_ID).unique()).collect()[CUSTOMER_ID].to_list()
-    erased = [i for i in ids if i is not None and id_digest(i) in digests]
-    return frame.filter(~pl.col(CUSTOMER_ID).is_in(erased)) if erased else frame
+    gone = [i for i in ids if i is not None and i in erased]
+    return frame.filter(~pl.col(CUSTOMER_ID).is_in(gone)) if gone else frame
+
+
+def erasure_ids(identities: pl.LazyFrame, customer_id: str) -> list[str]:
+    """Every id an erasure of ``customer_id`` must reach: the customer (found through ``identities`` when a
+    linked source id is given), each source id linked to them, and the ``<system>:<id>`` form those source ids
+    take where identity resolution saw them unlinked."""
+    canonical = (
+        identities.filter(pl.col(SOURCE_ID) == customer_id)
+        .select(CUSTOMER_ID)
+        .drop_nulls()
+        .unique()
+        .collect()[CUSTOMER_ID]
+        .to_list()
+    )
+    owner = canonical[0] if len(canonical) == 1 else customer_id
+    ids = linked_ids(identities, owner)
+    sources = identities.filter(pl.col(CUSTOMER_ID) == owner).select("source_system", SOURCE_ID).collect()
+    ids += [
+        f"{s}{UNLINKED_SEPARATOR}{i}"
+        for s, i in zip(sources["source_system"], sources[SOURCE_ID], strict=True)
+    ]
+    return sorted({*ids, customer_id})
 
 
 def _string_columns(schema: pl.Schema) -> list[str]:
@@ -141,21 +299,14 @@ def forget(ds: Dataset, customer_id: str, *, now: datetime | None = None) -> dic
     Every id linked to the customer through ``identities`` (cookies, e-mail ids) is erased too. Rows are removed
     wherever any text column equals one of those ids, so quarantined rows, which keep their input as text, are
     scrubbed as well. The feature folder is scrubbed the same way; its interaction matrix no longer matches its
-    vocabulary afterwards, so the caller rebuilds features (the CLI does). The erasure is logged by digest.
+    vocabulary afterwards, so the caller rebuilds features (the CLI does). The erasure is logged by keyed
+    digest (:func:`log_erasure`).
 
     Returns:
         ids erased (count only, never the ids) and rows removed per file.
     """
     ds.require()
-    identities = ds.scan("identities", required=False)
-    ids = linked_ids(identities, customer_id)
-    # Unlinked forms of the linked source ids, as identity resolution would have named them.
-    sources = identities.filter(pl.col(CUSTOMER_ID) == customer_id).collect()
-    ids += [
-        f"{s}{UNLINKED_SEPARATOR}{i}"
-        for s, i in zip(sources["source_system"], sources[SOURCE_ID], strict=True)
-    ]
-    ids = sorted(set(ids))
+    ids = erasure_ids(ds.scan("identities", required=False), customer_id)
     removed: dict[str, int] = {}
     files: list[Path] = []
     for table in TABLE_NAMES:
@@ -167,9 +318,5 @@ def forget(ds: Dataset, customer_id: str, *, now: datetime | None = None) -> dic
         n = _scrub_parquet(f, ids)
         if n:
             removed[str(f.relative_to(ds.root))] = n
-    log = ds.root / ERASURE_LOG
-    stamp = (now or datetime.now(UTC)).isoformat()
-    with log.open("a") as fh:
-        for i in ids:
-            fh.write(json.dumps({"sha256": id_digest(i), "erased_at": stamp}) + "\n")
+    log_erasure(ds, ids, now=now)
     return {"ids_erased": len(ids), "rows_removed": removed, "total_rows_removed": sum(removed.values())}

@@ -27,7 +27,7 @@ customers, when the last purchase is older than ``lapsed_days``.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from features.identity import resolve_identities
 from features.interactions import WEIGHT, InteractionConfig, Interactions, event_weight
-from features.privacy import id_digest
+from features.privacy import ErasedIds
 from features.schema import (
     CUSTOMER_ID,
     EVENT_TYPE,
@@ -222,7 +222,7 @@ def summarise_events(
     config: ProfileConfig,
     interactions: InteractionConfig | None = None,
     identities: pl.LazyFrame | None = None,
-    erased: Collection[str] = (),
+    erased: ErasedIds | None = None,
 ) -> EventSummary:
     """The one pass over all events: what the matrices, the activity span and the identity report need.
 
@@ -240,7 +240,7 @@ def summarise_events(
         interactions: interaction weights and decay; default the profile weights without decay.
         identities: the identities table, to resolve the events' ids with (see
             :func:`features.identity.resolve_identities`).
-        erased: SHA-256 digests of erased customer ids (as resolved), whose events are left out.
+        erased: the erased customer ids (as resolved, known by digest), whose events are left out.
 
     Purchases and the recent window, which only a small share of events fall in, have passes of their own
     (:func:`purchase_summary`, :func:`recent_summary`).
@@ -297,7 +297,7 @@ def summarise_events(
             resolve_identities(resolved.with_row_index("__row").lazy(), identities).collect().sort("__row")
         )
     kept = (
-        np.fromiter((id_digest(c) not in erased for c in resolved[CUSTOMER_ID]), bool, resolved.height)
+        np.fromiter((c not in erased for c in resolved[CUSTOMER_ID]), bool, resolved.height)
         if erased
         else np.ones(resolved.height, dtype=bool)
     )

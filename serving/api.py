@@ -1,21 +1,34 @@
 """Request and response bodies of the service: flat JSON objects, validated, with bounded sizes.
 
-Every request model forbids unknown fields and bounds what a client can send (ids ≤ 128 characters, ``n`` ≤
-100, at most 1000 events per call, small context and filter tables), so a bad body is answered 400 naming the
-field before any work is done. The response models are the OpenAPI schema of the service.
+Every request model forbids unknown fields, takes numbers and booleans strictly (``true`` is not a number,
+``"yes"`` not a boolean, ``"5"`` not an integer) and bounds what a client can send (ids ≤ 128 characters, ``n``
+≤ 100, at most 1000 events per call, small context and filter tables), so a bad body is answered 400 naming the
+field before any work is done. The response models are the OpenAPI schema of the service; :data:`ROUTES` says
+which request model and which credential each endpoint takes.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from serving.contact import ContactEntry
 from serving.decisions import ScoredAction
 from serving.explain import ItemFilters
 from serving.policy import LeverChange
+from serving.times import UtcDateTime
 
 MAX_ID_LENGTH = 128
 MAX_N = 100
@@ -28,6 +41,7 @@ CustomerId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=
 ItemId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)]
 ActionId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)]
 Channel = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32)]
+EventId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 ContextValue = ShortText | int | float | bool | None
@@ -64,10 +78,10 @@ class RecommendRequest(_Request):
     """``POST /recommend``: the follow-up purchases to show a customer now."""
 
     customer_id: CustomerId
-    n: int = Field(10, ge=1, le=MAX_N)
+    n: StrictInt = Field(10, ge=1, le=MAX_N)
     filters: ItemFilters | None = None
     """Include/exclude by item attribute, e.g. ``{"include": {"colour": "white"}, "exclude": {"brand": "Apex"}}``."""
-    exclude_purchased: bool = True
+    exclude_purchased: StrictBool = True
     context: Context = Field(default_factory=dict)
     """Free request context (``channel``, ``page`` …); accepted for clients' convenience, not used by the
     ranking yet."""
@@ -103,7 +117,7 @@ class SimilarItemsRequest(_Request):
     """``POST /similar_items``: items like one item (e.g. for a product page)."""
 
     item_id: ItemId
-    n: int = Field(10, ge=1, le=MAX_N)
+    n: StrictInt = Field(10, ge=1, le=MAX_N)
     filters: ItemFilters | None = None
     customer_id: CustomerId | None = None
     """Optional: picks the champion/challenger arm of this customer."""
@@ -133,6 +147,7 @@ class PropensityRequest(_Request):
     action_ids: Annotated[list[ActionId], Field(min_length=1, max_length=MAX_N)] | None = None
     """Actions to score (default: every action the model knows)."""
     channel: Channel | None = None
+    """One of the channels the policy file names."""
     context: Context = Field(default_factory=dict)
 
 
@@ -155,11 +170,13 @@ class NextBestActionRequest(_Request):
 
     customer_id: CustomerId
     channel: Channel | None = None
-    n: int = Field(3, ge=1, le=MAX_N)
+    """One of the channels the policy file names (``web``, ``app``, ``email`` … for the shipped policy)."""
+    n: StrictInt = Field(3, ge=1, le=MAX_N)
     context: Context = Field(default_factory=dict)
-    record_contact: bool = True
-    """Record the chosen action as a contact (turn off to preview a decision without counting it)."""
-    explain: bool = False
+    record_contact: StrictBool = True
+    """Record the chosen action as a contact and the decision in the decision log (turn off to preview a
+    decision without counting or logging it)."""
+    explain: StrictBool = False
     """Also return the actions that were filtered out, each with its reason."""
 
 
@@ -189,12 +206,16 @@ class EventIn(_Request):
     customer_id: CustomerId
     item_id: ItemId
     event_type: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32)]
+    event_id: EventId | None = None
+    """The client's id of the event: a retry with an id already stored is acknowledged and not stored again
+    (give one wherever a request may be retried after a timeout)."""
     timestamp: datetime | None = None
-    """Naive UTC or with an offset; default: the time the service receives it."""
+    """Naive UTC or with an offset; default: the time the service receives it. Refused when more than
+    :data:`~serving.engine.FUTURE_TOLERANCE` ahead of the service's clock or older than the retention window."""
     session_id: Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)] | None = None
     channel: Channel | None = None
-    quantity: int | None = Field(None, ge=0, le=100_000)
-    price: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
+    quantity: StrictInt | None = Field(None, ge=0, le=100_000)
+    price: StrictFloat | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
 
 
 class OfferResponseIn(_Request):
@@ -202,9 +223,12 @@ class OfferResponseIn(_Request):
 
     customer_id: CustomerId
     action_id: ActionId
-    accepted: bool
+    accepted: StrictBool
+    event_id: EventId | None = None
+    """As for events: a retry with an id already stored is acknowledged and not stored again."""
     channel: Channel | None = None
     timestamp: datetime | None = None
+    """Bounded like an event's timestamp."""
 
 
 class EventsRequest(_Request):
@@ -225,6 +249,8 @@ class EventsResponse(BaseModel):
     """Events stored (durably) and applied."""
     responses: int
     """Offer responses stored and applied to the contact policy state."""
+    duplicates: int = 0
+    """Events and responses whose ``event_id`` was stored before: acknowledged, not stored again."""
     customers: list[str]
     """Customers whose live state changed."""
 
@@ -265,17 +291,43 @@ class ProfileResponse(BaseModel):
     arm: str
 
 
+ErasureState = Literal["queued", "running", "done", "failed"]
+
+
 class ForgetResponse(BaseModel):
     customer_id: str
     ids_erased: int
-    """The customer's id and every id linked to it."""
+    """The customer's id, every id linked to it and their unlinked forms (``web:…``)."""
     live_state: bool
     """The service held live state about the customer (now erased)."""
     events_removed: int
     contacts_removed: int
     decisions_removed: int
     erasure_log: str
-    """Where the erasure is recorded (by digest), so the next feature build and training leave the ids out."""
+    """Where the erasure is recorded (by keyed digest), so the next feature build and training leave the ids
+    out."""
+    erasure_id: str
+    """Follow the dataset's erasure with ``POST /erasure``."""
+    dataset: ErasureState
+    """The dataset's erasure (raw tables, quarantine, truth, features rebuilt): ``queued`` on return; a
+    background worker takes it within a second and finishes within one feature build."""
+
+
+class ErasureRequest(_Request):
+    """``POST /erasure`` (admin): the state of a dataset erasure that ``/forget`` queued."""
+
+    erasure_id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+
+
+class ErasureStatus(BaseModel):
+    erasure_id: str
+    state: ErasureState
+    requested_at: UtcDateTime
+    finished_at: UtcDateTime | None = None
+    rows_removed: int | None = None
+    """Rows removed from the dataset's files (done)."""
+    error: str | None = None
+    """Why it failed (it is retried at the service's next start)."""
 
 
 # --- /levers ---------------------------------------------------------------------------------------------------
@@ -285,7 +337,7 @@ class LeversRequest(_Request):
     """``POST /levers`` (admin): read the levers, or change one (give ``action_id`` and ``lever``)."""
 
     action_id: ActionId | None = None
-    lever: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
+    lever: StrictFloat | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
     actor: Annotated[
         str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)
     ] = "admin"
@@ -304,7 +356,39 @@ class LeversResponse(BaseModel):
     history: list[LeverChange]
 
 
+class ErrorDetail(BaseModel):
+    """One invalid field of a request body."""
+
+    loc: list[str | int]
+    """Where: the field's path, e.g. ``["events", 0, "timestamp"]``."""
+    msg: str
+    type: str
+
+
 class ErrorResponse(BaseModel):
-    """The body of every error the service itself answers (4xx, 503)."""
+    """The body of every error the service answers (4xx, 5xx)."""
 
     error: str
+    """What is wrong, naming the field and the value where there is one."""
+    detail: list[ErrorDetail] | None = None
+    """With 400 for an invalid body: every invalid field."""
+
+
+# --- what each endpoint takes ------------------------------------------------------------------------------
+
+Credential = Literal["app", "admin"]
+"""``app``: ``NEXTBEST_APP_TOKEN`` (or the admin token); ``admin``: ``NEXTBEST_ADMIN_TOKEN`` only."""
+
+
+ROUTES: dict[str, tuple[type[_Request], Credential]] = {
+    "/recommend": (RecommendRequest, "app"),
+    "/similar_items": (SimilarItemsRequest, "app"),
+    "/propensity": (PropensityRequest, "app"),
+    "/next_best_action": (NextBestActionRequest, "app"),
+    "/events": (EventsRequest, "app"),
+    "/profile": (CustomerRequest, "admin"),
+    "/forget": (CustomerRequest, "admin"),
+    "/erasure": (ErasureRequest, "admin"),
+    "/levers": (LeversRequest, "admin"),
+}
+"""Every endpoint of the service (all ``POST`` with a JSON body): its request model and the credential it needs."""

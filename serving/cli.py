@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,16 +165,18 @@ def _split_lines(manifest: dict[str, Any]) -> list[str]:
 
 def cmd_forget(args: argparse.Namespace) -> None:
     from features.dataset import Dataset
-    from features.pipeline import build_features
-    from features.privacy import forget
+    from features.pipeline import erase_customer
 
     ds = Dataset.at(args.data)
-    report = forget(ds, args.customer_id)
-    rebuilt = False
-    if ds.manifest_path.exists() and not args.no_rebuild:
-        build_features(ds, _feature_config(args.config), progress=_progress(args))
-        rebuilt = True
-    report = {"command": "forget", "data": str(ds.root), "features_rebuilt": rebuilt, **report}
+    report = erase_customer(
+        ds,
+        args.customer_id,
+        config=_feature_config(args.config) if args.config else None,
+        rebuild=not args.no_rebuild,
+        progress=_progress(args),
+    )
+    rebuilt = report["features_rebuilt"]
+    report = {"command": "forget", "data": str(ds.root), **report}
     _emit(
         args,
         report,
@@ -479,7 +482,7 @@ def cmd_bento_serve(args: argparse.Namespace) -> None:
     code = serve(
         args.port, args.host, args.data, state_dir=args.state_dir, clock=args.clock, bento=args.bento
     )
-    if code not in (0, 130):
+    if code not in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM):
         raise UsageError(f"bentoml serve exited with status {code}")
 
 
@@ -520,7 +523,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         challenger_share=args.challenger_share,
         clock=args.clock,
     )
-    if code not in (0, 130):
+    if code not in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM):
         raise UsageError(f"bentoml serve exited with status {code}")
 
 
@@ -743,7 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
     fg = sub.add_parser("forget", help="erase a customer (GDPR) from raw data, quarantine and features")
     fg.add_argument("customer_id")
     fg.add_argument("--data", default=str(DEFAULT_DATA))
-    fg.add_argument("--config", help="FeatureConfig JSON file for the rebuild")
+    fg.add_argument(
+        "--config",
+        help="FeatureConfig JSON file for the rebuild (default: the config the features were built with)",
+    )
     fg.add_argument("--no-rebuild", action="store_true", help="do not rebuild features afterwards")
     _common(fg)
     fg.set_defaults(func=cmd_forget)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -26,13 +26,7 @@ from pydantic import BaseModel
 
 from serving.jsonl import JsonLinesFile
 from serving.policy import ActionPolicy
-
-
-def naive_utc(at: datetime) -> datetime:
-    """``at`` as naive UTC (aware datetimes are converted, naive ones taken to be UTC already)."""
-    if at.tzinfo is not None:
-        return at.astimezone(UTC).replace(tzinfo=None)
-    return at
+from serving.times import UtcDateTime, naive_utc, older_than
 
 
 class ContactEntry(BaseModel):
@@ -42,9 +36,11 @@ class ContactEntry(BaseModel):
     customer_id: str
     action_id: str
     channel: str | None = None
-    at: datetime
+    at: UtcDateTime
     accepted: bool | None = None
     """For responses: accepted (True) or rejected (False)."""
+    event_id: str | None = None
+    """The client's id of a response: a retry with the same id is not recorded twice."""
 
 
 def _fmt(at: datetime) -> str:
@@ -65,17 +61,28 @@ class ContactLedger:
         self.policy = policy
         self._lock = threading.RLock()
         self._entries: dict[str, list[ContactEntry]] = defaultdict(list)
+        self._event_ids: set[str] = set()
         self._file = JsonLinesFile(path, fsync=fsync) if path is not None else None
-        if self._file is not None:
-            for raw in self._file.read():
-                entry = ContactEntry.model_validate(raw)
-                self._entries[entry.customer_id].append(entry)
-            for entries in self._entries.values():
-                entries.sort(key=lambda e: e.at)
+        self._load()
+
+    def _load(self) -> None:
+        self._entries.clear()
+        self._event_ids.clear()
+        if self._file is None:
+            return
+        for raw in self._file.read():
+            entry = ContactEntry.model_validate(raw)
+            self._entries[entry.customer_id].append(entry)
+            if entry.event_id is not None:
+                self._event_ids.add(entry.event_id)
+        for entries in self._entries.values():
+            entries.sort(key=lambda e: e.at)
 
     def _add(self, entry: ContactEntry) -> ContactEntry:
         # One lock over file and memory, so an erasure running beside an append cannot leave either behind.
         with self._lock:
+            if entry.event_id is not None:
+                self._event_ids.add(entry.event_id)
             # Durable first, then visible: a crash in between loses nothing that was acknowledged.
             if self._file is not None:
                 self._file.append(entry.model_dump(mode="json"))
@@ -106,6 +113,7 @@ class ContactLedger:
         accepted: bool,
         at: datetime,
         channel: str | None = None,
+        event_id: str | None = None,
     ) -> ContactEntry:
         """Record the customer's response to ``action_id``: accepted, or rejected."""
         return self._add(
@@ -116,8 +124,19 @@ class ContactLedger:
                 channel=channel,
                 at=naive_utc(at),
                 accepted=bool(accepted),
+                event_id=event_id,
             )
         )
+
+    def customers(self) -> list[str]:
+        """Every customer with an entry."""
+        with self._lock:
+            return [c for c, entries in self._entries.items() if entries]
+
+    def has_event(self, event_id: str) -> bool:
+        """Whether a response with this client event id is recorded already."""
+        with self._lock:
+            return event_id in self._event_ids
 
     def entries(self, customer_id: str) -> list[ContactEntry]:
         """Everything recorded about ``customer_id``, oldest first (for the right of access)."""
@@ -192,6 +211,21 @@ class ContactLedger:
             removed = len(self._entries.pop(customer_id, ()))
             if self._file is not None:
                 removed = max(removed, self._file.rewrite(lambda r: r.get("customer_id") != customer_id))
+            return removed
+
+    def trim(self, before: datetime) -> int:
+        """Erase the entries older than ``before`` (retention) from memory and the file; returns how many."""
+        with self._lock:
+            if self._file is None:
+                removed = 0
+                for cid, entries in list(self._entries.items()):
+                    kept = [e for e in entries if e.at >= before]
+                    removed += len(entries) - len(kept)
+                    self._entries[cid] = kept
+                return removed
+            removed = self._file.rewrite(older_than("at", before))
+            if removed:
+                self._load()
             return removed
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from features.schema import ACTION_ID, CUSTOMER_ID, RESPONDED, TIMESTAMP, TIMEST
 from serving.decisions import Decision
 from serving.jsonl import JsonLinesFile, read_lines
 from serving.policy import NO_ACTION_KIND
+from serving.times import older_than
 
 ALL_ACTIONS = "(all actions)"
 """The ``action_id`` of the per-arm total rows in :func:`summarise_decisions`."""
@@ -97,11 +98,11 @@ class DecisionRecord(BaseModel):
 
 
 class DecisionLog:
-    """The append-only decision log (one JSON line per decision, flushed and fsynced)."""
+    """The append-only decision log (one JSON line per decision, flushed and fsynced), indexed by customer."""
 
     def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
         self.path = Path(path)
-        self._file = JsonLinesFile(self.path, fsync=fsync)
+        self._file = JsonLinesFile(self.path, fsync=fsync, index_key=CUSTOMER_ID)
 
     def append(self, record: DecisionRecord) -> None:
         """Append one decision; durable when this returns."""
@@ -111,9 +112,21 @@ class DecisionLog:
         """Every logged decision, oldest first."""
         return [DecisionRecord.model_validate(r) for r in self._file.read()]
 
+    def records_of(self, customer_id: str) -> list[DecisionRecord]:
+        """The decisions about one customer, oldest first, read through the index (no scan of the log)."""
+        return [DecisionRecord.model_validate(r) for r in self._file.read_key(customer_id)]
+
+    def customers(self) -> list[str]:
+        """Every customer with a logged decision."""
+        return self._file.keys()
+
     def forget(self, customer_id: str) -> int:
         """Remove every decision about ``customer_id``; returns how many were removed."""
         return self._file.rewrite(lambda r: r.get(CUSTOMER_ID) != customer_id)
+
+    def trim(self, before: datetime) -> int:
+        """Remove the decisions made before ``before`` (retention); returns how many were removed."""
+        return self._file.rewrite(older_than("timestamp", before))
 
     def close(self) -> None:
         self._file.close()

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import gc
 import hmac
-import json
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -44,10 +42,10 @@ import polars as pl
 import scipy.sparse as sp
 
 from features.dataset import Dataset, DatasetError
-from features.identity import UNLINKED_SEPARATOR, linked_ids
+from features.identity import UNLINKED_SEPARATOR
 from features.interactions import Interactions
-from features.pipeline import CONSENT_FILE, PROFILES_FILE, FeatureConfig, resolved_events
-from features.privacy import ERASURE_LOG, apply_retention, erased_digests, id_digest
+from features.pipeline import CONSENT_FILE, PROFILES_FILE, FeatureConfig, erase_customer, resolved_events
+from features.privacy import ERASURE_LOG, apply_retention, erased_digests, erasure_ids, log_erasure
 from features.profiles import AGE_BANDS, DEMOGRAPHICS, SEGMENT_FEATURES, build_profiles
 from features.schema import (
     CHANNEL,
@@ -77,12 +75,14 @@ from serving.engine_config import (  # noqa: F401
     EngineConfig,
     EngineLoadError,
     Forbidden,
+    Gone,
     NotFound,
     NotReady,
     ServiceError,
     Unauthorized,
     one_line,
 )
+from serving.erasure_queue import ErasureQueue
 from serving.event_log import EventLog, EventRejected
 from serving.explain import FilterError, ItemAttributes, ItemFilters, item_reasons
 from serving.models import (  # noqa: F401
@@ -110,6 +110,12 @@ EVENTS_FILE = "events.jsonl"
 CONTACTS_FILE = "contacts.jsonl"
 DECISIONS_FILE = "decisions.jsonl"
 LEVERS_FILE = "levers.json"
+FUTURE_TOLERANCE = timedelta(days=1)
+"""How far ahead of the service's clock an event or response may be dated (clients' clocks drift, and some send
+local time as UTC); later ones are refused. The earliest date taken is the start of the retention window
+(:meth:`Engine.retention_start`): older events would be dropped by the next feature build."""
+TRIM_INTERVAL_SECONDS = 3600.0
+"""How often the service drops log entries that fell out of the retention window (also done at start)."""
 
 EVENT_RANK: dict[str, int] = {"view": 1, "click": 2, "add_to_cart": 3, "purchase": 4}
 """Which event says most about a customer's interest in an item (the strongest one explains a recommendation)."""
@@ -709,11 +715,23 @@ class Engine:
         self.event_log = EventLog(state / EVENTS_FILE, event_types=self.data.feature_config.event_types)
         self._live: dict[str, LiveCustomer] = {}
         self._erased: set[str] = set()
+        """Ids found erased in this process (a cache in front of :attr:`_erasures`)."""
+        self._erasures = erased_digests(self.data.dataset)
+        self.channels = sorted(set(self.policy.named_channels()) | set(self.data.channels))
+        """The channels a request may name: the policy's and those the propensity model knows."""
+        self.erasures = ErasureQueue(state, lambda cid: erase_customer(self.data.dataset, cid))
         replay = self.event_log.replay()
         erased = self._forget_logged_erasures(set(replay[CUSTOMER_ID].to_list()))
         if erased:
             replay = replay.filter(~pl.col(CUSTOMER_ID).is_in(sorted(erased)))
         replayed = self._apply_events(replay)
+        self.trim_logs()
+        self.erasures.start()
+        self._stop = threading.Event()
+        self._trimmer = threading.Thread(
+            target=self._trim_periodically, name="nextbest-retention", daemon=True
+        )
+        self._trimmer.start()
         logger.info(
             "nextbest engine ready: %s, %s; %d live customers replayed from %s",
             self.recommenders[CHAMPION].registered.label,
@@ -759,9 +777,53 @@ class Engine:
         return attached
 
     def close(self) -> None:
-        """Close the durable logs."""
+        """Stop the background work and close the durable logs."""
+        self._stop.set()
+        self.erasures.stop()
         for log in (self.ledger, self.decision_log):
             log.close()
+
+    # --- retention ------------------------------------------------------------------------------------------
+
+    def retention_start(self) -> datetime:
+        """The oldest time the service keeps: ``retention_days`` (the dataset's setting) before its clock, or
+        before the dataset's latest event where that is earlier (the service never drops what the dataset it
+        serves still retains)."""
+        return min(self.now(), self.data.as_of) - timedelta(days=self.data.feature_config.retention_days)
+
+    def trim_logs(self) -> dict[str, int]:
+        """Drop what fell out of the retention window from the event log, the contact ledger, the decision log
+        and the erasure states; returns how many entries each lost."""
+        before = self.retention_start()
+        with self._lock:
+            removed = {
+                "events": self.event_log.trim(before),
+                "contacts": self.ledger.trim(before),
+                "decisions": self.decision_log.trim(before),
+                "erasures": self.erasures.trim(before),
+            }
+        if any(removed.values()):
+            logger.info("retention: dropped entries older than %s: %s", before.date(), removed)
+        return removed
+
+    def _trim_periodically(self) -> None:
+        while not self._stop.wait(TRIM_INTERVAL_SECONDS):
+            try:
+                self.trim_logs()
+            except Exception:
+                logger.exception("retention: cannot trim the logs")
+
+    def _is_erased(self, customer_id: str) -> bool:
+        if customer_id in self._erased:
+            return True
+        if customer_id in self._erasures:
+            self._erased.add(customer_id)
+            return True
+        return False
+
+    def _check_channel(self, channel: str | None, where: str = "channel") -> None:
+        if channel is not None and self.channels and channel not in self.channels:
+            raise BadRequest(f"{where}: unknown channel {channel!r}; known: {', '.join(self.channels)}")
 
     # --- time, arms, consent -------------------------------------------------------------------------------
 
@@ -789,7 +851,7 @@ class Engine:
         return self.propensities.get(arm) or self.propensities[CHAMPION]
 
     def _consent(self, customer_id: str) -> tuple[dict[str, bool], dict[str, bool | None]]:
-        recorded = self.data.consent.get(customer_id) if customer_id not in self._erased else None
+        recorded = self.data.consent.get(customer_id) if not self._is_erased(customer_id) else None
         recorded_values = {p: (recorded or {}).get(p) for p in CONSENT_PURPOSES}
         default = self.data.consent_default
         unlinked = UNLINKED_SEPARATOR in customer_id
@@ -808,7 +870,7 @@ class Engine:
     def _view(self, customer_id: str, *, with_events: bool = False) -> CustomerView:
         consent, recorded = self._consent(customer_id)
         data = self.data
-        erased = customer_id in self._erased
+        erased = self._is_erased(customer_id)
         items: dict[int, float] = {}
         strongest: dict[int, int] = {}
         purchased: dict[int, float] = {}
@@ -992,7 +1054,7 @@ class Engine:
                 model_version=slot.registered.label,
                 arm=arm,
             )
-        row = slot.customer_row(cid) if cid not in self._erased else -1
+        row = slot.customer_row(cid) if not self._is_erased(cid) else -1
         return _RankPlan(
             slot=slot,
             arm=arm,
@@ -1259,6 +1321,7 @@ class Engine:
             BadRequest: an action id the model does not know.
         """
         cid = request.customer_id
+        self._check_channel(request.channel)
         arm = self.arm(cid)
         slot = self._propensity(arm)
         if request.action_ids is not None:
@@ -1318,6 +1381,7 @@ class Engine:
         plans: list[_DecisionPlan] = []
         for k, request in enumerate(requests):
             try:
+                self._check_channel(request.channel)
                 now = self._request_time(request.context)
             except ServiceError as e:
                 out[k] = e
@@ -1385,9 +1449,8 @@ class Engine:
         )
         chosen = decision.chosen
         recorded = False
-        if request.record_contact and chosen is not None and not decision.is_no_action:
-            self.ledger.record_contact(cid, chosen.action_id, chosen.delivery_channel, now)
-            recorded = True
+        # A preview (record_contact false) is not a decision: neither a contact nor a line of the decision log.
+        # Nothing at all is stored about an erased id.
         versions = {
             "recommender": self._recommender(plan.arm).registered.label,
             "propensity": plan.pslot.registered.label,
@@ -1399,7 +1462,13 @@ class Engine:
             model_versions=versions,
             timestamp=now,
         )
-        self.decision_log.append(record)
+        # Under the lock, so that an erasure running beside cannot be followed by a write about the id.
+        with self._lock:
+            if request.record_contact and not self._is_erased(cid):
+                if chosen is not None and not decision.is_no_action:
+                    self.ledger.record_contact(cid, chosen.action_id, chosen.delivery_channel, now)
+                    recorded = True
+                self.decision_log.append(record)
         return api.NextBestActionResponse(
             decision_id=record.decision_id,
             customer_id=cid,
@@ -1419,39 +1488,85 @@ class Engine:
     def events(self, request: api.EventsRequest) -> api.EventsResponse:
         """Store events and offer responses durably, then apply them to the live state at once.
 
+        A retry is safe: entries whose ``event_id`` was stored before are acknowledged and not stored again.
+
         Raises:
-            BadRequest: an invalid event (named by position and field) or an action not in the policy.
+            BadRequest: an invalid event or response (named by position and field): a time more than
+                :data:`FUTURE_TOLERANCE` ahead or before the retention window, a channel or an action not in
+                the policy. Nothing of the request is stored.
+            Gone: an entry is about an erased customer (nothing of the request is stored).
         """
         now = self.now()
+        earliest, latest = self.retention_start(), now + FUTURE_TOLERANCE
         rows = []
-        for e in request.events:
+        for k, e in enumerate(request.events):
             row = e.model_dump(exclude_none=True)
-            row[TIMESTAMP_COL] = naive_utc(e.timestamp) if e.timestamp is not None else now
+            row[TIMESTAMP_COL] = self._entry_time(
+                e.timestamp, now, earliest, latest, f"events[{k}].timestamp"
+            )
             rows.append(row)
+        responses = []
         for k, r in enumerate(request.responses):
             if r.action_id not in self.policy.actions:
                 raise BadRequest(
                     f"responses[{k}].action_id: unknown action {r.action_id!r}; known: "
                     + ", ".join(sorted(self.policy.actions))
                 )
+            self._check_channel(r.channel, f"responses[{k}].channel")
+            responses.append(
+                (r, self._entry_time(r.timestamp, now, earliest, latest, f"responses[{k}].timestamp"))
+            )
         with self._lock:
-            accepted = pl.DataFrame()
+            for what, entries in (("events", request.events), ("responses", request.responses)):
+                for k, entry in enumerate(entries):
+                    if self._is_erased(entry.customer_id):
+                        raise Gone(
+                            f"{what}[{k}].customer_id: this customer was erased; the service stores nothing more "
+                            "about the id (nothing of this request was stored)"
+                        )
+            accepted, duplicates = pl.DataFrame(), 0
             if rows:
                 try:
-                    accepted = self.event_log.append(rows)
+                    accepted, duplicates = self.event_log.append(rows)
                 except EventRejected as e:
                     raise BadRequest("; ".join(e.reasons)) from None
-            for r in request.responses:
-                at = naive_utc(r.timestamp) if r.timestamp is not None else now
-                self.ledger.record_response(r.customer_id, r.action_id, r.accepted, at, channel=r.channel)
+            stored = 0
+            for r, at in responses:
+                if r.event_id is not None and self.ledger.has_event(r.event_id):
+                    duplicates += 1
+                    continue
+                self.ledger.record_response(
+                    r.customer_id, r.action_id, r.accepted, at, channel=r.channel, event_id=r.event_id
+                )
+                stored += 1
             changed = self._apply_events(accepted)
         # Outside the lock: a profile takes milliseconds to rebuild, and other requests need not wait for it.
         for cid in changed:
             self._refresh(cid)
         customers = sorted(changed | {r.customer_id for r in request.responses})
         return api.EventsResponse(
-            accepted=accepted.height, responses=len(request.responses), customers=customers
+            accepted=accepted.height, responses=stored, duplicates=duplicates, customers=customers
         )
+
+    @staticmethod
+    def _entry_time(
+        at: datetime | None, now: datetime, earliest: datetime, latest: datetime, where: str
+    ) -> datetime:
+        """An event's or response's time as naive UTC (``now`` when not given), within the accepted bounds."""
+        if at is None:
+            return now
+        at = naive_utc(at)
+        if at > latest:
+            raise BadRequest(
+                f"{where}: {at.isoformat()} is more than {FUTURE_TOLERANCE} ahead of the service's clock "
+                f"({now.isoformat(timespec='seconds')})"
+            )
+        if at < earliest:
+            raise BadRequest(
+                f"{where}: {at.isoformat()} is before the retention window, which starts "
+                f"{earliest.isoformat(timespec='seconds')}"
+            )
+        return at
 
     def _apply_events(self, frame: pl.DataFrame) -> set[str]:
         """Add accepted events to the live state (rows, strongest event, purchases); marks profiles stale."""
@@ -1494,7 +1609,7 @@ class Engine:
                 return
             version = live.version
             live_events = list(live.events)
-            erased = customer_id in self._erased
+            erased = self._is_erased(customer_id)
         consent, _ = self._consent(customer_id)
         row: dict[str, Any] | None = None
         if consent[PROFILING]:
@@ -1537,8 +1652,8 @@ class Engine:
         cid = request.customer_id
         view = self._view(cid, with_events=True)
         vocab = self.data.item_vocab
-        held = self.data.customer_events(cid) if cid not in self._erased else self.data.events.clear()
-        decisions = [r.model_dump(mode="json") for r in self.decision_log.records() if r.customer_id == cid]
+        held = self.data.customer_events(cid) if not self._is_erased(cid) else self.data.events.clear()
+        decisions = [r.model_dump(mode="json") for r in self.decision_log.records_of(cid)]
         return api.ProfileResponse(
             customer_id=cid,
             known=view.known,
@@ -1578,47 +1693,63 @@ class Engine:
             )
 
     def forget(self, request: api.CustomerRequest, authorization: str | None) -> api.ForgetResponse:
-        """Erase a customer (and their linked ids) from live state, the event log, the contact ledger and the
-        decision log, and log the erasure by digest so the next feature build and training leave them out."""
+        """Erase a customer everywhere: at once from the live state, the event log, the contact ledger and the
+        decision log, under their id, every id linked to it and those ids' unlinked forms; the erasure is logged
+        by keyed digest, so that nothing more is stored about any of the ids (before or after a restart); and
+        the dataset's erasure is queued (:class:`~serving.erasure_queue.ErasureQueue`)."""
         self.check_admin(authorization)
         cid = request.customer_id
         ds = self.data.dataset
-        identities = ds.scan("identities", required=False)
-        ids = linked_ids(identities, cid)
+        ids = erasure_ids(ds.scan("identities", required=False), cid)
         with self._lock:
-            live = any(self._live.pop(i, None) is not None for i in ids)
+            live = [self._live.pop(i, None) is not None for i in ids]
             for i in ids:
                 self.data.drop_customer(i)
+            self._erasures = log_erasure(ds, ids)
             self._erased.update(ids)
             events_removed = self.event_log.forget(ids)
             contacts_removed = sum(self.ledger.forget(i) for i in ids)
             decisions_removed = sum(self.decision_log.forget(i) for i in ids)
-            log = ds.root / ERASURE_LOG
-            stamp = _utcnow().isoformat()
-            with open(log, "a", encoding="utf-8") as fh:
-                for i in ids:
-                    fh.write(json.dumps({"sha256": id_digest(i), "erased_at": stamp}) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-        logger.info("erased a customer (%d id(s)) on request", len(ids))
+            queued = self.erasures.submit(cid)
+        logger.info(
+            "erased a customer (%d id(s)) on request; dataset erasure %s queued", len(ids), queued.erasure_id
+        )
         return api.ForgetResponse(
             customer_id=cid,
             ids_erased=len(ids),
-            live_state=live,
+            live_state=any(live),
             events_removed=events_removed,
             contacts_removed=contacts_removed,
             decisions_removed=decisions_removed,
-            erasure_log=str(log),
+            erasure_log=str(ds.root / ERASURE_LOG),
+            erasure_id=queued.erasure_id,
+            dataset=queued.state,
         )
+
+    def erasure_status(self, request: api.ErasureRequest, authorization: str | None) -> api.ErasureStatus:
+        """The state of a dataset erasure that :meth:`forget` queued.
+
+        Raises:
+            NotFound: no erasure has that id (or its state fell out of the retention window).
+        """
+        self.check_admin(authorization)
+        status = self.erasures.status(request.erasure_id)
+        if status is None:
+            raise NotFound(f"erasure_id: no erasure {request.erasure_id!r}")
+        return status
 
     def _forget_logged_erasures(self, live_ids: set[str]) -> set[str]:
         """Hide customers whose erasure was logged (by the service or by ``nextbest forget``) and purge them
         from the service's own logs, so a restart never brings an erased customer back."""
-        digests = erased_digests(self.data.dataset)
-        if not digests:
+        if not self._erasures:
             return set()
-        candidates = self.data.all_customer_ids() | live_ids
-        erased = {c for c in candidates if id_digest(c) in digests}
+        candidates = (
+            self.data.all_customer_ids()
+            | live_ids
+            | set(self.decision_log.customers())
+            | set(self.ledger.customers())
+        )
+        erased = {c for c in candidates if c in self._erasures}
         for c in erased:
             self.data.drop_customer(c)
         if erased:

@@ -52,6 +52,12 @@ class NotFound(ServiceError):
     status = 404
 
 
+class Gone(ServiceError):
+    """The request is about a customer who was erased: the service stores nothing more about the id."""
+
+    status = 410
+
+
 class NotReady(ServiceError):
     status = 503
 

@@ -85,6 +85,7 @@ from pydantic import (
 )
 
 from features.schema import ACTION_ID, CHANNEL, KIND, VALUE
+from serving.times import UtcDateTime
 
 DEFAULT_POLICY_PATH = Path(__file__).parent / "policies" / "default.toml"
 NO_ACTION_KIND = "none"
@@ -658,6 +659,15 @@ class ActionPolicy(BaseModel):
                 f"policy {self.version}: unknown action {action_id!r}; known: {', '.join(sorted(self.actions))}"
             ) from None
 
+    def named_channels(self) -> list[str]:
+        """Every channel the policy names: actions' request and delivery channels, and the channel caps."""
+        named = set(self.channel_caps) | set(self.defaults.channels or ())
+        for rule in (*self.actions.values(), *self.kinds.values()):
+            named |= set(rule.channels or ())
+            if rule.delivery_channel is not None:
+                named.add(rule.delivery_channel)
+        return sorted(named)
+
     def referenced_fields(self) -> dict[str, list[str]]:
         """Profile/context fields each rule reads (``action.*`` left out), for checking against a profile schema."""
         out: dict[str, list[str]] = {}
@@ -787,7 +797,7 @@ class LeverChange(BaseModel):
     old: float
     new: float
     actor: str
-    at: datetime
+    at: UtcDateTime
     policy_version: str
 
 

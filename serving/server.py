@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from serving.engine import EngineConfig, EngineLoadError, check_models
+from serving.gate import APP_TOKEN_ENV, HOST_ENV, ExposureError, check_exposure
 
 SERVICE = "serving.service:NextBest"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -29,10 +30,19 @@ DEFAULT_PORT = 3000
 
 
 def service_env(
-    config: EngineConfig, *, threads: int | None = None, base: Mapping[str, str] | None = None
+    config: EngineConfig,
+    *,
+    threads: int | None = None,
+    base: Mapping[str, str] | None = None,
+    host: str = "127.0.0.1",
+    app_token: str | None = None,
 ) -> dict[str, str]:
-    """The environment of the service process: ``base`` (default ``os.environ``) plus the config's variables."""
+    """The environment of the service process: ``base`` (default ``os.environ``) plus the config's variables,
+    the address it listens on and, when given, the app key (else ``NEXTBEST_APP_TOKEN`` as in ``base``)."""
     env = dict(os.environ if base is None else base)
+    env[HOST_ENV] = host
+    if app_token:
+        env[APP_TOKEN_ENV] = app_token
     env["NEXTBEST_DATA"] = str(config.data)
     env["NEXTBEST_STATE_DIR"] = str(config.state_path)
     env["NEXTBEST_CHALLENGER_SHARE"] = str(config.challenger_share)
@@ -52,6 +62,49 @@ def service_env(
     # BentoML would otherwise phone home with usage statistics.
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
     return env
+
+
+def configured_workers(environ: Mapping[str, str] | None = None) -> int:
+    """The worker count that ``BENTOML_CONFIG_OPTIONS`` asks of the service (1 when it asks none)."""
+    options = (os.environ if environ is None else environ).get("BENTOML_CONFIG_OPTIONS", "")
+    workers = 1
+    for option in options.replace(",", " ").split():
+        name, _, value = option.partition("=")
+        if name.strip() in ("services.nextbest.workers", "api_server.workers"):
+            try:
+                workers = int(value)
+            except ValueError:
+                raise EngineLoadError(
+                    f"BENTOML_CONFIG_OPTIONS: {option!r} is not a whole number of workers"
+                ) from None
+    return workers
+
+
+def check_start(
+    host: str, app_token: str | None, environ: Mapping[str, str] | None = None, *, workers: int | None = None
+) -> str | None:
+    """Refuse a start that would lose data or expose the service; return the warning to print, if any.
+
+    Args:
+        host: the address the service listens on.
+        app_token: the app endpoints' key (None: they are open).
+        environ: where ``BENTOML_CONFIG_OPTIONS`` is read (default ``os.environ``).
+        workers: the worker count, when known otherwise (default: :func:`configured_workers`).
+
+    Raises:
+        EngineLoadError: more than one worker (each would keep its own live state: acknowledged writes would be
+            lost), or a non-loopback address without ``NEXTBEST_APP_TOKEN``.
+    """
+    workers = configured_workers(environ) if workers is None else workers
+    if workers != 1:
+        raise EngineLoadError(
+            f"refusing to start with {workers} workers: the live state and its durable logs belong to one process, "
+            "and a second worker would lose acknowledged writes; run one worker per state directory"
+        )
+    try:
+        return check_exposure(host, app_token)
+    except ExposureError as e:
+        raise EngineLoadError(str(e)) from None
 
 
 def preflight(config: EngineConfig, bento: str | None = None) -> dict[str, str]:
@@ -139,8 +192,12 @@ def serve(
     threads: int | None = None,
     check: bool = True,
     extra_args: Sequence[str] = (),
+    app_token: str | None = None,
 ) -> int:
     """Run ``bentoml serve`` for the service in the foreground until it stops; return its exit status.
+
+    SIGTERM and SIGINT (what systemd, container runtimes and Ctrl-C send) stop the whole process tree: the
+    server and every worker, which BentoML runs in sessions of their own.
 
     Args:
         port, host: where to listen.
@@ -157,20 +214,41 @@ def serve(
         threads: request threads of the worker (default 16).
         check: check the features and the champions first (:func:`preflight`).
         extra_args: more ``bentoml serve`` arguments.
+        app_token: the key of the app endpoints (default ``NEXTBEST_APP_TOKEN``; none: open, on loopback only).
 
     Raises:
-        EngineLoadError: the preflight check failed (one line saying what to run first).
+        EngineLoadError: the start was refused (:func:`check_start`) or the preflight check failed (one line
+            saying what to run first).
     """
     config = _config(
         data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock, model_source
     )
+    app_token = app_token or os.environ.get(APP_TOKEN_ENV)
+    warning = check_start(host, app_token)
+    if warning:
+        print(f"nextbest: warning: {warning}", file=sys.stderr)
     if check:
         preflight(config, bento)
-    env = service_env(config, threads=threads)
+    env = service_env(config, threads=threads, host=host, app_token=app_token)
+    server = ServiceProcess(
+        subprocess.Popen(_command(host, port, extra_args, bento), env=env, start_new_session=True),
+        f"http://{host}:{port}",
+        None,
+    )
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        server.stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return subprocess.run(_command(host, port, extra_args, bento), env=env, check=False).returncode
-    except KeyboardInterrupt:
-        return 130
+        code = server.process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop()
+    return 128 + stopping[0] if stopping else code
 
 
 def example_requests(data: str | Path, url: str = f"http://127.0.0.1:{DEFAULT_PORT}") -> list[str]:
@@ -326,6 +404,7 @@ def start(
     log_path: str | Path | None = None,
     extra_env: Mapping[str, str] | None = None,
     check: bool = True,
+    app_token: str | None = None,
 ) -> ServiceProcess:
     """Start the service in the background (its own session); call :meth:`ServiceProcess.wait_ready` next.
 
@@ -337,10 +416,11 @@ def start(
     config = _config(
         data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock, model_source
     )
+    env = service_env(config, threads=threads, host=host, app_token=app_token)
+    env.update(extra_env or {})
+    check_start(host, env.get(APP_TOKEN_ENV), env)
     if check:
         preflight(config, bento)
-    env = service_env(config, threads=threads)
-    env.update(extra_env or {})
     port = port or free_port(host)
     log = Path(log_path) if log_path is not None else None
     out: Any = subprocess.DEVNULL

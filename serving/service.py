@@ -23,14 +23,17 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import bentoml
 from starlette.responses import JSONResponse
 
 from serving.api import (
+    ROUTES,
     CustomerRequest,
+    ErasureRequest,
+    ErasureStatus,
     EventsRequest,
     EventsResponse,
     ForgetResponse,
@@ -46,27 +49,25 @@ from serving.api import (
     SimilarItemsRequest,
     SimilarItemsResponse,
 )
+from serving.gate import (
+    APP_TOKEN_ENV,
+    HOST_ENV,
+    RequestGate,
+)
+from serving.openapi import complete_spec
 
 with bentoml.importing():
     from serving.engine import Engine, EngineConfig, EngineLoadError, ServiceError, one_line
+    from serving.server import check_start
+
+SERVICE_NAME = "nextbest"
 
 logger = logging.getLogger("nextbest.service")
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20
-"""1 MiB: a thousand events with room to spare; larger bodies are refused with 413 before they are read."""
 THREADS = int(os.environ.get("NEXTBEST_THREADS", "8"))
 MAX_BATCH = int(os.environ.get("NEXTBEST_MAX_BATCH", "64"))
 """Most ``/recommend`` requests answered by one call (1: no batching)."""
-API_ROUTES = (
-    "/recommend",
-    "/similar_items",
-    "/propensity",
-    "/next_best_action",
-    "/events",
-    "/profile",
-    "/forget",
-    "/levers",
-)
+API_ROUTES = tuple(ROUTES)
 METRICS = os.environ.get("NEXTBEST_METRICS", "1").lower() not in ("0", "false", "no")
 """Prometheus metrics on ``/metrics`` (a fifth of a millisecond per request; ``NEXTBEST_METRICS=0`` drops them)."""
 TRACING = os.environ.get("NEXTBEST_TRACING", "").lower() in ("1", "true", "yes")
@@ -74,51 +75,6 @@ TRACING = os.environ.get("NEXTBEST_TRACING", "").lower() in ("1", "true", "yes")
 a cost of a fair share of a millisecond): off for the API routes unless asked for."""
 ACCESS_LOG = os.environ.get("NEXTBEST_ACCESS_LOG", "").lower() in ("1", "true", "yes")
 """One log line per request costs about a tenth of a request's time; off unless asked for."""
-
-
-class BodySizeLimit:
-    """ASGI middleware refusing request bodies above ``max_bytes`` with 413, by Content-Length or as they stream."""
-
-    def __init__(self, app: Any, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_bytes
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > limit:
-                    await self._refuse(scope, receive, send, declared)
-                    return
-        seen = 0
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge(seen)
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge as e:
-            await self._refuse(scope, receive, send, e.size)
-
-    async def _refuse(self, scope: dict[str, Any], receive: Callable, send: Callable, size: int) -> None:
-        response = JSONResponse(
-            {"error": f"request body of {size} bytes is larger than the limit of {self.max_bytes} bytes"},
-            status_code=413,
-        )
-        await response(scope, receive, send)
 
 
 class AdaptiveBatcher:
@@ -177,20 +133,42 @@ class AdaptiveBatcher:
                 f.set_result(answer)
 
 
-class _BodyTooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-
 def _error(status: int, message: str, ctx: bentoml.Context | None = None) -> JSONResponse:
+    logger.info("refused: %d %s", status, message[:300])
     if ctx is not None:
         # With a context parameter BentoML copies the context's status onto the response.
         ctx.response.status_code = status
     return JSONResponse({"error": message}, status_code=status)
 
 
+def bentoml_workers() -> int:
+    """How many workers BentoML was configured to start (``BENTOML_CONFIG_OPTIONS``, a config file …)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    try:
+        return int(BentoMLContainer.config.services[SERVICE_NAME].get().get("workers", 1) or 1)
+    except (KeyError, TypeError, ValueError):
+        return 1
+
+
+def start_problem(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why this worker must not serve (None: it may): :func:`serving.server.check_start` as the worker sees
+    its configuration — a second worker would lose acknowledged writes, open app endpoints beyond loopback
+    would expose customers' data."""
+    env = os.environ if environ is None else environ
+    try:
+        warning = check_start(
+            env.get(HOST_ENV, "127.0.0.1"), env.get(APP_TOKEN_ENV), env, workers=bentoml_workers()
+        )
+    except EngineLoadError as e:
+        return str(e)
+    if warning:
+        logger.warning("nextbest: %s", warning)
+    return None
+
+
 @bentoml.service(
-    name="nextbest",
+    name=SERVICE_NAME,
     workers=1,
     threads=THREADS,
     traffic={"timeout": 30},
@@ -206,8 +184,14 @@ class NextBest:
         self.load_error: str | None = None
         self.recommend_batcher = AdaptiveBatcher(self._recommend_many, max_batch=MAX_BATCH)
         self.decision_batcher = AdaptiveBatcher(self._decide_many, max_batch=MAX_BATCH)
+        self.config: EngineConfig | None = None
+        problem = start_problem()
+        if problem is not None:
+            self.load_error = problem
+            logger.error("nextbest: cannot start: %s", problem)
+            return
         try:
-            self.config: EngineConfig | None = EngineConfig.from_env()
+            self.config = EngineConfig.from_env()
         except EngineLoadError as e:
             self.config = None
             self.load_error = one_line(e)
@@ -288,15 +272,23 @@ class NextBest:
         return self._call(lambda e: e.events(EventsRequest.model_construct(**params)))
 
     @bentoml.api(route="/profile", input_spec=CustomerRequest)
-    def profile(self, **params: Any) -> ProfileResponse:
-        """Everything stored and derived about a customer (GDPR right of access)."""
-        return self._call(lambda e: e.profile(CustomerRequest.model_construct(**params)))
+    def profile(self, ctx: bentoml.Context, **params: Any) -> ProfileResponse:
+        """Admin: everything stored and derived about a customer (GDPR right of access)."""
+        return self._call(lambda e: e.profile(CustomerRequest.model_construct(**params)), ctx)
 
     @bentoml.api(route="/forget", input_spec=CustomerRequest)
     def forget(self, ctx: bentoml.Context, **params: Any) -> ForgetResponse:
         """Admin: erase a customer; the next training run leaves them out."""
         return self._call(
             lambda e: e.forget(CustomerRequest.model_construct(**params), self._authorization(ctx)), ctx
+        )
+
+    @bentoml.api(route="/erasure", input_spec=ErasureRequest)
+    def erasure(self, ctx: bentoml.Context, **params: Any) -> ErasureStatus:
+        """Admin: the state of a dataset erasure that ``/forget`` queued."""
+        return self._call(
+            lambda e: e.erasure_status(ErasureRequest.model_construct(**params), self._authorization(ctx)),
+            ctx,
         )
 
     @bentoml.api(route="/levers", input_spec=LeversRequest)
@@ -307,6 +299,9 @@ class NextBest:
         )
 
 
-NextBest.add_asgi_middleware(
-    BodySizeLimit, max_bytes=int(os.environ.get("NEXTBEST_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
-)
+def _spec(app_token: bool, admin_token: bool) -> dict[str, Any]:
+    return complete_spec(NextBest.openapi_spec.asdict(), app_token=app_token, admin_token=admin_token)
+
+
+# The gate reads its keys and limit when BentoML builds the app in the worker, not at import.
+NextBest.add_asgi_middleware(RequestGate, spec=_spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -10,6 +11,12 @@ import polars as pl
 import pytest
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Erasures made by the tests (and the servers they start) key their digests with a key of the test run's own,
+# never the key of the machine's user.
+os.environ.setdefault(
+    "NEXTBEST_ERASURE_KEY_FILE",
+    os.path.join(tempfile.mkdtemp(prefix="nextbest-erasure-key-"), "erasure.key"),
+)
 
 from features.dataset import Dataset
 from features.schema import validate

@@ -6,6 +6,7 @@ tests); the world's planted preferences give known answers (customers are recomm
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -19,7 +20,7 @@ import pytest
 from features.dataset import Dataset
 from features.generate import WorldConfig, generate_world
 from features.pipeline import build_features
-from features.privacy import ERASURE_LOG, id_digest
+from features.privacy import ERASURE_LOG, erasure_key, id_digest
 from serving import api
 from serving.arms import CHALLENGER, CHAMPION, assign_arm
 from serving.engine import (
@@ -402,8 +403,11 @@ def test_erasure_leaves_no_trace_and_survives_a_restart(trained, tmp_path):
         assert kept in (state / EVENTS_FILE).read_text()
 
     no_trace(engine)
-    logged = {json.loads(line)["sha256"] for line in (data / ERASURE_LOG).read_text().splitlines()}
-    assert id_digest(gone) in logged and gone not in (data / ERASURE_LOG).read_text()
+    logged = {json.loads(line)["hmac"] for line in (data / ERASURE_LOG).read_text().splitlines()}
+    assert id_digest(gone, erasure_key()) in logged and gone not in (data / ERASURE_LOG).read_text()
+    # Keyed: hashing candidate ids without the key finds nothing.
+    assert hashlib.sha256(gone.encode()).hexdigest() not in logged
+    assert engine.erasures.wait_idle(120)
     restarted = make_engine(trained, state, data=data)
     no_trace(restarted)
     assert kept in restarted.live_customers()
