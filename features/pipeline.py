@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from importlib import metadata
@@ -101,27 +103,37 @@ def built_config(ds: Dataset) -> FeatureConfig:
     return FeatureConfig.model_validate(ds.read_manifest().get("config", {}))
 
 
-def erase_customer(
+def erase_customers(
     ds: Dataset,
-    customer_id: str,
+    customer_ids: Sequence[str],
     *,
     config: FeatureConfig | None = None,
     rebuild: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Erase a customer and every id linked to them from ``ds`` (:func:`features.privacy.forget`), then rebuild
-    the features (with ``config``, default the config they were last built with) so that none of them remains.
+    """Erase customers and every id linked to them from ``ds`` (:func:`features.privacy.forget`), then rebuild
+    the features once (with ``config``, default the config they were last built with) so that none of them
+    remains; no rebuild when nothing was found.
 
     What ``nextbest forget`` and the service's erasure queue both run.
 
     Returns:
-        :func:`~features.privacy.forget`'s report and ``features_rebuilt``.
+        ``ids_erased``, ``rows_removed`` (per file), ``total_rows_removed`` and ``features_rebuilt``.
     """
-    report = forget(ds, customer_id)
-    rebuilt = rebuild and ds.manifest_path.exists()
+    ids_erased, removed = 0, Counter[str]()
+    for customer_id in customer_ids:
+        report = forget(ds, customer_id)
+        ids_erased += report["ids_erased"]
+        removed.update(report["rows_removed"])
+    rebuilt = rebuild and ds.manifest_path.exists() and sum(removed.values()) > 0
     if rebuilt:
         build_features(ds, config or built_config(ds), progress=progress)
-    return {**report, "features_rebuilt": rebuilt}
+    return {
+        "ids_erased": ids_erased,
+        "rows_removed": dict(removed),
+        "total_rows_removed": sum(removed.values()),
+        "features_rebuilt": rebuilt,
+    }
 
 
 def resolved_events(ds: Dataset) -> pl.LazyFrame:

@@ -1,7 +1,7 @@
 """Request and response bodies of the service: flat JSON objects, validated, with bounded sizes.
 
 Every request model forbids unknown fields, takes numbers and booleans strictly (``true`` is not a number,
-``"yes"`` not a boolean, ``"5"`` not an integer) and bounds what a client can send (ids ≤ 128 characters, ``n``
+``"yes"`` not a boolean, ``"5"`` not an integer, though ``5.0`` is five) and bounds what a client can send (ids ≤ 128 characters, ``n``
 ≤ 100, at most 1000 events per call, small context and filter tables), so a bad body is answered 400 naming the
 field before any work is done. The response models are the OpenAPI schema of the service; :data:`ROUTES` says
 which request model and which credential each endpoint takes.
@@ -10,15 +10,15 @@ which request model and which credential each endpoint takes.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
     StrictFloat,
-    StrictInt,
     StringConstraints,
     field_validator,
     model_validator,
@@ -41,6 +41,21 @@ CustomerId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=
 ItemId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)]
 ActionId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)]
 Channel = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32)]
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON has one kind of number: 5 and 5.0 are both the whole number five; true and "5" are not numbers.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("Input should be a whole number (not a string or a boolean)")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("Input should be a whole number")
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+"""An integer field: a JSON number with no fractional part (``5`` or ``5.0``); never ``true`` or ``"5"``."""
 EventId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -78,7 +93,7 @@ class RecommendRequest(_Request):
     """``POST /recommend``: the follow-up purchases to show a customer now."""
 
     customer_id: CustomerId
-    n: StrictInt = Field(10, ge=1, le=MAX_N)
+    n: WholeNumber = Field(10, ge=1, le=MAX_N)
     filters: ItemFilters | None = None
     """Include/exclude by item attribute, e.g. ``{"include": {"colour": "white"}, "exclude": {"brand": "Apex"}}``."""
     exclude_purchased: StrictBool = True
@@ -117,7 +132,7 @@ class SimilarItemsRequest(_Request):
     """``POST /similar_items``: items like one item (e.g. for a product page)."""
 
     item_id: ItemId
-    n: StrictInt = Field(10, ge=1, le=MAX_N)
+    n: WholeNumber = Field(10, ge=1, le=MAX_N)
     filters: ItemFilters | None = None
     customer_id: CustomerId | None = None
     """Optional: picks the champion/challenger arm of this customer."""
@@ -171,7 +186,7 @@ class NextBestActionRequest(_Request):
     customer_id: CustomerId
     channel: Channel | None = None
     """One of the channels the policy file names (``web``, ``app``, ``email`` … for the shipped policy)."""
-    n: StrictInt = Field(3, ge=1, le=MAX_N)
+    n: WholeNumber = Field(3, ge=1, le=MAX_N)
     context: Context = Field(default_factory=dict)
     record_contact: StrictBool = True
     """Record the chosen action as a contact and the decision in the decision log (turn off to preview a
@@ -214,7 +229,7 @@ class EventIn(_Request):
     :data:`~serving.engine.FUTURE_TOLERANCE` ahead of the service's clock or older than the retention window."""
     session_id: Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)] | None = None
     channel: Channel | None = None
-    quantity: StrictInt | None = Field(None, ge=0, le=100_000)
+    quantity: WholeNumber | None = Field(None, ge=0, le=100_000)
     price: StrictFloat | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
 
 
@@ -325,7 +340,7 @@ class ErasureStatus(BaseModel):
     requested_at: UtcDateTime
     finished_at: UtcDateTime | None = None
     rows_removed: int | None = None
-    """Rows removed from the dataset's files (done)."""
+    """Rows removed from the dataset's files (done; null where erasures queued together were done as one)."""
     error: str | None = None
     """Why it failed (it is retried at the service's next start)."""
 
@@ -380,15 +395,22 @@ Credential = Literal["app", "admin"]
 """``app``: ``NEXTBEST_APP_TOKEN`` (or the admin token); ``admin``: ``NEXTBEST_ADMIN_TOKEN`` only."""
 
 
-ROUTES: dict[str, tuple[type[_Request], Credential]] = {
-    "/recommend": (RecommendRequest, "app"),
-    "/similar_items": (SimilarItemsRequest, "app"),
-    "/propensity": (PropensityRequest, "app"),
-    "/next_best_action": (NextBestActionRequest, "app"),
-    "/events": (EventsRequest, "app"),
-    "/profile": (CustomerRequest, "admin"),
-    "/forget": (CustomerRequest, "admin"),
-    "/erasure": (ErasureRequest, "admin"),
-    "/levers": (LeversRequest, "admin"),
+class Endpoint(NamedTuple):
+    request: type[BaseModel]
+    response: type[BaseModel]
+    credential: Credential
+
+
+ROUTES: dict[str, Endpoint] = {
+    "/recommend": Endpoint(RecommendRequest, RecommendResponse, "app"),
+    "/similar_items": Endpoint(SimilarItemsRequest, SimilarItemsResponse, "app"),
+    "/propensity": Endpoint(PropensityRequest, PropensityResponse, "app"),
+    "/next_best_action": Endpoint(NextBestActionRequest, NextBestActionResponse, "app"),
+    "/events": Endpoint(EventsRequest, EventsResponse, "app"),
+    "/profile": Endpoint(CustomerRequest, ProfileResponse, "admin"),
+    "/forget": Endpoint(CustomerRequest, ForgetResponse, "admin"),
+    "/erasure": Endpoint(ErasureRequest, ErasureStatus, "admin"),
+    "/levers": Endpoint(LeversRequest, LeversResponse, "admin"),
 }
-"""Every endpoint of the service (all ``POST`` with a JSON body): its request model and the credential it needs."""
+"""Every endpoint of the service (all ``POST`` with a JSON body): its request and answer models and the
+credential it needs."""

@@ -165,12 +165,12 @@ def _split_lines(manifest: dict[str, Any]) -> list[str]:
 
 def cmd_forget(args: argparse.Namespace) -> None:
     from features.dataset import Dataset
-    from features.pipeline import erase_customer
+    from features.pipeline import erase_customers
 
     ds = Dataset.at(args.data)
-    report = erase_customer(
+    report = erase_customers(
         ds,
-        args.customer_id,
+        [args.customer_id],
         config=_feature_config(args.config) if args.config else None,
         rebuild=not args.no_rebuild,
         progress=_progress(args),

@@ -44,7 +44,7 @@ import scipy.sparse as sp
 from features.dataset import Dataset, DatasetError
 from features.identity import UNLINKED_SEPARATOR
 from features.interactions import Interactions
-from features.pipeline import CONSENT_FILE, PROFILES_FILE, FeatureConfig, erase_customer, resolved_events
+from features.pipeline import CONSENT_FILE, PROFILES_FILE, FeatureConfig, erase_customers, resolved_events
 from features.privacy import ERASURE_LOG, apply_retention, erased_digests, erasure_ids, log_erasure
 from features.profiles import AGE_BANDS, DEMOGRAPHICS, SEGMENT_FEATURES, build_profiles
 from features.schema import (
@@ -719,7 +719,7 @@ class Engine:
         self._erasures = erased_digests(self.data.dataset)
         self.channels = sorted(set(self.policy.named_channels()) | set(self.data.channels))
         """The channels a request may name: the policy's and those the propensity model knows."""
-        self.erasures = ErasureQueue(state, lambda cid: erase_customer(self.data.dataset, cid))
+        self.erasures = ErasureQueue(state, lambda ids: erase_customers(self.data.dataset, ids))
         replay = self.event_log.replay()
         erased = self._forget_logged_erasures(set(replay[CUSTOMER_ID].to_list()))
         if erased:

@@ -47,10 +47,11 @@ class ErasureQueue:
 
     Args:
         state_dir: where the queue and the status files live.
-        erase: erases one customer from the dataset and returns a report with ``total_rows_removed``.
+        erase: erases customers from the dataset (one feature rebuild for all of them) and returns a report
+            with ``total_rows_removed``.
     """
 
-    def __init__(self, state_dir: Path, erase: Callable[[str], dict[str, Any]]) -> None:
+    def __init__(self, state_dir: Path, erase: Callable[[list[str]], dict[str, Any]]) -> None:
         self._erase = erase
         self._queue = JsonLinesFile(state_dir / QUEUE_FILE)
         self._log = JsonLinesFile(state_dir / STATUS_FILE)
@@ -121,41 +122,47 @@ class ErasureQueue:
                     self._wake.wait(1.0)
                 if self._stopped:
                     return
-                entry = self._queue.read()[0]
-            self._work(entry["erasure_id"], entry["customer_id"])
+                # Everything queued so far goes in one batch: one feature rebuild for all of it.
+                batch = self._queue.read()
+            self._work(batch)
 
-    def _work(self, erasure_id: str, customer_id: str) -> None:
+    def _work(self, batch: list[dict[str, Any]]) -> None:
+        ids = [entry["erasure_id"] for entry in batch]
         with self._wake:
-            requested = self._status.get(erasure_id)
-            requested_at = requested.requested_at if requested is not None else _now()
-            self._record(ErasureStatus(erasure_id=erasure_id, state="running", requested_at=requested_at))
+            requested = {i: (s.requested_at if (s := self._status.get(i)) else _now()) for i in ids}
+            for i in ids:
+                self._record(ErasureStatus(erasure_id=i, state="running", requested_at=requested[i]))
         try:
-            report = self._erase(customer_id)
-        except Exception as e:  # the erasure is kept in the queue and retried at the next start
-            logger.exception("the dataset erasure %s failed", erasure_id)
+            report = self._erase([entry["customer_id"] for entry in batch])
+        except Exception as e:  # the batch stays in the queue: retried after a pause, and at the next start
+            logger.exception("the dataset erasure of %d customer(s) failed", len(batch))
+            why = " ".join(str(e).split())[:500] or type(e).__name__
             with self._wake:
-                self._record(
-                    ErasureStatus(
-                        erasure_id=erasure_id,
-                        state="failed",
-                        requested_at=requested_at,
-                        finished_at=_now(),
-                        error=" ".join(str(e).split())[:500] or type(e).__name__,
+                for i in ids:
+                    self._record(
+                        ErasureStatus(
+                            erasure_id=i,
+                            state="failed",
+                            requested_at=requested[i],
+                            finished_at=_now(),
+                            error=why,
+                        )
                     )
-                )
-                # Kept in the queue: retried after a pause (and at the next start), the erasures behind it wait.
                 self._wake.wait(RETRY_SECONDS)
             return
+        done = set(ids)
         with self._wake:
-            self._queue.rewrite(lambda r: r.get("erasure_id") != erasure_id)
-            self._record(
-                ErasureStatus(
-                    erasure_id=erasure_id,
-                    state="done",
-                    requested_at=requested_at,
-                    finished_at=_now(),
-                    rows_removed=int(report.get("total_rows_removed", 0)),
+            self._queue.rewrite(lambda r: r.get("erasure_id") not in done)
+            finished = _now()
+            for i in ids:
+                self._record(
+                    ErasureStatus(
+                        erasure_id=i,
+                        state="done",
+                        requested_at=requested[i],
+                        finished_at=finished,
+                        rows_removed=int(report.get("total_rows_removed", 0)) if len(ids) == 1 else None,
+                    )
                 )
-            )
             self._wake.notify_all()
-        logger.info("dataset erasure %s done", erasure_id)
+        logger.info("dataset erasure of %d customer(s) done", len(ids))

@@ -179,7 +179,7 @@ class RequestGate:
         if route is None or method != "POST":
             await self.app(scope, receive, send)
             return
-        model, credential = route
+        model, _, credential = route
         headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
         refused = authorise(credential, bearer(headers), self.app_token, self.admin_token)
         if refused is not None:

@@ -1,15 +1,19 @@
 """The service's OpenAPI document: what BentoML generates, completed with every status and body it answers.
 
-BentoML documents each endpoint's request and 200 answer. :func:`service_spec` adds the rest of what a client
-sees — the error body (:class:`serving.api.ErrorResponse`) for 400, 401, 403, 404, 410, 413, 415, 500 and 503,
-and the bearer credential each endpoint takes (:data:`serving.api.ROUTES`) — and declares OpenAPI 3.1, whose
-JSON Schema allows the ``null`` that optional answer fields carry. ``GET /docs.json`` serves it
-(:class:`serving.gate.RequestGate`); ``tests/test_service_contract.py`` checks real answers against it.
+BentoML's document names the endpoints, but its schemas drop the ``null`` that optional fields take (a request
+with ``"filters": null`` is valid; an answer's ``channel`` may be null) and it lists only BentoML's own errors.
+:func:`complete_spec` puts in, for each endpoint of :data:`serving.api.ROUTES`, the request and answer schemas
+exactly as pydantic validates and writes them, a required JSON body, the error body
+(:class:`serving.api.ErrorResponse`) for 400, 401, 403, 404, 410, 413, 415, 500 and 503, and the bearer
+credential it takes; and declares OpenAPI 3.1, whose JSON Schema has ``null``. ``GET /docs.json`` serves it
+(:class:`serving.gate.RequestGate`); the tests check real answers against it, and schemathesis fuzzes it.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic.json_schema import models_json_schema
 
 from serving.api import ROUTES, ErrorResponse
 
@@ -27,8 +31,7 @@ ERROR_STATUSES: dict[int, str] = {
 SECURITY_SCHEME = "bearer"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+REF = "#/components/schemas/{model}"
 
 
 def complete_spec(spec: dict[str, Any], *, app_token: bool, admin_token: bool) -> dict[str, Any]:
@@ -41,27 +44,37 @@ def complete_spec(spec: dict[str, Any], *, app_token: bool, admin_token: bool) -
     """
     spec["openapi"] = "3.1.0"
     components = spec.setdefault("components", {})
-    schemas = components.setdefault("schemas", {})
-    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
-    for name, definition in error_schema.pop("$defs", {}).items():
-        schemas[name] = definition
-    schemas["ErrorResponse"] = error_schema
+    models = [(e.request, "validation") for e in ROUTES.values()]
+    models += [(e.response, "serialization") for e in ROUTES.values()]
+    models.append((ErrorResponse, "serialization"))
+    refs, definitions = models_json_schema(models, ref_template=REF)  # type: ignore[arg-type]
+    # Pydantic's schemas of the endpoints' models take the place of BentoML's (named ``…IODescriptor``).
+    components["schemas"] = {**components.get("schemas", {}), **definitions["$defs"]}
     components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
         "type": "http",
         "scheme": "bearer",
         "description": "NEXTBEST_APP_TOKEN for the app endpoints, NEXTBEST_ADMIN_TOKEN for the admin ones "
         "(which also passes where an app key does)",
     }
-    error = {"application/json": {"schema": _ref("ErrorResponse")}}
-    for route, (_, credential) in ROUTES.items():
+    error = {"application/json": {"schema": refs[(ErrorResponse, "serialization")]}}
+    for route, endpoint in ROUTES.items():
         operation = spec.get("paths", {}).get(route, {}).get("post")
         if operation is None:
             continue
-        responses = {k: v for k, v in operation.get("responses", {}).items() if str(k).startswith("2")}
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": refs[(endpoint.request, "validation")]}},
+        }
+        responses: dict[str, Any] = {
+            "200": {
+                "description": "Successful Response",
+                "content": {"application/json": {"schema": refs[(endpoint.response, "serialization")]}},
+            }
+        }
         for status, description in ERROR_STATUSES.items():
             responses[str(status)] = {"description": description, "content": error}
         operation["responses"] = responses
-        secured = admin_token if credential == "admin" else app_token
+        secured = admin_token if endpoint.credential == "admin" else app_token
         if secured:
             operation["security"] = [{SECURITY_SCHEME: []}]
     return spec

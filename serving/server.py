@@ -239,15 +239,17 @@ def serve(
 
     def stop(signum: int, _frame: Any) -> None:
         stopping.append(signum)
-        server.stop()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = server.process.wait()
+        # Polled rather than waited on: a signal only sets the flag, and the tree is stopped here.
+        while server.process.poll() is None and not stopping:
+            time.sleep(0.2)
     finally:
+        server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        server.stop()
+    code = server.process.returncode
     return 128 + stopping[0] if stopping else code
 
 

@@ -2,19 +2,25 @@
 
 Configuration comes from the environment (see :meth:`serving.engine.EngineConfig.from_env`): ``NEXTBEST_DATA``,
 ``NEXTBEST_STATE_DIR``, ``MLFLOW_TRACKING_URI``, ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``,
-``NEXTBEST_POLICY``, ``NEXTBEST_CLOCK``; and for the server itself ``NEXTBEST_THREADS`` (threads for the
-blocking endpoints, default 8), ``NEXTBEST_MAX_BATCH`` (64; 1 turns batching off), ``NEXTBEST_MAX_BODY_BYTES``
-(1 MiB), ``NEXTBEST_ACCESS_LOG`` and ``NEXTBEST_TRACING`` (both off), ``NEXTBEST_METRICS`` (on). Models and data load in a background thread,
-so ``/livez`` answers at once and ``/readyz`` only once everything is loaded. One worker: the live state and its
-durable logs belong to one process.
+``NEXTBEST_POLICY``, ``NEXTBEST_CLOCK``; the keys and limits of the request gate (:mod:`serving.gate`:
+``NEXTBEST_APP_TOKEN``, ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_MAX_BODY_BYTES``, 1 MiB); the erasure key
+(:mod:`features.privacy`); and for the server itself ``NEXTBEST_THREADS`` (threads for the blocking endpoints,
+default 8), ``NEXTBEST_MAX_BATCH`` (64; 1 turns batching off), ``NEXTBEST_ACCESS_LOG`` and ``NEXTBEST_TRACING``
+(both off), ``NEXTBEST_METRICS`` (on), ``NEXTBEST_LOG_LEVEL`` (INFO). Models and data load in a background
+thread, so ``/livez`` answers at once and ``/readyz`` only once everything is loaded. One worker: the live state
+and its durable logs belong to one process, and a worker configured beside a second one refuses to serve
+(:func:`start_problem`).
 
 ``/recommend`` and ``/next_best_action`` run on the event loop through an :class:`AdaptiveBatcher`: requests
 that arrive together are answered with one call of the engine (one matrix product, one forward pass). The
-endpoints that write or rebuild (``/events``, ``/profile``, ``/forget``, ``/levers``) run in worker threads.
+endpoints that write or rebuild (``/events``, ``/profile``, ``/forget``, ``/erasure``, ``/levers``) run in
+worker threads.
 
-Every endpoint takes a flat JSON body validated by its model in :mod:`serving.api`; BentoML answers invalid
-bodies with 400 and pydantic's detail (the field named). The engine's own refusals (an unknown item in a
-filter, an unknown action, a wrong admin token) come back as ``{"error": "..."}`` with their 4xx status.
+Every endpoint takes a flat JSON body validated by its model in :mod:`serving.api`. The request gate
+(:class:`serving.gate.RequestGate`) checks the key, the content type, the size and the body before BentoML sees
+the request, and answers refusals itself (401, 403, 413, 415, 400 naming every invalid field). The engine's own
+refusals (an unknown item in a filter, an unknown action, an erased customer) come back as ``{"error": "..."}``
+with their 4xx status. Every refusal is one log line; only a 5xx logs a traceback.
 """
 
 from __future__ import annotations
@@ -185,6 +191,8 @@ class NextBest:
         self.recommend_batcher = AdaptiveBatcher(self._recommend_many, max_batch=MAX_BATCH)
         self.decision_batcher = AdaptiveBatcher(self._decide_many, max_batch=MAX_BATCH)
         self.config: EngineConfig | None = None
+        # BentoML shows warnings only; the service's own lines (start, refusals, erasures) are worth reading.
+        logging.getLogger("nextbest").setLevel(os.environ.get("NEXTBEST_LOG_LEVEL", "INFO").upper())
         problem = start_problem()
         if problem is not None:
             self.load_error = problem

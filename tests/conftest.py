@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -144,3 +147,41 @@ def tiny_dataset(tmp_path) -> Dataset:
         ),
     )
     return ds
+
+
+@dataclass(frozen=True)
+class TrainedWorld:
+    """A small generated world with features built and both models trained, registered and promoted."""
+
+    ds: Dataset
+    tracking_uri: str
+
+    def copy(self, folder: Path) -> Dataset:
+        """A copy of the dataset in ``folder`` (for a suite that changes it: erasure edits the dataset)."""
+        shutil.copytree(self.ds.root, folder)
+        return Dataset.at(folder)
+
+
+@pytest.fixture(scope="session")
+def trained_world(tmp_path_factory) -> TrainedWorld:
+    """Trained once per test run, for the suites that start a real server."""
+    from features.generate import WorldConfig, generate_world
+    from features.pipeline import build_features
+    from training.cf import train_cf
+    from training.propensity_tuning import promote_propensity, train_propensity
+    from training.tracking import TrackingConfig, promote_recommender
+
+    root = tmp_path_factory.mktemp("trained-world")
+    ds = Dataset.at(root / "world")
+    generate_world(WorldConfig(customers=400, days=120, seed=5), ds)
+    build_features(ds)
+    (root / "mlruns").mkdir()
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    tracking = TrackingConfig(tracking_uri=uri)
+    train_cf(ds, "als", {"factors": 16, "iterations": 8}, tracking=tracking, evaluate_test=False, threads=1)
+    assert promote_recommender(tracking).promoted
+    train_propensity(
+        ds, {"epochs": 2, "hidden_sizes": [32], "batch_size": 512}, tracking=tracking, device="cpu"
+    )
+    assert promote_propensity(tracking).promoted
+    return TrainedWorld(ds, uri)

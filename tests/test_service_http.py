@@ -1,8 +1,8 @@
 """The BentoML service over HTTP: a real ``bentoml serve`` on loopback, called with httpx.
 
-One session fixture generates a small world, builds its features, trains and registers a recommender and a
-propensity model (tiny settings) in a temporary MLflow registry, promotes both to champion and starts the
-server in its own process group. The durability test kills that server with SIGKILL and restarts it on the
+The session's trained world (``trained_world`` in conftest: a small world, its features, a recommender and a
+propensity model with tiny settings in a temporary MLflow registry, both promoted to champion) is copied, and a
+module fixture starts the server on the copy in its own process group. The durability test kills that server with SIGKILL and restarts it on the
 same state directory.
 """
 
@@ -17,14 +17,9 @@ import polars as pl
 import pytest
 
 from features.dataset import Dataset
-from features.generate import WorldConfig, generate_world
-from features.pipeline import build_features
 from features.privacy import ERASURE_LOG, erasure_key, id_digest
 from serving.engine import CONTACTS_FILE, DECISIONS_FILE, EVENTS_FILE, EngineLoadError
 from serving.server import ServiceProcess, start
-from training.cf import train_cf
-from training.propensity_tuning import promote_propensity, train_propensity
-from training.tracking import TrackingConfig, promote_recommender
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -69,21 +64,10 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> Served:
+def served(tmp_path_factory, trained_world) -> Served:
     root = tmp_path_factory.mktemp("served")
-    ds = Dataset.at(root / "world")
-    generate_world(WorldConfig(customers=400, days=120, seed=5), ds)
-    build_features(ds)
-    uri = f"sqlite:///{root}/mlruns/mlflow.db"
-    (root / "mlruns").mkdir()
-    tracking = TrackingConfig(tracking_uri=uri)
-    train_cf(ds, "als", {"factors": 16, "iterations": 8}, tracking=tracking, evaluate_test=False, threads=1)
-    assert promote_recommender(tracking).promoted
-    train_propensity(
-        ds, {"epochs": 2, "hidden_sizes": [32], "batch_size": 512}, tracking=tracking, device="cpu"
-    )
-    assert promote_propensity(tracking).promoted
-    s = Served(ds, uri, root / "state", root / "server.log")
+    ds = trained_world.copy(root / "world")
+    s = Served(ds, trained_world.tracking_uri, root / "state", root / "server.log")
     s.start()
     yield s
     if s.server is not None:
