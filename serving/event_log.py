@@ -91,6 +91,8 @@ class EventLog:
         Raises:
             EventRejected: any new event is invalid; nothing of the batch was stored.
         """
+        if not events:
+            raise EventRejected(["events: the list is empty"])
         rows, ids, duplicates = [], [], 0
         seen: set[str] = set()
         for event in events:

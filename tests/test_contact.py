@@ -176,3 +176,27 @@ def test_an_in_memory_ledger_writes_nothing(tmp_path, monkeypatch):
     ledger.record_contact("C1", "offer", "web", day(0))
     assert ledger.forget("C1") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_retention_drops_old_entries_from_memory_and_file(tmp_path):
+    path = tmp_path / "contacts.jsonl"
+    ledger = ContactLedger(path, POLICY)
+    ledger.record_contact("C1", "other", "web", day(0))
+    ledger.record_response("C1", "offer", False, day(1))
+    ledger.record_contact("C2", "other", "web", day(0))
+    ledger.record_contact("C1", "third", "web", day(400))
+    assert ledger.trim(day(365)) == 3
+    assert [e.action_id for e in ledger.entries("C1")] == ["third"] and ledger.entries("C2") == []
+    assert ledger.customers() == ["C1"]
+    assert [e.action_id for e in ContactLedger(path, POLICY).entries("C1")] == ["third"]
+
+
+def test_a_response_with_a_known_event_id_is_recognised_after_a_restart(tmp_path):
+    path = tmp_path / "contacts.jsonl"
+    ledger = ContactLedger(path, POLICY)
+    ledger.record_response("C1", "offer", True, day(1), event_id="r-1")
+    assert ledger.has_event("r-1") and not ledger.has_event("r-2")
+    assert ContactLedger(path, POLICY).has_event("r-1")
+    # Answers carry the zone; the file reads back as naive UTC either way.
+    assert '"at": "2026-01-02T00:00:00Z"' in path.read_text()
+    assert ContactLedger(path, POLICY).entries("C1")[0].at == day(1)

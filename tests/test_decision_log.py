@@ -181,3 +181,35 @@ def test_summarise_needs_the_response_columns(tmp_path):
         tmp_path / "none.jsonl", pl.DataFrame({"customer_id": ["C1"], "action_id": ["a"], "timestamp": [T0]})
     )
     assert empty.height == 0
+
+
+def test_a_customers_decisions_are_read_through_the_index(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path)
+    plan = [("c1", "a", 0), ("c2", "b", 1), ("c1", "no_action", 2), ("c3", "a", 3), ("c1", "b", 4)]
+    for customer, chosen, hour in plan:
+        log.append(record(customer, "champion", chosen, T0 + timedelta(hours=hour)))
+    assert [r.chosen for r in log.records_of("c1")] == ["a", "no_action", "b"]
+    assert [r.chosen for r in log.records_of("c2")] == ["b"]
+    assert log.records_of("nobody") == []
+    assert sorted(log.customers()) == ["c1", "c2", "c3"]
+    # Erasure rewrites the file; the index follows it, and a reopened log rebuilds it.
+    assert log.forget("c2") == 1
+    assert [r.chosen for r in log.records_of("c1")] == ["a", "no_action", "b"] and log.records_of("c2") == []
+    log.append(record("c3", "champion", "b", T0 + timedelta(hours=5)))
+    log.close()
+    reopened = DecisionLog(path)
+    assert [r.chosen for r in reopened.records_of("c3")] == ["a", "b"]
+    assert [r.decision_id for r in reopened.records_of("c1")] == [
+        r.decision_id for r in reopened.records() if r.customer_id == "c1"
+    ]
+
+
+def test_retention_drops_decisions_older_than_the_cutoff(tmp_path):
+    log = DecisionLog(tmp_path / "decisions.jsonl")
+    for day in (0, 10, 400, 500):
+        log.append(record(f"c{day}", "champion", "a", T0 + timedelta(days=day)))
+    assert log.trim(T0 + timedelta(days=365)) == 2
+    assert [r.customer_id for r in log.records()] == ["c400", "c500"]
+    assert log.records_of("c0") == [] and len(log.records_of("c400")) == 1
+    assert log.trim(T0 + timedelta(days=365)) == 0

@@ -413,6 +413,65 @@ def test_erasure_leaves_no_trace_and_survives_a_restart(trained, tmp_path):
     assert kept in restarted.live_customers()
 
 
+def test_the_service_logs_keep_to_the_retention_window(trained, tmp_path):
+    state = tmp_path / "state"
+    engine = make_engine(trained, state)
+    old, recent = consenting_known(engine, 2)
+    start = engine.retention_start()
+    assert start == min(engine.now(), engine.data.as_of) - timedelta(days=365)
+    item = engine.data.items["item_id"][0]
+    # Entries written before the window (a year-old log) and inside it.
+    engine.event_log.append(
+        [
+            {
+                "customer_id": old,
+                "item_id": item,
+                "event_type": "view",
+                "timestamp": start - timedelta(days=3),
+            },
+            {
+                "customer_id": recent,
+                "item_id": item,
+                "event_type": "view",
+                "timestamp": start + timedelta(days=3),
+            },
+        ]
+    )
+    engine.ledger.record_contact(old, "newsletter", "email", start - timedelta(days=2))
+    engine.ledger.record_contact(recent, "newsletter", "email", start + timedelta(days=2))
+    for who, at in ((old, start - timedelta(days=1)), (recent, start + timedelta(days=1))):
+        engine.next_best_action(
+            api.NextBestActionRequest(customer_id=who, channel="web", context={"now": at.isoformat()})
+        )
+    assert engine.trim_logs() == {"events": 1, "contacts": 1, "decisions": 1, "erasures": 0}
+    assert old not in (state / EVENTS_FILE).read_text() and recent in (state / EVENTS_FILE).read_text()
+    assert [e.customer_id for e in engine.ledger.entries(recent)] == [recent]
+    assert engine.ledger.entries(old) == []
+    assert engine.decision_log.records_of(old) == [] and len(engine.decision_log.records_of(recent)) == 1
+    assert engine.trim_logs() == {"events": 0, "contacts": 0, "decisions": 0, "erasures": 0}
+
+
+def test_events_outside_the_accepted_time_range_are_refused(engine):
+    c = consenting_known(engine, 4)[3]
+    item = engine.data.items["item_id"][1]
+    too_late = engine.now() + timedelta(days=2)
+    too_early = engine.retention_start() - timedelta(minutes=1)
+    for at, words in ((too_late, "ahead of the service's clock"), (too_early, "before the retention window")):
+        with pytest.raises(BadRequest, match=words):
+            engine.events(
+                api.EventsRequest(
+                    events=[api.EventIn(customer_id=c, item_id=item, event_type="view", timestamp=at)]
+                )
+            )
+    within = engine.now() + timedelta(hours=23)
+    accepted = engine.events(
+        api.EventsRequest(
+            events=[api.EventIn(customer_id=c, item_id=item, event_type="view", timestamp=within)]
+        )
+    )
+    assert accepted.accepted == 1
+
+
 def test_a_restart_replays_the_event_log(trained, tmp_path):
     state = tmp_path / "state"
     engine = make_engine(trained, state)

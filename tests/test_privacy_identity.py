@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timedelta
 
 import polars as pl
 import pytest
 
+from features.dataset import Dataset
 from features.identity import linked_ids, resolve_identities
 from features.pipeline import FeatureConfig, build_features, clean_events
-from features.privacy import ConsentError, apply_retention, consent_state, filter_consented, forget
+from features.privacy import (
+    ERASURE_KEY_ENV,
+    ERASURE_KEY_FILE_ENV,
+    ERASURE_LOG,
+    ConsentError,
+    ErasureKeyError,
+    apply_retention,
+    consent_state,
+    erased_digests,
+    erasure_ids,
+    erasure_key,
+    filter_consented,
+    forget,
+    id_digest,
+    log_erasure,
+)
 from tests.conftest import T0, events_frame
 
 
@@ -124,9 +141,10 @@ def test_forget_leaves_no_trace_of_the_customer_or_linked_ids(tiny_dataset):
         assert token not in after
     # Other customers are untouched.
     assert "C2" in after and "web:W9" in after
-    # The erasure log holds digests only, and keeps a re-imported copy of C1's rows out of features.
+    # The erasure log holds keyed digests only, and keeps a re-imported copy of C1's rows out of features.
     log = (ds.root / "erasure_log.jsonl").read_text()
     assert "C1" not in log and len(log.splitlines()) == 6
+    assert hashlib.sha256(b"C1").hexdigest() not in log and id_digest("C1", erasure_key()) in log
     ds.write_table("events", pl.concat([ds.read("events"), events_frame([("C1", "I1", "purchase", 30)])]))
     build_features(ds, FeatureConfig(validation_days=3, test_days=3))
     assert "C1" not in pl.read_parquet(ds.features_dir / "customers.parquet")["customer_id"].to_list()
@@ -158,3 +176,42 @@ def test_consent_state_takes_the_latest_record_whatever_the_file_order_and_the_l
     # As of day 2, A's later grant is not yet in force and C has no record at all.
     early = consent_state(records.lazy(), as_of=t[1]).collect().sort("customer_id")
     assert early.rows() == [("A", None, False, False), ("B", False, None, None)]
+
+
+def test_erasure_ids_reach_the_owner_of_a_linked_id_and_every_form_of_their_ids():
+    identities = pl.LazyFrame(
+        {
+            "source_system": ["web", "email", "web"],
+            "source_id": ["W1", "E1", "W2"],
+            "customer_id": ["C1", "C1", "C2"],
+        }
+    )
+    expected = ["C1", "E1", "W1", "email:E1", "web:W1"]
+    assert erasure_ids(identities, "C1") == expected
+    # Asked by a linked id (a cookie), the erasure reaches the customer it belongs to.
+    assert erasure_ids(identities, "W1") == expected
+    assert erasure_ids(identities, "C9") == ["C9"]
+
+
+def test_erased_ids_are_known_by_keyed_digest_and_legacy_digests_still_count(tmp_path, monkeypatch):
+    ds = Dataset.at(tmp_path / "ds")
+    ds.root.mkdir(parents=True)
+    monkeypatch.setenv(ERASURE_KEY_FILE_ENV, str(tmp_path / "keys" / "erasure.key"))
+    monkeypatch.delenv(ERASURE_KEY_ENV, raising=False)
+    assert not erased_digests(ds)
+    erased = log_erasure(ds, ["C1", "W1"])
+    assert (tmp_path / "keys" / "erasure.key").stat().st_mode & 0o777 == 0o600
+    assert "C1" in erased and "W1" in erased and "C2" not in erased and len(erased) == 2
+    # Versions before the key wrote plain SHA-256 digests: still honoured.
+    with (ds.root / ERASURE_LOG).open("a") as f:
+        f.write(json.dumps({"sha256": hashlib.sha256(b"C7").hexdigest(), "erased_at": "2026-01-01"}) + "\n")
+        f.write('{"hmac": "torn')  # a crash mid-write: never acknowledged
+    again = erased_digests(ds)
+    assert "C7" in again and "C1" in again and "C2" not in again
+    # Without the key the keyed digests match nothing: refused, never ignored.
+    monkeypatch.setenv(ERASURE_KEY_FILE_ENV, str(tmp_path / "elsewhere.key"))
+    with pytest.raises(ErasureKeyError, match="NEXTBEST_ERASURE_KEY_FILE"):
+        erased_digests(ds)
+    monkeypatch.setenv(ERASURE_KEY_ENV, "short")
+    with pytest.raises(ErasureKeyError, match="at least 16"):
+        erasure_key()

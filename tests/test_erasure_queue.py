@@ -1,0 +1,96 @@
+"""The service's queue of dataset erasures: durable, worked in batches, taken up again after a restart or a
+failure, and holding a customer's id only until their erasure is done."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+import serving.erasure_queue as erasure_queue
+from serving.erasure_queue import QUEUE_FILE, STATUS_FILE, ErasureQueue
+
+
+class Eraser:
+    """Stands in for the dataset erasure: records the batches it is given; can fail or hold."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.batches: list[list[str]] = []
+        self.fail = fail
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, ids: list[str]) -> dict[str, Any]:
+        self.gate.wait(10)
+        if self.fail:
+            self.fail -= 1
+            raise OSError("disk full")
+        self.batches.append(list(ids))
+        return {"total_rows_removed": 7 * len(ids)}
+
+
+def wait(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_queued_erasures_are_done_and_the_ids_leave_the_queue(tmp_path):
+    eraser = Eraser()
+    queue = ErasureQueue(tmp_path, eraser)
+    eraser.gate.clear()  # hold the worker: the next two requests arrive while the first runs
+    queue.start()
+    first = queue.submit("C1")
+    wait(lambda: queue.status(first.erasure_id).state == "running")
+    second, third = queue.submit("C2"), queue.submit("C3")
+    assert queue.status(second.erasure_id).state == "queued"
+    eraser.gate.set()
+    assert queue.wait_idle(10)
+    wait(lambda: queue.status(third.erasure_id).state == "done")
+    # The first alone, then the two that waited together: one dataset rebuild for both.
+    assert eraser.batches == [["C1"], ["C2", "C3"]]
+    assert queue.status(first.erasure_id).rows_removed == 7
+    assert queue.status(second.erasure_id).rows_removed is None
+    assert (tmp_path / QUEUE_FILE).read_text() == ""
+    assert all(c not in (tmp_path / STATUS_FILE).read_text() for c in ("C1", "C2", "C3"))
+    queue.stop()
+    # The states outlive a restart.
+    assert ErasureQueue(tmp_path, eraser).status(first.erasure_id).state == "done"
+
+
+def test_an_erasure_left_by_a_crash_is_done_at_the_next_start(tmp_path):
+    crashed = ErasureQueue(tmp_path, Eraser())
+    pending = crashed.submit("C9")  # never started: the process died
+    eraser = Eraser()
+    restarted = ErasureQueue(tmp_path, eraser)
+    restarted.start()
+    assert restarted.wait_idle(10)
+    assert eraser.batches == [["C9"]] and restarted.status(pending.erasure_id).state == "done"
+    restarted.stop()
+
+
+def test_a_failed_erasure_stays_queued_and_is_retried(tmp_path, monkeypatch):
+    monkeypatch.setattr(erasure_queue, "RETRY_SECONDS", 0.2)
+    eraser = Eraser(fail=1)
+    queue = ErasureQueue(tmp_path, eraser)
+    queue.start()
+    status = queue.submit("C4")
+    wait(lambda: queue.status(status.erasure_id).state == "failed")
+    assert "disk full" in queue.status(status.erasure_id).error
+    assert "C4" in (tmp_path / QUEUE_FILE).read_text()
+    assert queue.wait_idle(10)
+    assert queue.status(status.erasure_id).state == "done" and eraser.batches == [["C4"]]
+    queue.stop()
+
+
+@pytest.mark.parametrize("days", [0, 1])
+def test_erasure_states_follow_retention(tmp_path, days):
+    queue = ErasureQueue(tmp_path, Eraser())
+    status = queue.submit("C5")
+    # Requested at the cut-off: kept; a day before it: dropped (its one "queued" line).
+    assert queue.trim(status.requested_at + timedelta(days=days)) == days
+    assert (queue.status(status.erasure_id) is None) == bool(days)
