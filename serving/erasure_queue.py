@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from serving.api import ErasureStatus
+from serving.api import ErasureState, ErasureStatus
 from serving.jsonl import JsonLinesFile
 from serving.times import older_than
 
@@ -130,39 +130,29 @@ class ErasureQueue:
         ids = [entry["erasure_id"] for entry in batch]
         with self._wake:
             requested = {i: (s.requested_at if (s := self._status.get(i)) else _now()) for i in ids}
-            for i in ids:
-                self._record(ErasureStatus(erasure_id=i, state="running", requested_at=requested[i]))
+            self._mark(requested, "running")
         try:
             report = self._erase([entry["customer_id"] for entry in batch])
         except Exception as e:  # the batch stays in the queue: retried after a pause, and at the next start
             logger.exception("the dataset erasure of %d customer(s) failed", len(batch))
-            why = " ".join(str(e).split())[:500] or type(e).__name__
             with self._wake:
-                for i in ids:
-                    self._record(
-                        ErasureStatus(
-                            erasure_id=i,
-                            state="failed",
-                            requested_at=requested[i],
-                            finished_at=_now(),
-                            error=why,
-                        )
-                    )
+                self._mark(requested, "failed", error=" ".join(str(e).split())[:500] or type(e).__name__)
                 self._wake.wait(RETRY_SECONDS)
             return
         done = set(ids)
         with self._wake:
             self._queue.rewrite(lambda r: r.get("erasure_id") not in done)
-            finished = _now()
-            for i in ids:
-                self._record(
-                    ErasureStatus(
-                        erasure_id=i,
-                        state="done",
-                        requested_at=requested[i],
-                        finished_at=finished,
-                        rows_removed=int(report.get("total_rows_removed", 0)) if len(ids) == 1 else None,
-                    )
-                )
+            rows = int(report.get("total_rows_removed", 0)) if len(ids) == 1 else None
+            self._mark(requested, "done", rows_removed=rows)
             self._wake.notify_all()
         logger.info("dataset erasure of %d customer(s) done", len(ids))
+
+    def _mark(self, requested: dict[str, datetime], state: ErasureState, **fields: Any) -> None:
+        """Record the new state of each erasure of ``requested`` (erasure id → when it was requested)."""
+        finished = _now() if state in ("done", "failed") else None
+        for erasure_id, at in requested.items():
+            self._record(
+                ErasureStatus(
+                    erasure_id=erasure_id, state=state, requested_at=at, finished_at=finished, **fields
+                )
+            )

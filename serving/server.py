@@ -266,8 +266,11 @@ def example_requests(data: str | Path, url: str = f"http://127.0.0.1:{DEFAULT_PO
         items = pl.read_parquet(feats / "items.parquet", columns=["item_id"])["item_id"]
         item = items[0] if len(items) else item
 
+    # The key itself is never printed: the command reads it from the environment.
+    key = f' -H "Authorization: Bearer ${APP_TOKEN_ENV}"' if os.environ.get(APP_TOKEN_ENV) else ""
+
     def curl(path: str, body: dict[str, Any]) -> str:
-        return f"curl -s -X POST {url}{path} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
+        return f"curl -s -X POST {url}{path}{key} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
 
     return [
         curl("/recommend", {"customer_id": customer, "n": 5}),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -185,3 +186,56 @@ def trained_world(tmp_path_factory) -> TrainedWorld:
     )
     assert promote_propensity(tracking).promoted
     return TrainedWorld(ds, uri)
+
+
+@dataclass
+class RunningService:
+    """A real ``bentoml serve`` of the service on a copy of a trained world (replaced when a test restarts it).
+
+    Attributes:
+        headers: sent with every request that names none.
+    """
+
+    ds: Dataset
+    tracking_uri: str
+    state: Path
+    logs: Path
+    admin_token: str | None = None
+    app_token: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    server: Any = None
+
+    @classmethod
+    def on_copy(cls, world: TrainedWorld, root: Path, **kw: Any) -> RunningService:
+        return cls(world.copy(root / "world"), world.tracking_uri, root / "state", root / "server.log", **kw)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None, "the service is not running"
+        return self.server.url
+
+    def start(self) -> RunningService:
+        from serving.server import start
+
+        self.server = start(
+            self.ds.root,
+            state_dir=self.state,
+            tracking_uri=self.tracking_uri,
+            admin_token=self.admin_token,
+            app_token=self.app_token,
+            threads=4,
+            log_path=self.logs,
+        )
+        self.server.wait_ready(timeout=240)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def post(self, path: str, body: object, headers: dict[str, str] | None = None, **kw: Any) -> Any:
+        import httpx
+
+        sent = self.headers if headers is None else headers
+        return httpx.post(f"{self.url}{path}", json=body, headers=sent, timeout=30, **kw)

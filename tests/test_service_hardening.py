@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from features.dataset import Dataset
 from features.privacy import ERASURE_LOG, erasure_key, id_digest
 from serving.engine import CONTACTS_FILE, DECISIONS_FILE, EVENTS_FILE, EngineLoadError
 from serving.server import ServiceProcess, check_start, configured_workers, free_port, start
+from tests.conftest import RunningService
 
 pytestmark = [
     pytest.mark.slow,
@@ -46,67 +46,24 @@ NOW = {"now": "2026-04-30T12:00:00"}
 STATE_FILES = (EVENTS_FILE, CONTACTS_FILE, DECISIONS_FILE)
 
 
-@dataclass
-class Hardened:
-    ds: Dataset
-    tracking_uri: str
-    state: Path
-    logs: Path
-    server: ServiceProcess | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return self.server.url
-
-    def start(self) -> Hardened:
-        self.server = start(
-            self.ds.root,
-            state_dir=self.state,
-            tracking_uri=self.tracking_uri,
-            admin_token=ADMIN_KEY,
-            app_token=APP_KEY,
-            threads=4,
-            log_path=self.logs,
-        )
-        self.server.wait_ready(timeout=240)
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-    def post(
-        self, path: str, body: object, headers: dict[str, str] | None = None, **kw: Any
-    ) -> httpx.Response:
-        return httpx.post(
-            f"{self.url}{path}", json=body, headers=APP if headers is None else headers, timeout=30, **kw
-        )
-
-    def stored(self) -> dict[str, str]:
-        """The service's state files as text (what a refused request must leave as it was)."""
-        return {
-            name: (self.state / name).read_text() if (self.state / name).exists() else ""
-            for name in STATE_FILES
-        }
+def stored(s: RunningService) -> dict[str, str]:
+    """The service's state files as text (what a refused request must leave as it was)."""
+    return {name: (s.state / name).read_text() if (s.state / name).exists() else "" for name in STATE_FILES}
 
 
-def _hardened(tmp_path_factory, trained_world, name: str) -> Hardened:
+def _hardened(tmp_path_factory, trained_world, name: str) -> RunningService:
     root = tmp_path_factory.mktemp(name)
-    return Hardened(
-        trained_world.copy(root / "world"), trained_world.tracking_uri, root / "state", root / "server.log"
-    )
+    return RunningService.on_copy(trained_world, root, admin_token=ADMIN_KEY, app_token=APP_KEY, headers=APP)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, trained_world) -> Hardened:
+def served(tmp_path_factory, trained_world) -> RunningService:
     s = _hardened(tmp_path_factory, trained_world, "hardened").start()
     yield s
     s.stop()
 
 
-def customers(s: Hardened, k: int, skip: int = 0) -> list[str]:
+def customers(s: RunningService, k: int, skip: int = 0) -> list[str]:
     """Customers with every consent and a profile."""
     consent = pl.read_parquet(s.ds.features_dir / "consent_state.parquet")
     ok = consent.filter(pl.col("personalisation") & pl.col("profiling") & pl.col("marketing"))
@@ -114,7 +71,7 @@ def customers(s: Hardened, k: int, skip: int = 0) -> list[str]:
     return [c for c in sorted(ok["customer_id"].to_list()) if c in profiled][skip : skip + k]
 
 
-def an_item(s: Hardened, k: int = 0) -> str:
+def an_item(s: RunningService, k: int = 0) -> str:
     return s.ds.read("items")["item_id"][k]
 
 
@@ -139,11 +96,11 @@ def test_app_endpoints_need_the_app_or_the_admin_key(served, route):
 
 
 def test_events_need_a_key_and_nothing_is_stored_without_one(served):
-    before = served.stored()
+    before = stored(served)
     event = {"events": [{"customer_id": "C0000002", "item_id": an_item(served), "event_type": "view"}]}
     r = served.post("/events", event, headers={})
     assert r.status_code == 401 and "NEXTBEST_APP_TOKEN" in r.json()["error"]
-    assert served.stored() == before
+    assert stored(served) == before
 
 
 @pytest.mark.parametrize("route", ["/profile", "/forget", "/erasure", "/levers"])
@@ -195,7 +152,7 @@ CONTENT_TYPES = [
 @pytest.mark.parametrize("route", ALL_ROUTES)
 @pytest.mark.parametrize("content_type", CONTENT_TYPES)
 def test_every_content_type_but_json_is_refused_with_415(served, route, content_type):
-    before = served.stored()
+    before = stored(served)
     headers = dict(ADMIN)
     if content_type is not None:
         headers["Content-Type"] = content_type
@@ -205,7 +162,7 @@ def test_every_content_type_but_json_is_refused_with_415(served, route, content_
     r = httpx.post(f"{served.url}{route}", content=body.encode(), headers=headers, timeout=30)
     assert r.status_code == 415, r.text
     assert "application/json" in r.json()["error"]
-    assert served.stored() == before
+    assert stored(served) == before
 
 
 def test_json_with_a_charset_or_a_json_suffix_is_taken(served):
@@ -222,13 +179,13 @@ def test_json_with_a_charset_or_a_json_suffix_is_taken(served):
 # --- strict inputs: the outside tester's cases, one test each -------------------------------------------------------
 
 
-def _refused(served: Hardened, path: str, body: object, status: int, *words: str) -> dict[str, Any]:
-    before = served.stored()
+def _refused(served: RunningService, path: str, body: object, status: int, *words: str) -> dict[str, Any]:
+    before = stored(served)
     r = served.post(path, body, headers=ADMIN)
     assert r.status_code == status, r.text
     for word in words:
         assert word in r.text, (word, r.text)
-    assert served.stored() == before, "a refused request stored something"
+    assert stored(served) == before, "a refused request stored something"
     return r.json()
 
 
@@ -461,7 +418,7 @@ def traces(roots: list[Path], ids: list[str]) -> list[str]:
     return found
 
 
-def wait_done(s: Hardened, erasure_id: str, timeout: float = 180.0) -> dict[str, Any]:
+def wait_done(s: RunningService, erasure_id: str, timeout: float = 180.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = s.post("/erasure", {"erasure_id": erasure_id}, headers=ADMIN).json()
@@ -511,14 +468,14 @@ def test_erasure_reaches_every_linked_id_the_logs_and_the_dataset(tmp_path_facto
 
         def refused_after_erasure() -> None:
             for who in (customer, cookie, unlinked[0]):
-                before = s.stored()
+                before = stored(s)
                 event = {"customer_id": who, "item_id": item, "event_type": "view"}
                 r = s.post("/events", {"events": [event]})
                 assert r.status_code == 410 and who not in r.text, r.text
                 # Decisions for an erased id are answered, never stored.
                 d = s.post("/next_best_action", {"customer_id": who, "channel": "web", "context": NOW})
                 assert d.status_code == 200 and not d.json()["contact_recorded"]
-                assert s.stored() == before
+                assert stored(s) == before
 
         refused_after_erasure()
         found = traces([s.state, s.ds.root], every)

@@ -9,17 +9,15 @@ same state directory.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import polars as pl
 import pytest
 
-from features.dataset import Dataset
 from features.privacy import ERASURE_LOG, erasure_key, id_digest
 from serving.engine import CONTACTS_FILE, DECISIONS_FILE, EVENTS_FILE, EngineLoadError
-from serving.server import ServiceProcess, start
+from serving.server import start
+from tests.conftest import RunningService
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -33,59 +31,25 @@ ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 NOW = {"now": "2026-04-30T12:00:00"}
 
 
-@dataclass
-class Served:
-    """The trained world and its running server (replaced when a test restarts it)."""
-
-    ds: Dataset
-    tracking_uri: str
-    state: Path
-    logs: Path
-    server: ServiceProcess | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return self.server.url
-
-    def start(self) -> None:
-        self.server = start(
-            self.ds.root,
-            state_dir=self.state,
-            tracking_uri=self.tracking_uri,
-            admin_token=TOKEN,
-            threads=4,
-            log_path=self.logs,
-        )
-        self.server.wait_ready(timeout=240)
-
-    def post(self, path: str, body: object, **kw: object) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", json=body, timeout=30, **kw)
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, trained_world) -> Served:
-    root = tmp_path_factory.mktemp("served")
-    ds = trained_world.copy(root / "world")
-    s = Served(ds, trained_world.tracking_uri, root / "state", root / "server.log")
-    s.start()
+def served(tmp_path_factory, trained_world) -> RunningService:
+    s = RunningService.on_copy(trained_world, tmp_path_factory.mktemp("served"), admin_token=TOKEN).start()
     yield s
-    if s.server is not None:
-        s.server.stop()
+    s.stop()
 
 
-def consent(served: Served) -> pl.DataFrame:
+def consent(served: RunningService) -> pl.DataFrame:
     return pl.read_parquet(served.ds.features_dir / "consent_state.parquet")
 
 
-def known_customers(served: Served, k: int) -> list[str]:
+def known_customers(served: RunningService, k: int) -> list[str]:
     """Customers with every consent and a profile (the model was fitted on them)."""
     state = consent(served).filter(pl.col("personalisation") & pl.col("profiling") & pl.col("marketing"))
     profiled = set(pl.read_parquet(served.ds.features_dir / "profiles.parquet")["customer_id"].to_list())
     return [c for c in sorted(state["customer_id"].to_list()) if c in profiled][:k]
 
 
-def items(served: Served) -> pl.DataFrame:
+def items(served: RunningService) -> pl.DataFrame:
     return served.ds.read("items")
 
 
@@ -251,7 +215,7 @@ def test_cold_start_is_never_an_error(served):
     assert not p["known"] and p["events"] == [] and p["profile"] is None
 
 
-def _offerable(served: Served, customer: str) -> str | None:
+def _offerable(served: RunningService, customer: str) -> str | None:
     d = served.post(
         "/next_best_action",
         {
