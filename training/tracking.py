@@ -172,16 +172,11 @@ def with_retries(work: Callable[[], T], *, what: str, attempts: int = 8) -> T:
     """
     import random
 
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
     for attempt in range(attempts):
         try:
             return work()
         except Exception as exc:
-            retryable = isinstance(exc, IntegrityError | OperationalError) or isinstance(
-                getattr(exc, "__cause__", None), IntegrityError | OperationalError
-            )
-            if not retryable:
+            if not (_lost_a_race(exc) or _lost_a_race(getattr(exc, "__cause__", None))):
                 raise
             if attempt == attempts - 1:
                 raise StudyStorageError(
@@ -189,6 +184,22 @@ def with_retries(work: Callable[[], T], *, what: str, attempts: int = 8) -> T:
                 ) from exc
             time.sleep(0.1 * (attempt + 1) + random.random() * 0.2)
     raise AssertionError("unreachable")
+
+
+DUPLICATE_DDL_SQLSTATES = frozenset({"42P07", "42710"})
+"""PostgreSQL's duplicate_table and duplicate_object: another worker created the table or enum type first."""
+
+
+def _lost_a_race(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says another writer got there first (see :func:`with_retries`)."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    if isinstance(exc, IntegrityError | OperationalError):
+        return True
+    if isinstance(exc, ProgrammingError):
+        orig = exc.orig
+        return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) in DUPLICATE_DDL_SQLSTATES
+    return False
 
 
 class StudyStorageError(RuntimeError):
