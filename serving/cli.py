@@ -522,6 +522,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         policy=args.policy,
         challenger_share=args.challenger_share,
         clock=args.clock,
+        state_url=args.state_url,
+        workers=args.workers,
     )
     if code not in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM):
         raise UsageError(f"bentoml serve exited with status {code}")
@@ -530,15 +532,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_report_decisions(args: argparse.Namespace) -> None:
     from serving.dashboard import offer_responses
     from serving.decision_log import summarise_decisions
-    from serving.engine import CONTACTS_FILE, DECISIONS_FILE
+    from serving.state_store import STATE_DB, StateStore, StateStoreError, default_state_url, redact
 
     state = Path(args.state_dir) if args.state_dir else Path(args.data) / "service"
-    log = state / DECISIONS_FILE
-    if not log.exists():
+    given = args.state_url or os.environ.get("NEXTBEST_STATE_URL")
+    url = given or default_state_url(state)
+    if not given and not (state / STATE_DB).exists():
         raise UsageError(
-            f"no decision log at {log}: serve with 'nextbest serve --data {args.data}' and ask for decisions first"
+            f"no state store at {state / STATE_DB}: serve with 'nextbest serve --data {args.data}' and ask for "
+            "decisions first"
         )
-    table = summarise_decisions(log, offer_responses(state / CONTACTS_FILE), window_days=args.window_days)
+    try:
+        store = StateStore(url, create=False)
+    except StateStoreError as e:
+        raise UsageError(str(e)) from None
+    log = redact(url)
+    table = summarise_decisions(store, offer_responses(store), window_days=args.window_days)
     rows = table.to_dicts()
     lines = [f"decisions in {log} (responses within {args.window_days:g} days count as accepted):"]
     lines += [
@@ -760,7 +769,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--data", default=str(DEFAULT_DATA))
     sv.add_argument("--port", type=int, default=3000)
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--state-dir", help="live state: event log, decisions, contacts (default DATA/service)")
+    sv.add_argument("--state-dir", help="the state folder (default DATA/service): the embedded store's file")
+    sv.add_argument(
+        "--state-url",
+        help="the state store: sqlite:///PATH or postgresql://… shared by replicas (default NEXTBEST_STATE_URL, "
+        "else sqlite:///STATE_DIR/state.db)",
+    )
+    sv.add_argument(
+        "--workers", type=int, default=1, help="BentoML workers on this machine; they share the state store"
+    )
     sv.add_argument(
         "--tracking-uri", help="MLflow registry (default MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)"
     )
@@ -779,6 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
     rd = rp.add_parser("decisions", help="acceptance of next best actions by arm and action")
     rd.add_argument("--data", default=str(DEFAULT_DATA))
     rd.add_argument("--state-dir", help="the service's state folder (default DATA/service)")
+    rd.add_argument(
+        "--state-url", help="the service's state store (default NEXTBEST_STATE_URL, else STATE_DIR/state.db)"
+    )
     rd.add_argument("--window-days", type=float, default=7.0)
     _common(rd)
     rd.set_defaults(func=cmd_report_decisions)

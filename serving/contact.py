@@ -9,8 +9,8 @@ channel):
 * **suppression**: after R rejections of an action in a row (an acceptance resets the count) the action is
   suppressed for D days from the R-th rejection; when that ends the count starts again from zero.
 
-Every contact and response is appended to a JSON-lines file (flushed and fsynced before the call returns), so a
-restart reloads the same state; :meth:`ContactLedger.forget` rewrites the file without a customer's lines.
+Every contact and response is stored in the state store (:mod:`serving.state_store`) before the call returns, so
+a restart (or another replica) reads the same state.
 Timestamps are naive UTC, like every timestamp in the data contract.
 """
 
@@ -19,14 +19,14 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
+from sqlalchemy.engine import Connection
 
-from serving.jsonl import JsonLinesFile
 from serving.policy import ActionPolicy
-from serving.times import UtcDateTime, naive_utc, older_than
+from serving.state_store import StateStore
+from serving.times import UtcDateTime, naive_utc
 
 
 class ContactEntry(BaseModel):
@@ -50,42 +50,44 @@ def _fmt(at: datetime) -> str:
 class ContactLedger:
     """Contacts and responses per customer, with the policy's contact limits applied."""
 
-    def __init__(self, path: str | Path | None, policy: ActionPolicy, *, fsync: bool = True) -> None:
-        """Open (or create) the ledger.
+    def __init__(self, store: StateStore | None, policy: ActionPolicy) -> None:
+        """Open the ledger.
 
         Args:
-            path: the JSON-lines file (created if missing, reloaded if present); None keeps it in memory.
+            store: the state store that holds it (its entries are loaded); None keeps it in memory.
             policy: whose contact limits apply (assign :attr:`policy` to switch to a reloaded one).
-            fsync: fsync every append (turn off only where durability does not matter).
         """
         self.policy = policy
+        self.store = store
         self._lock = threading.RLock()
         self._entries: dict[str, list[ContactEntry]] = defaultdict(list)
         self._event_ids: set[str] = set()
-        self._file = JsonLinesFile(path, fsync=fsync) if path is not None else None
-        self._load()
+        if store is not None:
+            for row in store.all_contacts():
+                self._entries[row["customer_id"]].append(ContactEntry.model_validate(row))
 
-    def _load(self) -> None:
-        self._entries.clear()
-        self._event_ids.clear()
-        if self._file is None:
+    def refresh(self, customer_id: str, connection: Connection | None = None) -> None:
+        """Reload one customer's entries from the store (another replica may have added some); inside
+        :meth:`StateStore.deciding`, pass its connection so that the read is the one the decision holds."""
+        if self.store is None:
             return
-        for raw in self._file.read():
-            entry = ContactEntry.model_validate(raw)
-            self._entries[entry.customer_id].append(entry)
-            if entry.event_id is not None:
-                self._event_ids.add(entry.event_id)
-        for entries in self._entries.values():
-            entries.sort(key=lambda e: e.at)
-
-    def _add(self, entry: ContactEntry) -> ContactEntry:
-        # One lock over file and memory, so an erasure running beside an append cannot leave either behind.
+        rows = self.store.contacts_of(customer_id, connection=connection)
         with self._lock:
-            if entry.event_id is not None:
-                self._event_ids.add(entry.event_id)
+            self._entries[customer_id] = [ContactEntry.model_validate(r) for r in rows]
+            if not self._entries[customer_id]:
+                del self._entries[customer_id]
+
+    def _add(self, entry: ContactEntry, connection: Connection | None = None) -> ContactEntry | None:
+        # One lock over store and memory, so an erasure running beside an append cannot leave either behind.
+        with self._lock:
             # Durable first, then visible: a crash in between loses nothing that was acknowledged.
-            if self._file is not None:
-                self._file.append(entry.model_dump(mode="json"))
+            if self.store is not None:
+                if not self.store.add_contact(entry.model_dump(), connection=connection):
+                    return None  # its event id was stored already (a retry)
+            elif entry.event_id is not None:
+                if entry.event_id in self._event_ids:
+                    return None
+                self._event_ids.add(entry.event_id)
             entries = self._entries[entry.customer_id]
             entries.append(entry)
             if len(entries) > 1 and entries[-2].at > entry.at:
@@ -93,8 +95,13 @@ class ContactLedger:
         return entry
 
     def record_contact(
-        self, customer_id: str, action_id: str, channel: str | None, at: datetime
-    ) -> ContactEntry:
+        self,
+        customer_id: str,
+        action_id: str,
+        channel: str | None,
+        at: datetime,
+        connection: Connection | None = None,
+    ) -> ContactEntry | None:
         """Record that ``action_id`` was shown to or sent to the customer on ``channel`` at ``at``."""
         return self._add(
             ContactEntry(
@@ -103,7 +110,8 @@ class ContactLedger:
                 action_id=action_id,
                 channel=channel,
                 at=naive_utc(at),
-            )
+            ),
+            connection,
         )
 
     def record_response(
@@ -114,8 +122,9 @@ class ContactLedger:
         at: datetime,
         channel: str | None = None,
         event_id: str | None = None,
-    ) -> ContactEntry:
-        """Record the customer's response to ``action_id``: accepted, or rejected."""
+    ) -> ContactEntry | None:
+        """Record the customer's response to ``action_id``: accepted, or rejected; None (nothing recorded) when a
+        response with the same ``event_id`` is recorded already."""
         return self._add(
             ContactEntry(
                 type="response",
@@ -134,7 +143,9 @@ class ContactLedger:
             return [c for c, entries in self._entries.items() if entries]
 
     def has_event(self, event_id: str) -> bool:
-        """Whether a response with this client event id is recorded already."""
+        """Whether a response with this client event id is recorded already (by any replica)."""
+        if self.store is not None:
+            return self.store.has_contact_event(event_id)
         with self._lock:
             return event_id in self._event_ids
 
@@ -206,28 +217,20 @@ class ContactLedger:
         return True, "within contact limits"
 
     def forget(self, customer_id: str) -> int:
-        """Erase every entry about ``customer_id`` from memory and from the file; returns how many."""
+        """Drop every entry about ``customer_id`` from memory (the store erases its rows:
+        :meth:`StateStore.forget`); returns how many."""
         with self._lock:
-            removed = len(self._entries.pop(customer_id, ()))
-            if self._file is not None:
-                removed = max(removed, self._file.rewrite(lambda r: r.get("customer_id") != customer_id))
-            return removed
+            return len(self._entries.pop(customer_id, ()))
 
     def trim(self, before: datetime) -> int:
-        """Erase the entries older than ``before`` (retention) from memory and the file; returns how many."""
+        """Drop the entries older than ``before`` from memory (retention; the store trims its rows)."""
         with self._lock:
-            if self._file is None:
-                removed = 0
-                for cid, entries in list(self._entries.items()):
-                    kept = [e for e in entries if e.at >= before]
-                    removed += len(entries) - len(kept)
+            removed = 0
+            for cid, entries in list(self._entries.items()):
+                kept = [e for e in entries if e.at >= before]
+                removed += len(entries) - len(kept)
+                if kept:
                     self._entries[cid] = kept
-                return removed
-            removed = self._file.rewrite(older_than("at", before))
-            if removed:
-                self._load()
+                else:
+                    del self._entries[cid]
             return removed
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()

@@ -278,26 +278,32 @@ def recommended_by_segment(
     return pl.concat(frames).select(list(schema))
 
 
-def offer_responses(contacts_path: str | Path) -> pl.DataFrame:
+def offer_responses(source: Any) -> pl.DataFrame:
     """The offer responses recorded in the service's contact ledger, as ``customer_id, action_id, timestamp,
-    responded`` rows (what :func:`serving.decision_log.summarise_decisions` joins on). Empty when the file is
-    missing."""
+    responded`` rows (what :func:`serving.decision_log.summarise_decisions` joins on).
+
+    Args:
+        source: the :class:`~serving.state_store.StateStore`, or a JSON-lines export of the ledger (empty when
+            the file is missing).
+    """
     from serving.jsonl import read_lines
+    from serving.state_store import StateStore
 
     schema = {CUSTOMER_ID: pl.String, ACTION_ID: pl.String, TIMESTAMP_COL: pl.String, RESPONDED: pl.Boolean}
-    path = Path(contacts_path)
-    rows = []
-    if path.exists():
-        rows = [
-            {
-                CUSTOMER_ID: r.get(CUSTOMER_ID),
-                ACTION_ID: r.get(ACTION_ID),
-                TIMESTAMP_COL: r.get("at"),
-                RESPONDED: bool(r.get("accepted")),
-            }
-            for r in read_lines(path)
-            if r.get("type") == "response"
-        ]
+    if isinstance(source, StateStore):
+        entries = source.all_contacts()
+    else:
+        entries = list(read_lines(Path(source))) if Path(source).exists() else []
+    rows = [
+        {
+            CUSTOMER_ID: r.get(CUSTOMER_ID),
+            ACTION_ID: r.get(ACTION_ID),
+            TIMESTAMP_COL: r["at"].isoformat() if isinstance(r.get("at"), datetime) else r.get("at"),
+            RESPONDED: bool(r.get("accepted")),
+        }
+        for r in entries
+        if r.get("type") == "response"
+    ]
     from features.schema import parse_timestamp
 
     return pl.DataFrame(rows, schema=schema).with_columns(parse_timestamp(pl.col(TIMESTAMP_COL)))
@@ -694,20 +700,26 @@ def _recommendations(
 
 
 def _decisions(
-    decision_log: Path | None, responses: pl.DataFrame | None, catalog: pl.DataFrame, window_days: float
+    decision_log: Any, responses: pl.DataFrame | None, catalog: pl.DataFrame, window_days: float
 ) -> str:
+    from serving.state_store import StateStore
+
     head = '<section id="decisions"><h2>Next best actions</h2>'
-    if decision_log is None or not Path(decision_log).exists():
+    if decision_log is None or (not isinstance(decision_log, StateStore) and not Path(decision_log).exists()):
         return (
             head + '<p class="note" data-empty="decisions">No decision log yet: acceptance appears here once '
-            "the service has made next-best-action decisions (<code>DATA/service/decisions.jsonl</code>).</p>"
+            "the service has made next-best-action decisions (<code>DATA/service/state.db</code>).</p>"
             "</section>"
         )
     from serving.decision_log import ALL_ACTIONS, summarise_decisions
-    from serving.engine import CONTACTS_FILE
 
     if responses is None:
-        responses = offer_responses(Path(decision_log).with_name(CONTACTS_FILE))
+        source = (
+            decision_log
+            if isinstance(decision_log, StateStore)
+            else Path(decision_log).with_name("contacts.jsonl")
+        )
+        responses = offer_responses(source)
     summary = summarise_decisions(decision_log, responses, window_days=window_days)
     if summary.is_empty():
         return head + '<p class="note" data-empty="decisions">The decision log is empty.</p></section>'
@@ -768,7 +780,7 @@ def _decisions(
     )
     return (
         head
-        + f'<p class="note">From <code>{_e(decision_log)}</code>: every decision by arm and chosen action; '
+        + f'<p class="note">From <code>{_e(_source_name(decision_log))}</code>: every decision by arm and chosen action; '
         "<i>offers</i> leave out decisions to do nothing; an offer is accepted when the customer's response "
         f"to that action was recorded within {window_days:g} days.</p>"
         f'<div class="grid">{panels}</div>{table}</section>'
@@ -839,7 +851,7 @@ _SCRIPT = """
 def render_dashboard(
     data: Dataset | str | Path,
     *,
-    decision_log: Path | None = None,
+    decision_log: Any = None,
     responses: pl.DataFrame | None = None,
     recommender: RecommenderBundle | None = None,
     recommender_label: str | None = None,
@@ -854,7 +866,8 @@ def render_dashboard(
 
     Args:
         data: the dataset directory (features built).
-        decision_log: the service's decision log (JSON lines); None leaves the acceptance section empty.
+        decision_log: the service's state store, or a JSON-lines export of its decision log; None leaves the
+            acceptance section empty.
         responses: offer responses (``customer_id, action_id, timestamp[, responded]``); default the responses
             in the contact ledger beside the decision log (``contacts.jsonl``).
         recommender: the model whose lists give the top recommendations per segment (e.g. the registered
@@ -980,7 +993,8 @@ class DashboardResult:
     recommendations: str
     """``model`` (the champion's lists) or ``popularity`` (the fallback)."""
     recommender: str | None
-    decision_log: Path | None
+    decision_log: str | None
+    """Where the decision log was read: the state store's URL (password hidden), or a file."""
     customers: int
     notes: list[str] = field(default_factory=list)
 
@@ -990,24 +1004,34 @@ class DashboardResult:
             "path": str(self.path),
             "recommendations": self.recommendations,
             "recommender": self.recommender,
-            "decision_log": str(self.decision_log) if self.decision_log else None,
+            "decision_log": self.decision_log,
             "customers": self.customers,
             "notes": list(self.notes),
         }
 
 
-def default_decision_log(ds: Dataset) -> Path:
-    """Where the service keeps its decision log by default (``DATA/service/decisions.jsonl``)."""
-    from serving.engine import DECISIONS_FILE, DEFAULT_STATE_DIR
+def _source_name(decision_log: Any) -> str:
+    """Where a decision log is, for the page: the state store's URL (password hidden) or the file."""
+    from serving.state_store import StateStore, redact
 
-    return ds.root / DEFAULT_STATE_DIR / DECISIONS_FILE
+    return redact(decision_log.url) if isinstance(decision_log, StateStore) else str(decision_log)
+
+
+def default_decision_log(ds: Dataset) -> Any:
+    """The service's state store at its default place (``DATA/service/state.db``), or None before the service
+    has run."""
+    from serving.engine import DEFAULT_STATE_DIR
+    from serving.state_store import STATE_DB, StateStore, default_state_url
+
+    folder = ds.root / DEFAULT_STATE_DIR
+    return StateStore(default_state_url(folder), create=False) if (folder / STATE_DB).exists() else None
 
 
 def write_dashboard(
     data: Dataset | str | Path,
     out_path: str | Path | None = None,
     *,
-    decision_log: str | Path | None = None,
+    decision_log: Any = None,
     champion: bool = True,
     tracking_uri: str | None = None,
     segment: str = "age_band",
@@ -1020,7 +1044,8 @@ def write_dashboard(
     Args:
         data: the dataset directory (features built).
         out_path: the HTML file; default ``DIR/dashboard.html``.
-        decision_log: the service's decision log; default ``DIR/service/decisions.jsonl`` when it exists.
+        decision_log: the service's state store (or a JSON-lines export of its decision log); default the store
+            in ``DIR/service/state.db`` when it exists.
         champion: use the registered champion recommender for the per-segment recommendations (when it was
             trained on this dataset); otherwise, or without one, popularity per segment.
         tracking_uri: the MLflow registry; default ``MLFLOW_TRACKING_URI`` or ``mlruns/mlflow.db``.
@@ -1050,9 +1075,12 @@ def write_dashboard(
         reason = "the champion was not asked for"
     if reason:
         notes.append(f"recommendations: popularity per segment ({reason})")
-    log = Path(decision_log) if decision_log is not None else default_decision_log(ds)
-    if not log.exists():
-        notes.append(f"no decision log at {log}: the next-best-action section is empty")
+    from serving.state_store import StateStore
+
+    log = default_decision_log(ds) if decision_log is None else decision_log
+    if log is None or (not isinstance(log, StateStore) and not Path(log).exists()):
+        where = log if log is not None else ds.root / "service" / "state.db"
+        notes.append(f"no decision log at {where}: the next-best-action section is empty")
         log_used = None
     else:
         log_used = log
@@ -1076,7 +1104,7 @@ def write_dashboard(
         path=out,
         recommendations="model" if bundle is not None else "popularity",
         recommender=label,
-        decision_log=log_used,
+        decision_log=_source_name(log_used) if log_used is not None else None,
         customers=int(customers),
         notes=notes,
     )

@@ -1,4 +1,4 @@
-"""The decision log: every next-best-action decision appended as a durable JSON line, erasable, and summarised.
+"""The decision log: every next-best-action decision stored durably in the state store, erasable, and summarised.
 
 Each line records the customer, every candidate with its P, V, L and score (and why it was filtered), the chosen
 action, the model versions, the champion/challenger arm and the latency, so policies can be audited and
@@ -15,12 +15,13 @@ from pathlib import Path
 
 import polars as pl
 from pydantic import BaseModel, Field
+from sqlalchemy.engine import Connection
 
 from features.schema import ACTION_ID, CUSTOMER_ID, RESPONDED, TIMESTAMP, TIMESTAMP_COL, parse_timestamp
 from serving.decisions import Decision
-from serving.jsonl import JsonLinesFile, read_lines
+from serving.jsonl import read_lines
 from serving.policy import NO_ACTION_KIND
-from serving.times import older_than
+from serving.state_store import StateStore
 
 ALL_ACTIONS = "(all actions)"
 """The ``action_id`` of the per-arm total rows in :func:`summarise_decisions`."""
@@ -98,38 +99,26 @@ class DecisionRecord(BaseModel):
 
 
 class DecisionLog:
-    """The append-only decision log (one JSON line per decision, flushed and fsynced), indexed by customer."""
+    """The decision log in the state store (one record per decision), read by customer through an index."""
 
-    def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
-        self.path = Path(path)
-        self._file = JsonLinesFile(self.path, fsync=fsync, index_key=CUSTOMER_ID)
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
 
-    def append(self, record: DecisionRecord) -> None:
-        """Append one decision; durable when this returns."""
-        self._file.append(record.model_dump(mode="json"))
+    def append(self, record: DecisionRecord, connection: Connection | None = None) -> None:
+        """Store one decision; durable when this returns (or when ``connection``'s transaction commits)."""
+        self.store.add_decision(record.model_dump(mode="json"), connection=connection)
 
     def records(self) -> list[DecisionRecord]:
         """Every logged decision, oldest first."""
-        return [DecisionRecord.model_validate(r) for r in self._file.read()]
+        return [DecisionRecord.model_validate(r) for r in self.store.all_decisions()]
 
     def records_of(self, customer_id: str) -> list[DecisionRecord]:
         """The decisions about one customer, oldest first, read through the index (no scan of the log)."""
-        return [DecisionRecord.model_validate(r) for r in self._file.read_key(customer_id)]
+        return [DecisionRecord.model_validate(r) for r in self.store.decisions_of(customer_id)]
 
     def customers(self) -> list[str]:
         """Every customer with a logged decision."""
-        return self._file.keys()
-
-    def forget(self, customer_id: str) -> int:
-        """Remove every decision about ``customer_id``; returns how many were removed."""
-        return self._file.rewrite(lambda r: r.get(CUSTOMER_ID) != customer_id)
-
-    def trim(self, before: datetime) -> int:
-        """Remove the decisions made before ``before`` (retention); returns how many were removed."""
-        return self._file.rewrite(older_than("timestamp", before))
-
-    def close(self) -> None:
-        self._file.close()
+        return self.store.decision_customers()
 
 
 _LOG_SCHEMA = {
@@ -142,13 +131,20 @@ _LOG_SCHEMA = {
 }
 
 
-def read_decisions(log_path: str | Path) -> pl.DataFrame:
+def read_decisions(source: StateStore | str | Path) -> pl.DataFrame:
     """The decision log as a frame: decision_id, timestamp, customer_id, arm, chosen, chosen_kind.
+
+    Args:
+        source: the state store, or a JSON-lines export of the log (one decision record a line).
 
     Raises:
         LogError: a line other than a torn last one is not a JSON object.
     """
-    path = Path(log_path)
+    if isinstance(source, StateStore):
+        rows = [{k: r.get(k) for k in _LOG_SCHEMA} for r in source.all_decisions()]
+        frame = pl.DataFrame(rows, schema=_LOG_SCHEMA)
+        return frame.with_columns(parse_timestamp(pl.col("timestamp")).alias("timestamp"))
+    path = Path(source)
     if not path.exists() or path.stat().st_size == 0:
         frame = pl.DataFrame(schema=_LOG_SCHEMA)
     else:
@@ -163,7 +159,7 @@ def read_decisions(log_path: str | Path) -> pl.DataFrame:
 
 
 def summarise_decisions(
-    log_path: str | Path,
+    log: StateStore | str | Path,
     events: pl.DataFrame | pl.LazyFrame,
     *,
     window_days: float = 7.0,
@@ -175,7 +171,7 @@ def summarise_decisions(
     caller has attributed them to an action (e.g. a brand discount ← a purchase of that brand).
 
     Args:
-        log_path: the decision log (JSON lines).
+        log: the state store holding the decision log, or a JSON-lines export of it.
         events: ``customer_id, action_id, timestamp`` and optionally ``responded`` (only true rows count) —
             e.g. the ``actions`` table or the offer responses posted to the service.
         window_days: how long after a decision a response still counts.
@@ -201,7 +197,7 @@ def summarise_decisions(
         pl.col(ACTION_ID).cast(pl.String).alias("chosen"),
         pl.col(TIMESTAMP_COL).cast(TIMESTAMP).alias("__response_at"),
     )
-    decisions = read_decisions(log_path).lazy()
+    decisions = read_decisions(log).lazy()
     window = timedelta(days=window_days)
     accepted_ids = (
         decisions.join(responses, on=[CUSTOMER_ID, "chosen"], how="inner")

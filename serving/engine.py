@@ -9,10 +9,13 @@
   :mod:`serving.engine_config`, both re-exported here).
 * **Data** — the dataset's feature output (interaction matrix, profiles, consent state, manifest), its items,
   customers and action catalogue, and its retained events, indexed by customer (:class:`ServingData`).
-* **Live state** — events received through ``/events`` are appended to a durable :class:`~serving.event_log.EventLog`
-  first, then added to the customer's live interaction row and their profile is recomputed with the same
-  :func:`~features.profiles.build_profiles` the pipeline uses; on start-up the log is replayed. The contact
-  ledger, the decision log and the run-time levers live beside it in the state directory.
+* **Live state** — in the state store (:mod:`serving.state_store`, SQLite or PostgreSQL), shared by every worker
+  and replica: events received through ``/events`` are stored durably first (:class:`~serving.event_log.EventLog`),
+  then, through the store's change feed (this process's writes and every other replica's, in commit order),
+  added to the customer's live interaction row; their profile is recomputed in the background with the same
+  :func:`~features.profiles.build_profiles` the pipeline uses (or by the first answer that needs it). On
+  start-up the store's events are replayed. The contact ledger, the decision log, the levers and the erasures
+  live in the same store.
 
 How a recommendation is made: without personalisation consent, items popular in the customer's segment (the
 answer says so); a customer the model was fitted on gets the model's ranking, their fresh events folded in
@@ -45,7 +48,17 @@ from features.dataset import Dataset, DatasetError
 from features.identity import UNLINKED_SEPARATOR
 from features.interactions import Interactions
 from features.pipeline import CONSENT_FILE, PROFILES_FILE, FeatureConfig, erase_customers, resolved_events
-from features.privacy import ERASURE_LOG, apply_retention, erased_digests, erasure_ids, log_erasure
+from features.privacy import (
+    ERASURE_KEY_FILE_ENV,
+    ERASURE_LOG,
+    ErasedIds,
+    apply_retention,
+    erased_digests,
+    erasure_ids,
+    erasure_key,
+    id_digest,
+    log_erasure,
+)
 from features.profiles import AGE_BANDS, DEMOGRAPHICS, SEGMENT_FEATURES, build_profiles
 from features.schema import (
     CHANNEL,
@@ -63,7 +76,7 @@ from serving import api
 from serving.arms import CHAMPION, Arm, assign_arm
 from serving.contact import ContactLedger, naive_utc
 from serving.decision_log import DecisionLog, DecisionRecord
-from serving.decisions import MARKETING, PERSONALISATION, ActionCandidate, arbitrate
+from serving.decisions import MARKETING, PERSONALISATION, ActionCandidate, Decision, arbitrate
 
 # The configuration, the named errors and the model loading live in their own modules; the rest of the service,
 # the CLI and the tests import them from here too.
@@ -102,14 +115,11 @@ from serving.policy import (
     load_policy,
     unpoliced_actions,
 )
+from serving.state_store import StateStore, StateStoreError, import_state_dir, redact
 
 logger = logging.getLogger("nextbest.serving")
 
 PROFILING = "profiling"
-EVENTS_FILE = "events.jsonl"
-CONTACTS_FILE = "contacts.jsonl"
-DECISIONS_FILE = "decisions.jsonl"
-LEVERS_FILE = "levers.json"
 FUTURE_TOLERANCE = timedelta(days=1)
 """How far ahead of the service's clock an event or response may be dated (clients' clocks drift, and some send
 local time as UTC); later ones are refused. The earliest date taken is the start of the retention window
@@ -709,18 +719,27 @@ class Engine:
         )
         state = config.state_path
         state.mkdir(parents=True, exist_ok=True)
-        self.levers = PolicyState(self.policy, state / LEVERS_FILE)
-        self.ledger = ContactLedger(state / CONTACTS_FILE, self.policy, fsync=config.fsync)
-        self.decision_log = DecisionLog(state / DECISIONS_FILE, fsync=config.fsync and config.fsync_decisions)
-        self.event_log = EventLog(state / EVENTS_FILE, event_types=self.data.feature_config.event_types)
+        try:
+            self.store = StateStore(config.store_url)
+            imported = import_state_dir(self.store, state)
+        except StateStoreError as e:
+            raise EngineLoadError(" ".join(str(e).split())) from None
+        if imported:
+            logger.info("imported the state directory %s into the state store: %s", state, imported)
+        self.levers = PolicyState(self.policy, self.store)
+        self.ledger = ContactLedger(self.store, self.policy)
+        self.decision_log = DecisionLog(self.store)
+        self.event_log = EventLog(self.store, event_types=self.data.feature_config.event_types)
         self._live: dict[str, LiveCustomer] = {}
         self._erased: set[str] = set()
         """Ids found erased in this process (a cache in front of :attr:`_erasures`)."""
-        self._erasures = erased_digests(self.data.dataset)
+        self._erasures = self._known_erasures()
         self.channels = sorted(set(self.policy.named_channels()) | set(self.data.channels))
         """The channels a request may name: the policy's and those the propensity model knows."""
-        self.erasures = ErasureQueue(state, lambda ids: erase_customers(self.data.dataset, ids))
-        replay = self.event_log.replay()
+        self.erasures = ErasureQueue(self.store, lambda ids: erase_customers(self.data.dataset, ids))
+        self._sync_lock = threading.Lock()
+        self._seen, rows = self.store.snapshot()
+        replay = self.event_log.frame(rows)
         erased = self._forget_logged_erasures(set(replay[CUSTOMER_ID].to_list()))
         if erased:
             replay = replay.filter(~pl.col(CUSTOMER_ID).is_in(sorted(erased)))
@@ -728,16 +747,21 @@ class Engine:
         self.trim_logs()
         self.erasures.start()
         self._stop = threading.Event()
-        self._trimmer = threading.Thread(
-            target=self._trim_periodically, name="nextbest-retention", daemon=True
-        )
-        self._trimmer.start()
+        self._refreshing: set[str] = set()
+        self._refresh_wake = threading.Condition()
+        self._background = [
+            threading.Thread(target=self._trim_periodically, name="nextbest-retention", daemon=True),
+            threading.Thread(target=self._follow, name="nextbest-sync", daemon=True),
+            threading.Thread(target=self._refresh_stale, name="nextbest-profiles", daemon=True),
+        ]
+        for thread in self._background:
+            thread.start()
         logger.info(
-            "nextbest engine ready: %s, %s; %d live customers replayed from %s",
+            "nextbest engine ready: %s, %s; %d live customers replayed from the state store %s",
             self.recommenders[CHAMPION].registered.label,
             self.propensities[CHAMPION].registered.label,
             len(replayed),
-            state / EVENTS_FILE,
+            redact(config.store_url),
         )
 
     @classmethod
@@ -777,11 +801,98 @@ class Engine:
         return attached
 
     def close(self) -> None:
-        """Stop the background work and close the durable logs."""
+        """Stop the background work and close the state store."""
         self._stop.set()
+        with self._refresh_wake:
+            self._refresh_wake.notify_all()
         self.erasures.stop()
-        for log in (self.ledger, self.decision_log):
-            log.close()
+        for thread in self._background:
+            thread.join(5)
+        self.store.close()
+
+    # --- replicas: what other processes wrote --------------------------------------------------------------
+
+    def sync(self) -> set[str]:
+        """Apply what was written to the state store since the last call, by this process or another replica, in
+        the order it was committed: events to the live state, contacts to the ledger, lever changes, erasures.
+
+        Returns:
+            the customers whose live state changed.
+        """
+        with self._sync_lock:
+            feed = self.store.changes_since(self._seen)
+            if not feed:
+                return set()
+            self._seen = feed[-1].seq
+            kinds = {c.kind for c in feed}
+            if "erasure" in kinds:
+                self._reload_erasures()
+            changed: set[str] = set()
+            refs = [c.ref for c in feed if c.kind == "event" and c.ref is not None]
+            if refs:
+                frame = self.event_log.frame(self.store.events_by_seq(refs))
+                gone = [c for c in frame[CUSTOMER_ID].unique().to_list() if self._is_erased(c)]
+                changed = self._apply_events(
+                    frame.filter(~pl.col(CUSTOMER_ID).is_in(gone)) if gone else frame
+                )
+            for customer_id in {c.customer_id for c in feed if c.kind == "contact" and c.customer_id}:
+                self.ledger.refresh(customer_id)
+            if "lever" in kinds or "import" in kinds:
+                self.levers.reload()
+            return changed
+
+    def _stale(self, customers: Iterable[str]) -> None:
+        """Have the background thread rebuild these customers' live profiles."""
+        with self._refresh_wake:
+            self._refreshing.update(customers)
+            self._refresh_wake.notify()
+
+    def _refresh_stale(self) -> None:
+        while not self._stop.is_set():
+            with self._refresh_wake:
+                while not self._refreshing and not self._stop.is_set():
+                    self._refresh_wake.wait(0.5)
+                batch, self._refreshing = self._refreshing, set()
+            for customer_id in batch:
+                try:
+                    self._refresh(customer_id)
+                except Exception:  # a live profile must never stop the service: the next read tries again
+                    logger.exception("cannot rebuild a live profile")
+
+    def _follow(self) -> None:
+        interval = self.config.sync_interval_ms / 1000.0
+        while not self._stop.wait(interval):
+            try:
+                self.sync()
+            except Exception:  # the store may be out of reach for a moment: try again at the next tick
+                logger.exception("cannot follow the state store")
+
+    def _known_erasures(self) -> ErasedIds:
+        """The erasures of the dataset's log and of the state store (another replica's, too)."""
+        logged = erased_digests(self.data.dataset)
+        stored = self.store.erased_digests()
+        if stored and logged.key is None:
+            key = erasure_key(create=False)
+            if key is None:
+                raise EngineLoadError(
+                    f"the state store records erasures by keyed digest but no erasure key was found: set "
+                    f"{ERASURE_KEY_FILE_ENV} to the key the other replicas use"
+                )
+            logged = ErasedIds(logged.keyed, logged.legacy, key)
+        return ErasedIds(logged.keyed | stored, logged.legacy, logged.key)
+
+    def _reload_erasures(self) -> None:
+        """Another replica erased someone: drop what this process holds about any erased id."""
+        self._erasures = self._known_erasures()
+        with self._lock:
+            for customer_id in [c for c in self._live if c in self._erasures]:
+                del self._live[customer_id]
+                self._erased.add(customer_id)
+            for customer_id in [c for c in self.ledger.customers() if c in self._erasures]:
+                self.ledger.forget(customer_id)
+                self._erased.add(customer_id)
+        for customer_id in list(self._erased):
+            self.data.drop_customer(customer_id)
 
     # --- retention ------------------------------------------------------------------------------------------
 
@@ -792,16 +903,12 @@ class Engine:
         return min(self.now(), self.data.as_of) - timedelta(days=self.data.feature_config.retention_days)
 
     def trim_logs(self) -> dict[str, int]:
-        """Drop what fell out of the retention window from the event log, the contact ledger, the decision log
-        and the erasure states; returns how many entries each lost."""
+        """Drop what fell out of the retention window from the state store's events, contacts, decisions and
+        erasure states; returns how many entries each lost."""
         before = self.retention_start()
         with self._lock:
-            removed = {
-                "events": self.event_log.trim(before),
-                "contacts": self.ledger.trim(before),
-                "decisions": self.decision_log.trim(before),
-                "erasures": self.erasures.trim(before),
-            }
+            removed = self.store.trim(before)
+            self.ledger.trim(before)
         if any(removed.values()):
             logger.info("retention: dropped entries older than %s: %s", before.date(), removed)
         return removed
@@ -1435,40 +1542,58 @@ class Engine:
         candidates = [ActionCandidate(a, min(max(float(p), 0.0), 1.0)) for a, p in plan.scores.items()]
         context = {**request.context, CHANNEL: request.channel, "now": now}
         consent = {PERSONALISATION: view.consent[PERSONALISATION], MARKETING: view.consent[MARKETING]}
-        decision = arbitrate(
-            candidates,
-            self.policy,
-            self._rule_profile(view, now),
-            context,
-            consent,
-            self.ledger,
-            request.n,
-            levers=self.levers.levers,
-            customer_id=cid,
-            now=now,
-        )
-        chosen = decision.chosen
-        recorded = False
-        # A preview (record_contact false) is not a decision: neither a contact nor a line of the decision log.
-        # Nothing at all is stored about an erased id.
         versions = {
             "recommender": self._recommender(plan.arm).registered.label,
             "propensity": plan.pslot.registered.label,
         }
-        record = DecisionRecord.from_decision(
-            decision,
-            arm=plan.arm,
-            latency_ms=(time.perf_counter() - started) * 1000.0,
-            model_versions=versions,
-            timestamp=now,
-        )
-        # Under the lock, so that an erasure running beside cannot be followed by a write about the id.
+
+        def decide() -> Decision:
+            return arbitrate(
+                candidates,
+                self.policy,
+                self._rule_profile(view, now),
+                context,
+                consent,
+                self.ledger,
+                request.n,
+                levers=self.levers.levers,
+                customer_id=cid,
+                now=now,
+            )
+
+        def logged(decision: Decision) -> DecisionRecord:
+            return DecisionRecord.from_decision(
+                decision,
+                arm=plan.arm,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                model_versions=versions,
+                timestamp=now,
+            )
+
+        recorded = False
+        # A preview (record_contact false) is not a decision: neither a contact nor a line of the decision log.
+        # Nothing at all is stored about an erased id. A decision that counts is made in a transaction that no
+        # other replica deciding for the customer can enter: the contact limits hold across replicas.
         with self._lock:
             if request.record_contact and not self._is_erased(cid):
-                if chosen is not None and not decision.is_no_action:
-                    self.ledger.record_contact(cid, chosen.action_id, chosen.delivery_channel, now)
-                    recorded = True
-                self.decision_log.append(record)
+                try:
+                    with self.store.deciding(cid) as tx:
+                        self.ledger.refresh(cid, connection=tx)
+                        decision = decide()
+                        chosen = decision.chosen
+                        if chosen is not None and not decision.is_no_action:
+                            self.ledger.record_contact(
+                                cid, chosen.action_id, chosen.delivery_channel, now, connection=tx
+                            )
+                            recorded = True
+                        record = logged(decision)
+                        self.decision_log.append(record, connection=tx)
+                except Exception:
+                    self.ledger.refresh(cid)  # the transaction was rolled back: so is the contact in memory
+                    raise
+            else:
+                decision = decide()
+                record = logged(decision)
         return api.NextBestActionResponse(
             decision_id=record.decision_id,
             customer_id=cid,
@@ -1530,19 +1655,26 @@ class Engine:
                     accepted, duplicates = self.event_log.append(rows)
                 except EventRejected as e:
                     raise BadRequest("; ".join(e.reasons)) from None
+                except StateStoreError as e:
+                    raise NotReady(f"the state store cannot take the events now: {e}") from None
             stored = 0
             for r, at in responses:
                 if r.event_id is not None and self.ledger.has_event(r.event_id):
                     duplicates += 1
                     continue
-                self.ledger.record_response(
+                if self.ledger.record_response(
                     r.customer_id, r.action_id, r.accepted, at, channel=r.channel, event_id=r.event_id
-                )
-                stored += 1
-            changed = self._apply_events(accepted)
-        # Outside the lock: a profile takes milliseconds to rebuild, and other requests need not wait for it.
-        for cid in changed:
-            self._refresh(cid)
+                ):
+                    stored += 1
+                else:
+                    duplicates += 1
+        # Applied through the change feed, in commit order with every other replica's events: the next answer
+        # reflects them.
+        self.sync()
+        changed = set(accepted[CUSTOMER_ID].to_list()) if accepted.height else set()
+        # A profile takes tens of milliseconds to rebuild: a background thread does it, and an answer about the
+        # customer that comes first rebuilds it itself (the profile is marked stale), so it always reflects them.
+        self._stale(changed)
         customers = sorted(changed | {r.customer_id for r in request.responses})
         return api.EventsResponse(
             accepted=accepted.height, responses=stored, duplicates=duplicates, customers=customers
@@ -1705,11 +1837,12 @@ class Engine:
             live = [self._live.pop(i, None) is not None for i in ids]
             for i in ids:
                 self.data.drop_customer(i)
-            self._erasures = log_erasure(ds, ids)
+                self.ledger.forget(i)
+            logged = log_erasure(ds, ids)
+            assert logged.key is not None
             self._erased.update(ids)
-            events_removed = self.event_log.forget(ids)
-            contacts_removed = sum(self.ledger.forget(i) for i in ids)
-            decisions_removed = sum(self.decision_log.forget(i) for i in ids)
+            removed = self.store.forget(ids, [id_digest(i, logged.key) for i in ids])
+            self._erasures = self._known_erasures()
             queued = self.erasures.submit(cid)
         logger.info(
             "erased a customer (%d id(s)) on request; dataset erasure %s queued", len(ids), queued.erasure_id
@@ -1718,9 +1851,9 @@ class Engine:
             customer_id=cid,
             ids_erased=len(ids),
             live_state=any(live),
-            events_removed=events_removed,
-            contacts_removed=contacts_removed,
-            decisions_removed=decisions_removed,
+            events_removed=removed["events"],
+            contacts_removed=removed["contacts"],
+            decisions_removed=removed["decisions"],
             erasure_log=str(ds.root / ERASURE_LOG),
             erasure_id=queued.erasure_id,
             dataset=queued.state,
@@ -1739,8 +1872,8 @@ class Engine:
         return status
 
     def _forget_logged_erasures(self, live_ids: set[str]) -> set[str]:
-        """Hide customers whose erasure was logged (by the service or by ``nextbest forget``) and purge them
-        from the service's own logs, so a restart never brings an erased customer back."""
+        """Hide customers whose erasure was logged (by the service, another replica or ``nextbest forget``) and
+        purge them from the state store, so a restart never brings an erased customer back."""
         if not self._erasures:
             return set()
         candidates = (
@@ -1752,11 +1885,11 @@ class Engine:
         erased = {c for c in candidates if c in self._erasures}
         for c in erased:
             self.data.drop_customer(c)
-        if erased:
-            self.event_log.forget(sorted(erased))
-            for c in erased:
-                self.ledger.forget(c)
-                self.decision_log.forget(c)
+            self.ledger.forget(c)
+        if erased and self._erasures.key is not None:
+            self.store.forget(sorted(erased), [id_digest(c, self._erasures.key) for c in erased])
+        elif erased:
+            self.store.forget(sorted(erased), [])
         self._erased |= erased
         return erased
 

@@ -90,11 +90,10 @@ class EngineConfig(BaseModel):
         segment_column: the profile column whose values are the segments of non-personalised popularity.
         min_segment_customers: segments with fewer customers fall back to overall popularity.
         bought_days: purchases this recent count as owned (``bought_brand`` … in policy rules).
-        fsync: fsync every append to the event log and the contact ledger (off only where durability does not
-            matter).
-        fsync_decisions: fsync the decision log too. Off by default: each decision is still flushed to the
-            operating system before the answer (a crashed process loses nothing), only a power cut could lose
-            the last ones, and an fsync per decision would cost more than the decision.
+        state_url: the state store (:mod:`serving.state_store`): ``sqlite:///…`` or ``postgresql://…``; default
+            ``sqlite:///STATE_DIR/state.db``. Several replicas share one PostgreSQL.
+        sync_interval_ms: how often the service looks for what other replicas wrote (events, contacts, levers,
+            erasures) between its own writes.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -113,18 +112,25 @@ class EngineConfig(BaseModel):
     segment_column: str = "age_band"
     min_segment_customers: int = Field(20, ge=1)
     bought_days: int = Field(90, ge=1)
-    fsync: bool = True
-    fsync_decisions: bool = False
+    state_url: str | None = None
+    sync_interval_ms: float = Field(20.0, gt=0, le=60_000)
 
     @property
     def state_path(self) -> Path:
         return self.state_dir if self.state_dir is not None else self.data / DEFAULT_STATE_DIR
 
+    @property
+    def store_url(self) -> str:
+        """The state store's URL: :attr:`state_url`, else the embedded SQLite file of the state directory."""
+        from serving.state_store import default_state_url
+
+        return self.state_url or default_state_url(self.state_path)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineConfig:
         """The config from ``NEXTBEST_DATA``, ``NEXTBEST_STATE_DIR``, ``MLFLOW_TRACKING_URI``,
-        ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``, ``NEXTBEST_POLICY``, ``NEXTBEST_CLOCK`` and
-        ``NEXTBEST_MODEL_SOURCE``.
+        ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``, ``NEXTBEST_POLICY``, ``NEXTBEST_CLOCK``,
+        ``NEXTBEST_MODEL_SOURCE``, ``NEXTBEST_STATE_URL`` and ``NEXTBEST_SYNC_INTERVAL_MS``.
 
         Raises:
             EngineLoadError: a variable holds an invalid value (the message names it).
@@ -139,6 +145,8 @@ class EngineConfig(BaseModel):
             ("NEXTBEST_POLICY", "policy"),
             ("NEXTBEST_CLOCK", "clock"),
             ("NEXTBEST_MODEL_SOURCE", "model_source"),
+            ("NEXTBEST_STATE_URL", "state_url"),
+            ("NEXTBEST_SYNC_INTERVAL_MS", "sync_interval_ms"),
         ):
             if env.get(var):
                 fields[name] = env[var]
@@ -152,6 +160,8 @@ class EngineConfig(BaseModel):
                 "clock": "NEXTBEST_CLOCK",
                 "model_source": "NEXTBEST_MODEL_SOURCE",
                 "data": "NEXTBEST_DATA",
+                "state_url": "NEXTBEST_STATE_URL",
+                "sync_interval_ms": "NEXTBEST_SYNC_INTERVAL_MS",
             }
             problems = [f"{names.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}" for err in e.errors()]
             raise EngineLoadError("invalid service configuration: " + "; ".join(problems)) from None

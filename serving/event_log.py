@@ -1,19 +1,17 @@
-"""The service's durable event log: events are validated against the contract, appended and fsynced before
-the call that sent them returns, and replayed on start-up."""
+"""The service's events: validated against the contract and stored in the state store (durably) before the call
+that sent them returns, replayed on start-up, idempotent by the client's event id."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from features.schema import CUSTOMER_ID, DEFAULT_EVENT_TYPES, TIMESTAMP_COL, empty_frame, validate
-from serving.jsonl import JsonLinesFile
-from serving.times import older_than
+from features.schema import DEFAULT_EVENT_TYPES, TIMESTAMP_COL, empty_frame, validate
+from serving.state_store import StateStore
 
 _ROW = re.compile(r"^events row (\d+):")
 
@@ -31,22 +29,21 @@ class EventRejected(ValueError):
 
 
 EVENT_ID = "event_id"
-"""The client's optional id of an event, kept in the log beside the contract's columns (idempotent retries)."""
+"""The client's optional id of an event, stored beside the contract's columns (idempotent retries)."""
 
 
 class EventLog:
-    """An append-only JSON-lines file of accepted events, idempotent by the client's ``event_id``.
+    """The events received live, validated against the contract and stored in the state store, idempotent by the
+    client's ``event_id``.
 
     Args:
-        path: the log file (created with its folder when missing).
+        store: the state store.
         event_types: accepted event types.
     """
 
-    def __init__(self, path: Path, *, event_types: Sequence[str] = DEFAULT_EVENT_TYPES):
-        self.path = path
+    def __init__(self, store: StateStore, *, event_types: Sequence[str] = DEFAULT_EVENT_TYPES):
+        self.store = store
         self.event_types = tuple(event_types)
-        self._file = JsonLinesFile(path)
-        self._ids: set[str] = set()
 
     def validate(self, events: list[dict[str, Any]]) -> pl.DataFrame:
         """Validate a batch against the events contract (all or nothing).
@@ -82,62 +79,48 @@ class EventLog:
         return result.accepted
 
     def append(self, events: list[dict[str, Any]]) -> tuple[pl.DataFrame, int]:
-        """Validate, append and fsync the events whose ``event_id`` is new (or absent).
+        """Validate and store (durably) the events whose ``event_id`` is new (or absent).
 
         Returns:
-            the accepted events as contract rows, and how many were left out as already stored (by event id,
-            earlier or in the same batch).
+            the stored events as contract rows, and how many were left out as stored already (by event id,
+            earlier, in the same batch, or by another replica at the same moment).
 
         Raises:
             EventRejected: any new event is invalid; nothing of the batch was stored.
         """
         if not events:
             raise EventRejected(["events: the list is empty"])
+        given = [e.get(EVENT_ID) for e in events]
+        known = self.store.known_event_ids([i for i in given if i is not None])
         rows, ids, duplicates = [], [], 0
         seen: set[str] = set()
-        for event in events:
-            row = dict(event)
-            event_id = row.pop(EVENT_ID, None)
-            if event_id is not None and (event_id in self._ids or event_id in seen):
+        for event, event_id in zip(events, given, strict=True):
+            if event_id is not None and (event_id in known or event_id in seen):
                 duplicates += 1
                 continue
             if event_id is not None:
                 seen.add(event_id)
-            rows.append(row)
+            rows.append({k: v for k, v in event.items() if k != EVENT_ID})
             ids.append(event_id)
         if not rows:
             return empty_frame("events"), duplicates
         accepted = self.validate(rows)
-        self._file.append_many(
-            [
-                {
-                    **{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()},
-                    **({EVENT_ID: i} if i is not None else {}),
-                }
-                for row, i in zip(accepted.iter_rows(named=True), ids, strict=True)
-            ]
-        )
-        self._ids |= seen
-        return accepted, duplicates
+        stored, raced = self.store.append_events(list(accepted.iter_rows(named=True)), ids)
+        if raced:
+            accepted = accepted[stored]
+        return accepted, duplicates + raced
 
-    def replay(self) -> pl.DataFrame:
-        """Every logged event, in order (an empty contract frame when there are none); remembers their ids."""
-        rows = self._file.read()
-        self._ids = set()
-        for r in rows:
-            event_id = r.pop(EVENT_ID, None)
-            if isinstance(event_id, str):
-                self._ids.add(event_id)
+    def frame(self, rows: list[dict[str, Any]]) -> pl.DataFrame:
+        """Stored event rows (as :meth:`StateStore.events_after` gives them) as contract rows, in order."""
         if not rows:
             return empty_frame("events")
-        frame = pl.DataFrame(rows, infer_schema_length=None)
-        return validate(frame, "events", source=str(self.path), event_types=self.event_types).accepted
+        schema = empty_frame("events").schema
+        columns = [c for c in schema.names() if any(c in r for r in rows[:1])]
+        frame = pl.DataFrame(
+            [{c: r.get(c) for c in columns} for r in rows], schema={c: schema[c] for c in columns}
+        )
+        return validate(frame, "events", source="the state store", event_types=self.event_types).accepted
 
-    def trim(self, before: datetime) -> int:
-        """Remove the events older than ``before`` (retention); returns how many were removed."""
-        return self._file.rewrite(older_than(TIMESTAMP_COL, before))
-
-    def forget(self, ids: Sequence[str]) -> int:
-        """Rewrite the log without the events of ``ids``; return how many were removed."""
-        erased = set(ids)
-        return self._file.rewrite(lambda r: r.get(CUSTOMER_ID) not in erased)
+    def replay(self) -> pl.DataFrame:
+        """Every stored event, in order (an empty contract frame when there are none)."""
+        return self.frame(self.store.events_after(0))

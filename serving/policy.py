@@ -63,7 +63,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 import re
 import threading
 import tomllib
@@ -805,56 +804,37 @@ def _utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _write_json_atomically(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # The rename itself is durable only once the directory entry is.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class PolicyState:
-    """A policy plus its run-time lever overrides, persisted to a JSON file so a restart keeps them.
+    """A policy plus its run-time lever overrides, kept in the state store so a restart and every replica see them.
 
-    The file holds ``{"levers": {action_id: value}, "history": [LeverChange, …]}``. Overrides for actions the
-    current policy no longer has are dropped on load and listed in :attr:`dropped_overrides`.
+    Overrides for actions the current policy no longer has are left out on load and listed in
+    :attr:`dropped_overrides`.
     """
 
-    def __init__(self, policy: ActionPolicy, path: str | Path | None = None) -> None:
+    def __init__(self, policy: ActionPolicy, store: Any = None) -> None:
         """Load the saved levers, if any.
 
         Args:
             policy: the loaded policy.
-            path: the levers file (e.g. ``levers.json`` beside the decision log); None keeps them in memory.
-
-        Raises:
-            PolicyError: the levers file exists but cannot be read.
+            store: the :class:`~serving.state_store.StateStore` holding the levers; None keeps them in memory.
         """
         self.policy = policy
-        self.path = Path(path) if path is not None else None
+        self.store = store
         self._lock = threading.Lock()
         self._overrides: dict[str, float] = {}
         self._history: list[dict[str, Any]] = []
         self.dropped_overrides: dict[str, float] = {}
-        if self.path is not None and self.path.exists():
-            try:
-                saved = json.loads(self.path.read_text(encoding="utf-8"))
-                levers = {str(k): float(v) for k, v in saved.get("levers", {}).items()}
-                self._history = list(saved.get("history", []))
-            except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
-                raise PolicyError(f"{self.path}: cannot read saved levers ({e})") from None
-            for a, v in levers.items():
-                if a in policy.actions:
-                    self._overrides[a] = v
-                else:
-                    self.dropped_overrides[a] = v
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the levers and their history from the store again (another replica may have changed one)."""
+        if self.store is None:
+            return
+        saved, history = self.store.levers(), self.store.lever_history()
+        with self._lock:
+            self._overrides = {a: v for a, v in saved.items() if a in self.policy.actions}
+            self.dropped_overrides = {a: v for a, v in saved.items() if a not in self.policy.actions}
+            self._history = history
 
     @property
     def levers(self) -> dict[str, float]:
@@ -898,9 +878,8 @@ class PolicyState:
                 at=at or _utcnow(),
                 policy_version=self.policy.version,
             )
+            if self.store is not None:
+                self.store.set_lever(action_id, float(value), change.model_dump(mode="json"))
             self._overrides[action_id] = float(value)
             self._history.append(change.model_dump(mode="json"))
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                _write_json_atomically(self.path, {"levers": self._overrides, "history": self._history})
         return change

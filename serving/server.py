@@ -36,10 +36,17 @@ def service_env(
     base: Mapping[str, str] | None = None,
     host: str = "127.0.0.1",
     app_token: str | None = None,
+    workers: int = 1,
 ) -> dict[str, str]:
     """The environment of the service process: ``base`` (default ``os.environ``) plus the config's variables,
-    the address it listens on and, when given, the app key (else ``NEXTBEST_APP_TOKEN`` as in ``base``)."""
+    the address it listens on, the worker count and, when given, the app key (else ``NEXTBEST_APP_TOKEN`` as in
+    ``base``)."""
+    if workers < 1:
+        raise EngineLoadError(f"--workers must be at least 1, got {workers}")
     env = dict(os.environ if base is None else base)
+    if workers != 1:
+        options = env.get("BENTOML_CONFIG_OPTIONS", "")
+        env["BENTOML_CONFIG_OPTIONS"] = f"{options} services.nextbest.workers={workers}".strip()
     env[HOST_ENV] = host
     if app_token:
         env[APP_TOKEN_ENV] = app_token
@@ -52,6 +59,8 @@ def service_env(
         env["MLFLOW_TRACKING_URI"] = config.tracking_uri
     if config.policy is not None:
         env["NEXTBEST_POLICY"] = str(config.policy)
+    if config.state_url:
+        env["NEXTBEST_STATE_URL"] = config.state_url
     if config.admin_token:
         env["NEXTBEST_ADMIN_TOKEN"] = config.admin_token
     else:
@@ -64,43 +73,12 @@ def service_env(
     return env
 
 
-def configured_workers(environ: Mapping[str, str] | None = None) -> int:
-    """The worker count that ``BENTOML_CONFIG_OPTIONS`` asks of the service (1 when it asks none)."""
-    options = (os.environ if environ is None else environ).get("BENTOML_CONFIG_OPTIONS", "")
-    workers = 1
-    for option in options.replace(",", " ").split():
-        name, _, value = option.partition("=")
-        if name.strip() in ("services.nextbest.workers", "api_server.workers"):
-            try:
-                workers = int(value)
-            except ValueError:
-                raise EngineLoadError(
-                    f"BENTOML_CONFIG_OPTIONS: {option!r} is not a whole number of workers"
-                ) from None
-    return workers
-
-
-def check_start(
-    host: str, app_token: str | None, environ: Mapping[str, str] | None = None, *, workers: int | None = None
-) -> str | None:
-    """Refuse a start that would lose data or expose the service; return the warning to print, if any.
-
-    Args:
-        host: the address the service listens on.
-        app_token: the app endpoints' key (None: they are open).
-        environ: where ``BENTOML_CONFIG_OPTIONS`` is read (default ``os.environ``).
-        workers: the worker count, when known otherwise (default: :func:`configured_workers`).
+def check_start(host: str, app_token: str | None) -> str | None:
+    """Refuse a start that would expose customers' data; return the warning to print, if any.
 
     Raises:
-        EngineLoadError: more than one worker (each would keep its own live state: acknowledged writes would be
-            lost), or a non-loopback address without ``NEXTBEST_APP_TOKEN``.
+        EngineLoadError: a non-loopback address without ``NEXTBEST_APP_TOKEN``.
     """
-    workers = configured_workers(environ) if workers is None else workers
-    if workers != 1:
-        raise EngineLoadError(
-            f"refusing to start with {workers} workers: the live state and its durable logs belong to one process, "
-            "and a second worker would lose acknowledged writes; run one worker per state directory"
-        )
     try:
         return check_exposure(host, app_token)
     except ExposureError as e:
@@ -163,6 +141,7 @@ def _config(
     admin_token: str | None,
     clock: Literal["wall", "data"],
     model_source: Literal["auto", "mlflow", "bentoml"] = "auto",
+    state_url: str | None = None,
 ) -> EngineConfig:
     return EngineConfig(
         data=Path(data).resolve(),
@@ -173,6 +152,7 @@ def _config(
         policy=Path(policy).resolve() if policy is not None else None,
         clock=clock,
         model_source=model_source,
+        state_url=state_url or os.environ.get("NEXTBEST_STATE_URL") or None,
     )
 
 
@@ -193,6 +173,8 @@ def serve(
     check: bool = True,
     extra_args: Sequence[str] = (),
     app_token: str | None = None,
+    state_url: str | None = None,
+    workers: int = 1,
 ) -> int:
     """Run ``bentoml serve`` for the service in the foreground until it stops; return its exit status.
 
@@ -215,13 +197,16 @@ def serve(
         check: check the features and the champions first (:func:`preflight`).
         extra_args: more ``bentoml serve`` arguments.
         app_token: the key of the app endpoints (default ``NEXTBEST_APP_TOKEN``; none: open, on loopback only).
+        state_url: the state store (default ``NEXTBEST_STATE_URL``, else ``sqlite:///STATE_DIR/state.db``);
+            replicas share one PostgreSQL.
+        workers: BentoML workers (processes) on this machine; they share the state store like replicas.
 
     Raises:
         EngineLoadError: the start was refused (:func:`check_start`) or the preflight check failed (one line
             saying what to run first).
     """
     config = _config(
-        data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock, model_source
+        data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock, model_source, state_url
     )
     app_token = app_token or os.environ.get(APP_TOKEN_ENV)
     warning = check_start(host, app_token)
@@ -229,7 +214,7 @@ def serve(
         print(f"nextbest: warning: {warning}", file=sys.stderr)
     if check:
         preflight(config, bento)
-    env = service_env(config, threads=threads, host=host, app_token=app_token)
+    env = service_env(config, threads=threads, host=host, app_token=app_token, workers=workers)
     server = ServiceProcess(
         subprocess.Popen(_command(host, port, extra_args, bento), env=env, start_new_session=True),
         f"http://{host}:{port}",
@@ -410,6 +395,8 @@ def start(
     extra_env: Mapping[str, str] | None = None,
     check: bool = True,
     app_token: str | None = None,
+    state_url: str | None = None,
+    workers: int = 1,
 ) -> ServiceProcess:
     """Start the service in the background (its own session); call :meth:`ServiceProcess.wait_ready` next.
 
@@ -419,11 +406,11 @@ def start(
         EngineLoadError: the preflight check failed.
     """
     config = _config(
-        data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock, model_source
+        data, state_dir, tracking_uri, policy, challenger_share, admin_token, clock, model_source, state_url
     )
-    env = service_env(config, threads=threads, host=host, app_token=app_token)
+    env = service_env(config, threads=threads, host=host, app_token=app_token, workers=workers)
     env.update(extra_env or {})
-    check_start(host, env.get(APP_TOKEN_ENV), env)
+    check_start(host, env.get(APP_TOKEN_ENV))
     if check:
         preflight(config, bento)
     port = port or free_port(host)

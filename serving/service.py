@@ -7,9 +7,8 @@ Configuration comes from the environment (see :meth:`serving.engine.EngineConfig
 (:mod:`features.privacy`); and for the server itself ``NEXTBEST_THREADS`` (threads for the blocking endpoints,
 default 8), ``NEXTBEST_MAX_BATCH`` (64; 1 turns batching off), ``NEXTBEST_ACCESS_LOG`` and ``NEXTBEST_TRACING``
 (both off), ``NEXTBEST_METRICS`` (on), ``NEXTBEST_LOG_LEVEL`` (INFO). Models and data load in a background
-thread, so ``/livez`` answers at once and ``/readyz`` only once everything is loaded. One worker: the live state
-and its durable logs belong to one process, and a worker configured beside a second one refuses to serve
-(:func:`start_problem`).
+thread, so ``/livez`` answers at once and ``/readyz`` only once everything is loaded. The live state
+and its logs live in the state store (:mod:`serving.state_store`), which every worker and replica shares.
 
 ``/recommend`` and ``/next_best_action`` run on the event loop through an :class:`AdaptiveBatcher`: requests
 that arrive together are answered with one call of the engine (one matrix product, one forward pass). The
@@ -147,25 +146,12 @@ def _error(status: int, message: str, ctx: bentoml.Context | None = None) -> JSO
     return JSONResponse({"error": message}, status_code=status)
 
 
-def bentoml_workers() -> int:
-    """How many workers BentoML was configured to start (``BENTOML_CONFIG_OPTIONS``, a config file …)."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    try:
-        return int(BentoMLContainer.config.services[SERVICE_NAME].get().get("workers", 1) or 1)
-    except (KeyError, TypeError, ValueError):
-        return 1
-
-
 def start_problem(environ: Mapping[str, str] | None = None) -> str | None:
     """Why this worker must not serve (None: it may): :func:`serving.server.check_start` as the worker sees
-    its configuration — a second worker would lose acknowledged writes, open app endpoints beyond loopback
-    would expose customers' data."""
+    its configuration — open app endpoints beyond loopback would expose customers' data."""
     env = os.environ if environ is None else environ
     try:
-        warning = check_start(
-            env.get(HOST_ENV, "127.0.0.1"), env.get(APP_TOKEN_ENV), env, workers=bentoml_workers()
-        )
+        warning = check_start(env.get(HOST_ENV, "127.0.0.1"), env.get(APP_TOKEN_ENV))
     except EngineLoadError as e:
         return str(e)
     if warning:

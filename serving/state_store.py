@@ -212,13 +212,23 @@ class StateStore:
             path = parsed.database
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            args = {"timeout": 30, "check_same_thread": False}
+            self.engine = sa.create_engine(url, connect_args=args)
             sa.event.listen(self.engine, "connect", _sqlite_connect)
-            sa.event.listen(self.engine, "begin", _sqlite_begin)
+            sa.event.listen(self.engine, "begin", _sqlite_begin_immediate)
+            # Reads begin DEFERRED: in WAL mode they see the last commit and never wait for a writer.
+            self.readers = sa.create_engine(url, connect_args=args)
+            sa.event.listen(self.readers, "connect", _sqlite_connect)
+            sa.event.listen(self.readers, "begin", _sqlite_begin)
         else:
             self.engine = sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+            self.readers = self.engine
         try:
-            self._prepare(create)
+            try:
+                self._prepare(create)
+            except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
+                # Another replica created the schema at the same moment: it is there now.
+                self._prepare(create)
         except sa.exc.OperationalError as e:
             raise StateStoreError(
                 f"cannot open the state store {redact(url)}: {' '.join(str(e.orig).split())}"
@@ -226,6 +236,24 @@ class StateStore:
 
     def close(self) -> None:
         self.engine.dispose()
+        self.readers.dispose()
+
+    def _lock_writes(self, c: Connection) -> None:
+        """Writes commit in the order of their change numbers: a replica that has applied change N never misses
+        a change below N committed later. PostgreSQL: one transaction-scoped advisory lock (re-entrant) taken
+        before the first write; SQLite: the IMMEDIATE transaction holds the database's write lock already."""
+        if self.dialect == "postgresql":
+            c.execute(sa.text("SELECT pg_advisory_xact_lock(0)"))
+
+    @contextmanager
+    def _writing(self, connection: Connection | None = None) -> Iterator[Connection]:
+        if connection is not None:
+            self._lock_writes(connection)
+            yield connection
+            return
+        with self.engine.begin() as c:
+            self._lock_writes(c)
+            yield c
 
     # --- schema ---------------------------------------------------------------------------------------------
 
@@ -261,11 +289,11 @@ class StateStore:
 
     @property
     def schema_version(self) -> int:
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return int(c.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar_one())
 
     def get_meta(self, key: str) -> str | None:
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return c.execute(sa.select(meta.c.value).where(meta.c.key == key)).scalar_one_or_none()
 
     # --- changes --------------------------------------------------------------------------------------------
@@ -276,17 +304,33 @@ class StateStore:
 
     def last_change(self) -> int:
         """The number of the latest change (0 before any)."""
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return int(c.execute(sa.select(sa.func.coalesce(sa.func.max(changes.c.seq), 0))).scalar_one())
 
     def changes_since(self, seq: int, limit: int = 10_000) -> list[Change]:
         """The changes after ``seq``, oldest first."""
         query = sa.select(changes.c.seq, changes.c.kind, changes.c.customer_id, changes.c.ref)
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             rows = c.execute(query.where(changes.c.seq > seq).order_by(changes.c.seq).limit(limit)).all()
         return [Change(int(r.seq), r.kind, r.customer_id, r.ref) for r in rows]
 
     # --- events ---------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        """The latest change and every stored event as of that change, read in one consistent snapshot (what a
+        replica replays at start before following :meth:`changes_since`)."""
+        with self.readers.connect() as c:
+            if self.dialect == "postgresql":
+                c = c.execution_options(isolation_level="REPEATABLE READ")
+            with c.begin():
+                last = int(c.execute(sa.select(sa.func.coalesce(sa.func.max(changes.c.seq), 0))).scalar_one())
+                rows = [dict(r) for r in c.execute(sa.select(events).order_by(events.c.seq)).mappings()]
+        return last, rows
+
+    def known_event_ids(self, event_ids: Sequence[str]) -> set[str]:
+        """Which of ``event_ids`` are stored already."""
+        with self.readers.connect() as c:
+            return self._known(c, events.c.event_id, list(event_ids))
 
     def append_events(
         self, rows: Sequence[Mapping[str, Any]], event_ids: Sequence[str | None]
@@ -299,7 +343,7 @@ class StateStore:
         """
         stored: list[int] = []
         duplicates = 0
-        with self.engine.begin() as c:
+        with self._writing() as c:
             known = self._known(c, events.c.event_id, [i for i in event_ids if i is not None])
             for k, (row, event_id) in enumerate(zip(rows, event_ids, strict=True)):
                 if event_id is not None and event_id in known:
@@ -323,7 +367,7 @@ class StateStore:
 
     def events_after(self, seq: int = 0) -> list[dict[str, Any]]:
         """Events stored after row ``seq`` (all of them by default), in order, each with its ``seq``."""
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             rows = (
                 c.execute(sa.select(events).where(events.c.seq > seq).order_by(events.c.seq)).mappings().all()
             )
@@ -332,7 +376,7 @@ class StateStore:
     def events_by_seq(self, seqs: Iterable[int]) -> list[dict[str, Any]]:
         wanted = sorted(set(seqs))
         out: list[dict[str, Any]] = []
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             for start in range(0, len(wanted), 500):
                 query = (
                     sa.select(events)
@@ -343,7 +387,7 @@ class StateStore:
         return out
 
     def has_event(self, event_id: str) -> bool:
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return c.execute(sa.select(events.c.seq).where(events.c.event_id == event_id)).first() is not None
 
     # --- contacts -------------------------------------------------------------------------------------------
@@ -368,12 +412,20 @@ class StateStore:
         with self._reading(connection) as c:
             return [dict(r) for r in c.execute(query).mappings()]
 
+    def all_contacts(self) -> list[dict[str, Any]]:
+        """Every contact and response, oldest first."""
+        with self.readers.connect() as c:
+            return [
+                dict(r)
+                for r in c.execute(sa.select(contacts).order_by(contacts.c.at, contacts.c.seq)).mappings()
+            ]
+
     def contact_customers(self) -> list[str]:
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return list(c.execute(sa.select(contacts.c.customer_id).distinct()).scalars())
 
     def has_contact_event(self, event_id: str) -> bool:
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return (
                 c.execute(sa.select(contacts.c.seq).where(contacts.c.event_id == event_id)).first()
                 is not None
@@ -410,28 +462,28 @@ class StateStore:
             .where(decisions.c.customer_id == customer_id)
             .order_by(decisions.c.seq)
         )
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return [json.loads(r) for r in c.execute(query).scalars()]
 
     def all_decisions(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return [
                 json.loads(r)
                 for r in c.execute(sa.select(decisions.c.record).order_by(decisions.c.seq)).scalars()
             ]
 
     def decision_customers(self) -> list[str]:
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return list(c.execute(sa.select(decisions.c.customer_id).distinct()).scalars())
 
     # --- levers ---------------------------------------------------------------------------------------------
 
     def levers(self) -> dict[str, float]:
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return {r.action_id: float(r.lever) for r in c.execute(sa.select(levers))}
 
     def lever_history(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return [
                 json.loads(r)
                 for r in c.execute(sa.select(lever_changes.c.change).order_by(lever_changes.c.seq)).scalars()
@@ -439,7 +491,7 @@ class StateStore:
 
     def set_lever(self, action_id: str, value: float, change: Mapping[str, Any]) -> None:
         """Set one lever and log the change (who, when, old and new) in one transaction."""
-        with self.engine.begin() as c:
+        with self._writing() as c:
             updated = c.execute(
                 levers.update().where(levers.c.action_id == action_id).values(lever=value)
             ).rowcount
@@ -455,7 +507,7 @@ class StateStore:
         transaction; returns the rows removed per table."""
         removed: dict[str, int] = {}
         now = _utcnow()
-        with self.engine.begin() as c:
+        with self._writing() as c:
             for name, table in (("events", events), ("contacts", contacts), ("decisions", decisions)):
                 removed[name] = c.execute(table.delete().where(table.c.customer_id.in_(list(ids)))).rowcount
             known = self._known(c, erased.c.digest, list(digests))
@@ -465,14 +517,27 @@ class StateStore:
             # The change names no id: replicas learn the digests from ``erased``.
             c.execute(changes.update().where(changes.c.customer_id.in_(list(ids))).values(customer_id=None))
             self._changed(c, "erasure")
+        self._scrub()
         return removed
 
+    def _scrub(self) -> None:
+        """After an erasure: SQLite overwrites deleted rows (``secure_delete``); the checkpoint then moves the
+        write-ahead log into the database and truncates it, so no earlier copy of the rows stays in a file.
+        (PostgreSQL keeps deleted rows on disk until their space is reused: run VACUUM, see the README.)"""
+        if self.dialect != "sqlite":
+            return
+        raw = self.engine.raw_connection()
+        try:
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            raw.close()
+
     def erased_digests(self) -> set[str]:
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             return set(c.execute(sa.select(erased.c.digest)).scalars())
 
     def queue_erasure(self, erasure_id: str, customer_id: str, status: Mapping[str, Any]) -> None:
-        with self.engine.begin() as c:
+        with self._writing() as c:
             c.execute(
                 erasure_queue.insert().values(
                     erasure_id=erasure_id, customer_id=customer_id, queued_at=_utcnow()
@@ -482,7 +547,7 @@ class StateStore:
 
     def queued_erasures(self) -> list[tuple[str, str]]:
         """``(erasure_id, customer_id)`` of every erasure still to do, oldest first."""
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             rows = c.execute(
                 sa.select(erasure_queue.c.erasure_id, erasure_queue.c.customer_id).order_by(
                     erasure_queue.c.queued_at
@@ -492,13 +557,14 @@ class StateStore:
 
     def finish_erasures(self, erasure_ids: Sequence[str], statuses: Sequence[Mapping[str, Any]]) -> None:
         """Take done erasures out of the queue (their customer ids go with them) and record their states."""
-        with self.engine.begin() as c:
+        with self._writing() as c:
             c.execute(erasure_queue.delete().where(erasure_queue.c.erasure_id.in_(list(erasure_ids))))
             for erasure_id, status in zip(erasure_ids, statuses, strict=True):
                 self._put_status(c, erasure_id, status)
+        self._scrub()
 
     def put_erasure_status(self, erasure_id: str, status: Mapping[str, Any]) -> None:
-        with self.engine.begin() as c:
+        with self._writing() as c:
             self._put_status(c, erasure_id, status)
 
     @staticmethod
@@ -514,7 +580,7 @@ class StateStore:
             c.execute(erasures.insert().values(erasure_id=erasure_id, status=text, requested_at=requested))
 
     def erasure_status(self, erasure_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as c:
+        with self.readers.connect() as c:
             text = c.execute(
                 sa.select(erasures.c.status).where(erasures.c.erasure_id == erasure_id)
             ).scalar_one_or_none()
@@ -524,7 +590,7 @@ class StateStore:
 
     def trim(self, before: datetime) -> dict[str, int]:
         """Drop what is older than ``before`` from events, contacts, decisions and erasure states."""
-        with self.engine.begin() as c:
+        with self._writing() as c:
             removed = {
                 "events": c.execute(events.delete().where(events.c.timestamp < before)).rowcount,
                 "contacts": c.execute(contacts.delete().where(contacts.c.at < before)).rowcount,
@@ -538,20 +604,15 @@ class StateStore:
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
-    @contextmanager
-    def _transaction(self, connection: Connection | None) -> Iterator[Connection]:
-        if connection is not None:
-            yield connection
-        else:
-            with self.engine.begin() as c:
-                yield c
+    def _transaction(self, connection: Connection | None) -> Any:
+        return self._writing(connection)
 
     @contextmanager
     def _reading(self, connection: Connection | None) -> Iterator[Connection]:
         if connection is not None:
             yield connection
         else:
-            with self.engine.connect() as c:
+            with self.readers.connect() as c:
                 yield c
 
 
@@ -571,12 +632,17 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
-def _sqlite_begin(connection: Any) -> None:
+def _sqlite_begin_immediate(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN")
 
 
 # --- the JSON-lines state of earlier versions --------------------------------------------------------------------

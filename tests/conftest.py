@@ -203,6 +203,8 @@ class RunningService:
     admin_token: str | None = None
     app_token: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    state_url: str | None = None
+    workers: int = 1
     server: Any = None
 
     @classmethod
@@ -223,6 +225,8 @@ class RunningService:
             tracking_uri=self.tracking_uri,
             admin_token=self.admin_token,
             app_token=self.app_token,
+            state_url=self.state_url,
+            workers=self.workers,
             threads=4,
             log_path=self.logs,
         )
@@ -282,3 +286,23 @@ def postgres(tmp_path_factory) -> Postgres:
         yield Postgres(server.get_uri())
     finally:
         server.cleanup()
+
+
+def stored_state(state_dir: Path) -> dict[str, str]:
+    """What the service's state store (the embedded one in ``state_dir``) holds, as text per table: events,
+    contacts and decisions (what a test compares before and after a request, or searches for an id)."""
+    import json
+
+    from serving.state_store import STATE_DB, StateStore, default_state_url
+
+    if not (state_dir / STATE_DB).exists():
+        return {"events": "", "contacts": "", "decisions": ""}
+    store = StateStore(default_state_url(state_dir), create=False)
+    try:
+        return {
+            "events": "\n".join(json.dumps(r, default=str) for r in store.events_after()),
+            "contacts": "\n".join(json.dumps(r, default=str) for r in store.all_contacts()),
+            "decisions": "\n".join(json.dumps(r, default=str) for r in store.all_decisions()),
+        }
+    finally:
+        store.close()

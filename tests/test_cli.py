@@ -152,26 +152,52 @@ def test_train_and_promote_propensity_through_the_cli(tmp_path, capsys, monkeypa
     assert _last_json(capsys)["promoted"] is True
 
 
-def test_report_decisions_counts_acceptance_by_arm_and_action(tmp_path, capsys):
+def test_report_decisions_counts_acceptance_by_arm_and_action(tmp_path, capsys, monkeypatch):
     from datetime import datetime, timedelta
 
     from serving.contact import ContactLedger
     from serving.decision_log import DecisionLog
+    from serving.state_store import StateStore, default_state_url
     from tests.test_decision_log import POLICY, record
 
+    monkeypatch.delenv("NEXTBEST_STATE_URL", raising=False)
     state = tmp_path / "service"
+    url = default_state_url(state)
+    store = StateStore(url)
     t0 = datetime(2026, 3, 1, 9)
-    log = DecisionLog(state / "decisions.jsonl")
+    log = DecisionLog(store)
     log.append(record("C1", "champion", "a", t0))
     log.append(record("C2", "champion", "a", t0))
     log.append(record("C3", "challenger", "b", t0))
-    ledger = ContactLedger(state / "contacts.jsonl", POLICY)
+    ledger = ContactLedger(store, POLICY)
     ledger.record_response("C1", "a", True, t0 + timedelta(days=1))  # accepted within the window
     ledger.record_response("C2", "a", True, t0 + timedelta(days=30))  # too late
     ledger.record_response("C3", "b", False, t0 + timedelta(hours=1))  # a rejection
+    store.close()
+
+    def check(rows):
+        rows = {(r["arm"], r["action_id"]): r for r in rows}
+        assert rows[("champion", "a")]["decisions"] == 2 and rows[("champion", "a")]["accepted"] == 1
+        assert rows[("champion", "a")]["acceptance_rate"] == 0.5
+        assert rows[("challenger", "b")]["accepted"] == 0
+
+    # The store in STATE_DIR/state.db, one named by --state-url, or by NEXTBEST_STATE_URL.
     assert main(["report", "decisions", "--state-dir", str(state), "--json", "--quiet"]) == 0
-    rows = {(r["arm"], r["action_id"]): r for r in _last_json(capsys)["rows"]}
-    assert rows[("champion", "a")]["decisions"] == 2 and rows[("champion", "a")]["accepted"] == 1
-    assert rows[("champion", "a")]["acceptance_rate"] == 0.5
-    assert rows[("challenger", "b")]["accepted"] == 0
+    check(_last_json(capsys)["rows"])
+    # The URL wins over the store of the state directory (an empty one here).
+    elsewhere = tmp_path / "other"
+    StateStore(default_state_url(elsewhere)).close()
+    assert (
+        main(["report", "decisions", "--state-dir", str(elsewhere), "--state-url", url, "--json", "--quiet"])
+        == 0
+    )
+    check(_last_json(capsys)["rows"])
+    monkeypatch.setenv("NEXTBEST_STATE_URL", url)
+    assert main(["report", "decisions", "--state-dir", str(elsewhere), "--json", "--quiet"]) == 0
+    check(_last_json(capsys)["rows"])
+    monkeypatch.delenv("NEXTBEST_STATE_URL")
+    assert main(["report", "decisions", "--state-dir", str(elsewhere), "--json", "--quiet"]) == 0
+    assert _last_json(capsys)["rows"] == []
+    # No store: a usage error, and none is created.
     assert main(["report", "decisions", "--state-dir", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()

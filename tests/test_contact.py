@@ -8,6 +8,7 @@ import pytest
 
 from serving.contact import ContactLedger
 from serving.policy import PolicyError, policy_from_dict
+from serving.state_store import StateStore, default_state_url
 
 T0 = datetime(2026, 1, 1)
 
@@ -31,9 +32,14 @@ POLICY = policy_from_dict(
 )
 
 
+def store(tmp_path) -> StateStore:
+    """The embedded store in tmp_path (a new StateStore each call, as after a restart)."""
+    return StateStore(default_state_url(tmp_path / "state"))
+
+
 @pytest.fixture
 def ledger(tmp_path) -> ContactLedger:
-    return ContactLedger(tmp_path / "contacts.jsonl", POLICY)
+    return ContactLedger(store(tmp_path), POLICY)
 
 
 def test_cap_per_action_per_channel_per_period(ledger):
@@ -123,50 +129,49 @@ def test_timezone_aware_times_are_stored_as_naive_utc(ledger):
 
 
 def test_the_ledger_survives_a_restart(tmp_path):
-    path = tmp_path / "state" / "contacts.jsonl"
-    first = ContactLedger(path, POLICY)
+    first = ContactLedger(store(tmp_path), POLICY)
     first.record_contact("C1", "other", "web", day(0))
     first.record_contact("C1", "other", "web", day(1))
     first.record_response("C1", "offer", False, day(1))
     first.record_response("C1", "offer", False, day(2))
     before = first.entries("C1")
-    # No close(): a crashed process never gets to; every append was already fsynced.
-    second = ContactLedger(path, POLICY)
+    # No close(): a crashed process never gets to; every append was already committed.
+    second = ContactLedger(store(tmp_path), POLICY)
     assert second.entries("C1") == before
     assert second.allowed("C1", "offer", "app", day(3))[1].startswith("suppressed until")
     assert second.allowed("C1", "other", "web", day(3))[1].startswith("contact cap: 2 contacts")
     assert second.allowed("C1", "other", "app", day(3))[0]
-    assert len(path.read_text().splitlines()) == 4
+    assert len(store(tmp_path).all_contacts()) == 4
 
 
-def test_a_torn_last_line_is_dropped_on_reload(tmp_path):
-    path = tmp_path / "contacts.jsonl"
-    ledger = ContactLedger(path, POLICY)
+def test_an_uncommitted_contact_is_not_seen_on_reload(tmp_path):
+    ledger = ContactLedger(store(tmp_path), POLICY)
     ledger.record_contact("C1", "offer", "web", day(0))
-    ledger.close()
-    with open(path, "a") as f:
-        f.write('{"type": "contact", "customer_id": "C1", "act')  # a crash mid-write
-    reloaded = ContactLedger(path, POLICY)
+    # A crash mid-write: the transaction never commits.
+    with pytest.raises(RuntimeError), ledger.store.deciding("C1") as tx:
+        ledger.record_contact("C1", "offer", "web", day(0.5), connection=tx)
+        raise RuntimeError("crash")
+    reloaded = ContactLedger(store(tmp_path), POLICY)
     assert len(reloaded.entries("C1")) == 1
     reloaded.record_contact("C1", "offer", "web", day(1))
-    assert len(ContactLedger(path, POLICY).entries("C1")) == 2
+    assert [e.at for e in ContactLedger(store(tmp_path), POLICY).entries("C1")] == [day(0), day(1)]
 
 
-def test_forget_removes_a_customer_from_memory_and_disk(tmp_path):
-    path = tmp_path / "contacts.jsonl"
-    ledger = ContactLedger(path, POLICY)
+def test_forget_removes_a_customer_from_memory_and_store(tmp_path):
+    ledger = ContactLedger(store(tmp_path), POLICY)
     ledger.record_contact("C1", "offer", "web", day(0))
     ledger.record_response("C1", "offer", False, day(1))
     ledger.record_contact("C10", "offer", "web", day(0))
+    assert ledger.store.forget(["C1"], ["d" * 64])["contacts"] == 2
     assert ledger.forget("C1") == 2
     assert ledger.entries("C1") == []
-    assert '"C1"' not in path.read_text()
+    assert "C1" not in {r["customer_id"] for r in store(tmp_path).all_contacts()}
     assert len(ledger.entries("C10")) == 1
     assert ledger.forget("C1") == 0
-    # Appends after the rewrite go to the new file, and a reload sees no trace of C1.
+    # Appends after the erasure are stored, and a reload sees no trace of C1.
     ledger.record_contact("C10", "other", "web", day(2))
-    reloaded = ContactLedger(path, POLICY)
-    assert reloaded.entries("C1") == []
+    reloaded = ContactLedger(store(tmp_path), POLICY)
+    assert reloaded.entries("C1") == [] and reloaded.customers() == ["C10"]
     assert [e.action_id for e in reloaded.entries("C10")] == ["offer", "other"]
 
 
@@ -175,28 +180,40 @@ def test_an_in_memory_ledger_writes_nothing(tmp_path, monkeypatch):
     ledger = ContactLedger(None, POLICY)
     ledger.record_contact("C1", "offer", "web", day(0))
     assert ledger.forget("C1") == 1
+    # Retries are recognised in memory too.
+    assert ledger.record_response("C1", "offer", True, day(1), event_id="r-1") is not None
+    assert ledger.record_response("C1", "offer", True, day(1), event_id="r-1") is None
+    assert ledger.has_event("r-1") and len(ledger.entries("C1")) == 1
     assert list(tmp_path.iterdir()) == []
 
 
-def test_retention_drops_old_entries_from_memory_and_file(tmp_path):
-    path = tmp_path / "contacts.jsonl"
-    ledger = ContactLedger(path, POLICY)
+def test_retention_drops_old_entries_from_memory_and_store(tmp_path):
+    ledger = ContactLedger(store(tmp_path), POLICY)
     ledger.record_contact("C1", "other", "web", day(0))
     ledger.record_response("C1", "offer", False, day(1))
     ledger.record_contact("C2", "other", "web", day(0))
     ledger.record_contact("C1", "third", "web", day(400))
+    assert ledger.store.trim(day(365))["contacts"] == 3
     assert ledger.trim(day(365)) == 3
     assert [e.action_id for e in ledger.entries("C1")] == ["third"] and ledger.entries("C2") == []
     assert ledger.customers() == ["C1"]
-    assert [e.action_id for e in ContactLedger(path, POLICY).entries("C1")] == ["third"]
+    assert [e.action_id for e in ContactLedger(store(tmp_path), POLICY).entries("C1")] == ["third"]
 
 
 def test_a_response_with_a_known_event_id_is_recognised_after_a_restart(tmp_path):
-    path = tmp_path / "contacts.jsonl"
-    ledger = ContactLedger(path, POLICY)
-    ledger.record_response("C1", "offer", True, day(1), event_id="r-1")
+    ledger = ContactLedger(store(tmp_path), POLICY)
+    assert ledger.record_response("C1", "offer", True, day(1), event_id="r-1") is not None
     assert ledger.has_event("r-1") and not ledger.has_event("r-2")
-    assert ContactLedger(path, POLICY).has_event("r-1")
-    # Answers carry the zone; the file reads back as naive UTC either way.
-    assert '"at": "2026-01-02T00:00:00Z"' in path.read_text()
-    assert ContactLedger(path, POLICY).entries("C1")[0].at == day(1)
+    restarted = ContactLedger(store(tmp_path), POLICY)
+    assert restarted.has_event("r-1")
+    # A retry with the same event id, even after the restart, is not recorded twice.
+    assert restarted.record_response("C1", "offer", True, day(1), event_id="r-1") is None
+    assert len(restarted.entries("C1")) == 1
+    # Answers carry the zone; the store reads back as naive UTC either way.
+    aware = datetime(2026, 1, 2, 2, 0, tzinfo=timezone(timedelta(hours=2)))
+    restarted.record_response("C2", "offer", True, aware, event_id="r-2")
+    rows = store(tmp_path).all_contacts()
+    assert [(r["event_id"], r["at"]) for r in rows] == [("r-1", day(1)), ("r-2", day(1))]
+    assert all(r["at"].tzinfo is None for r in rows)
+    assert ContactLedger(store(tmp_path), POLICY).entries("C1")[0].at == day(1)
+    assert ContactLedger(store(tmp_path), POLICY).entries("C2")[0].at == day(1)

@@ -44,6 +44,7 @@ from serving.dashboard import (
 )
 from serving.decision_log import CandidateRecord, DecisionLog, DecisionRecord
 from serving.policy import load_policy
+from serving.state_store import StateStore, default_state_url
 
 T0 = datetime(2026, 6, 1, 10, 0)
 BASH = shutil.which("bash")
@@ -83,25 +84,23 @@ def _decision(did: str, customer: str, arm: str, chosen: str, kind: str, at: dat
 
 
 @pytest.fixture
-def decision_log(tmp_path) -> Path:
+def decision_log(tmp_path) -> StateStore:
     """Champion: two discount_apex offers (one accepted in time, one accepted too late) and one no-action.
     Challenger: two newsletter offers, both accepted. A rejected response never counts."""
-    state = tmp_path / "service"
-    log = DecisionLog(state / "decisions.jsonl", fsync=False)
+    store = StateStore(default_state_url(tmp_path / "service"))
+    log = DecisionLog(store)
     log.append(_decision("d1", "C0000001", "champion", "discount_apex", "discount", T0))
     log.append(_decision("d2", "C0000002", "champion", "discount_apex", "discount", T0))
     log.append(_decision("d3", "C0000003", "champion", "no_action", "none", T0))
     log.append(_decision("d4", "C0000004", "challenger", "newsletter", "newsletter", T0))
     log.append(_decision("d5", "C0000005", "challenger", "newsletter", "newsletter", T0))
-    log.close()
-    ledger = ContactLedger(state / "contacts.jsonl", load_policy(), fsync=False)
+    ledger = ContactLedger(store, load_policy())
     ledger.record_response("C0000001", "discount_apex", True, T0 + timedelta(days=1))
     ledger.record_response("C0000002", "discount_apex", True, T0 + timedelta(days=30))
     ledger.record_response("C0000004", "newsletter", True, T0 + timedelta(hours=2))
     ledger.record_response("C0000005", "newsletter", True, T0 + timedelta(days=6))
     ledger.record_response("C0000003", "no_action", False, T0 + timedelta(days=1))
-    ledger.close()
-    return state / "decisions.jsonl"
+    return store
 
 
 # --- reading the page back ---------------------------------------------------------------------------------------

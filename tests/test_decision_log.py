@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta
 
 import polars as pl
@@ -18,6 +17,7 @@ from serving.decision_log import (
 from serving.decisions import ActionCandidate, arbitrate
 from serving.jsonl import JsonLinesFile, LogError
 from serving.policy import policy_from_dict
+from serving.state_store import StateStore, default_state_url
 
 T0 = datetime(2026, 3, 1, 9, 0)
 POLICY = policy_from_dict(
@@ -58,6 +58,16 @@ def record(customer: str, arm: str, chosen: str, at: datetime, *, decision_id: s
     )
 
 
+def store(tmp_path) -> StateStore:
+    """The embedded store in tmp_path (a new StateStore each call, as after a restart)."""
+    return StateStore(default_state_url(tmp_path / "state"))
+
+
+def export(records: list[DecisionRecord], path) -> None:
+    """A JSON-lines export of a decision log: one record a line."""
+    path.write_text("".join(r.model_dump_json() + "\n" for r in records))
+
+
 def test_a_record_carries_every_candidate_and_the_choice():
     d = decide("C1", 0.5, 0.9, 0.1, age=16)  # a: 5.0, no_action: 0.1, b filtered (a minor)
     r = DecisionRecord.from_decision(d, arm="challenger", latency_ms=3.25, model_versions={"propensity": "3"})
@@ -79,29 +89,38 @@ def test_a_record_carries_every_candidate_and_the_choice():
 
 
 def test_appends_are_durable_and_reload(tmp_path):
-    path = tmp_path / "logs" / "decisions.jsonl"
-    log = DecisionLog(path)
+    log = DecisionLog(store(tmp_path))
     first = record("C1", "champion", "a", T0)
     second = record("C2", "challenger", "no_action", T0 + timedelta(hours=1))
     log.append(first)
     log.append(second)
-    lines = path.read_text().splitlines()
-    assert len(lines) == 2 and json.loads(lines[0])["decision_id"] == first.decision_id
+    rows = store(tmp_path).all_decisions()
+    assert len(rows) == 2 and rows[0]["decision_id"] == first.decision_id
     # A fresh reader (as after a restart) sees both, equal field for field.
-    assert DecisionLog(path).records() == [first, second]
+    assert DecisionLog(store(tmp_path)).records() == [first, second]
+
+
+def test_an_uncommitted_decision_is_not_seen(tmp_path):
+    log = DecisionLog(store(tmp_path))
+    first = record("C1", "champion", "a", T0)
+    log.append(first)
+    # A crash mid-write: the transaction never commits.
+    with pytest.raises(RuntimeError), log.store.deciding("C2") as tx:
+        log.append(record("C2", "champion", "a", T0), connection=tx)
+        raise RuntimeError("crash")
+    assert DecisionLog(store(tmp_path)).records() == [first]
 
 
 def test_forget_removes_a_customers_decisions(tmp_path):
-    path = tmp_path / "decisions.jsonl"
-    log = DecisionLog(path)
+    log = DecisionLog(store(tmp_path))
     for i, c in enumerate(["C1", "C2", "C1", "C12"]):
         log.append(record(c, "champion", "a", T0 + timedelta(hours=i)))
-    assert log.forget("C1") == 2
-    assert '"C1"' not in path.read_text()
+    assert log.store.forget(["C1"], ["d" * 64])["decisions"] == 2
+    assert all(r["customer_id"] != "C1" for r in store(tmp_path).all_decisions())
     assert [r.customer_id for r in log.records()] == ["C2", "C12"]
     log.append(record("C3", "champion", "a", T0))
-    assert [r.customer_id for r in DecisionLog(path).records()] == ["C2", "C12", "C3"]
-    assert log.forget("nobody") == 0
+    assert [r.customer_id for r in DecisionLog(store(tmp_path)).records()] == ["C2", "C12", "C3"]
+    assert log.store.forget(["nobody"], ["e" * 64])["decisions"] == 0
 
 
 def test_json_lines_file_cuts_a_torn_tail_and_rejects_corruption(tmp_path):
@@ -123,8 +142,7 @@ def test_json_lines_file_cuts_a_torn_tail_and_rejects_corruption(tmp_path):
 
 
 def test_summarise_decisions_by_arm_and_action(tmp_path):
-    path = tmp_path / "decisions.jsonl"
-    log = DecisionLog(path, fsync=False)
+    log = DecisionLog(store(tmp_path))
     day = timedelta(days=1)
     log.append(record("C1", "champion", "a", T0))  # accepted on day 2
     log.append(record("C2", "champion", "a", T0))  # response on day 10: outside the 7-day window
@@ -141,7 +159,7 @@ def test_summarise_decisions_by_arm_and_action(tmp_path):
             "responded": [True, True, True, False, True, True, True],
         }
     )
-    out = summarise_decisions(path, events, window_days=7)
+    out = summarise_decisions(log.store, events, window_days=7)
     assert out.columns == ["arm", "action_id", "decisions", "offers", "accepted", "acceptance_rate"]
     assert out.rows() == [
         ("challenger", "a", 1, 1, 0, 0.0),
@@ -152,40 +170,48 @@ def test_summarise_decisions_by_arm_and_action(tmp_path):
         ("champion", "b", 1, 1, 0, 0.0),
         ("champion", ALL_ACTIONS, 3, 3, 1, pytest.approx(1 / 3)),
     ]
-    # A line being written while the report reads the log is left out, not an error.
+    # A decision whose write never committed (a crash mid-write) is left out, not an error.
+    with pytest.raises(RuntimeError), log.store.deciding("C8") as tx:
+        log.append(record("C8", "champion", "a", T0), connection=tx)
+        raise RuntimeError("crash")
+    assert summarise_decisions(store(tmp_path), events, window_days=7).equals(out)
+    # A JSON-lines export of the log reads the same, and a line being written to it is left out.
+    path = tmp_path / "decisions.jsonl"
+    export(log.records(), path)
+    assert summarise_decisions(path, events, window_days=7).equals(out)
     with open(path, "a") as f:
         f.write('{"decision_id": "half", "timestamp": "2026-03-0')
     assert summarise_decisions(path, events, window_days=7).equals(out)
     # A longer window takes in C2's late response; no responded column means every row is a response.
-    wide = summarise_decisions(path, events.drop("responded").lazy(), window_days=30)
-    assert wide.filter(pl.col("action_id") == ALL_ACTIONS)["accepted"].to_list() == [2, 2]
+    for source in (log.store, path):
+        wide = summarise_decisions(source, events.drop("responded").lazy(), window_days=30)
+        assert wide.filter(pl.col("action_id") == ALL_ACTIONS)["accepted"].to_list() == [2, 2]
 
 
-def test_a_damaged_log_is_reported_with_its_line(tmp_path):
+def test_a_damaged_export_is_reported_with_its_line(tmp_path):
     path = tmp_path / "decisions.jsonl"
-    log = DecisionLog(path)
-    log.append(record("C1", "champion", "a", T0))
+    export([record("C1", "champion", "a", T0)], path)
     with open(path, "a") as f:
         f.write("{oops\n")
-    log.append(record("C2", "champion", "a", T0))
+        f.write(record("C2", "champion", "a", T0).model_dump_json() + "\n")
     with pytest.raises(LogError, match=f"{path} line 2: not valid JSON"):
         read_decisions(path)
 
 
 def test_summarise_needs_the_response_columns(tmp_path):
-    path = tmp_path / "decisions.jsonl"
-    DecisionLog(path).append(record("C1", "champion", "a", T0))
+    log = DecisionLog(store(tmp_path))
+    log.append(record("C1", "champion", "a", T0))
     with pytest.raises(ValueError, match="events need column\\(s\\) action_id; found customer_id, timestamp"):
-        summarise_decisions(path, pl.DataFrame({"customer_id": ["C1"], "timestamp": [T0]}))
-    empty = summarise_decisions(
-        tmp_path / "none.jsonl", pl.DataFrame({"customer_id": ["C1"], "action_id": ["a"], "timestamp": [T0]})
-    )
-    assert empty.height == 0
+        summarise_decisions(log.store, pl.DataFrame({"customer_id": ["C1"], "timestamp": [T0]}))
+    responses = pl.DataFrame({"customer_id": ["C1"], "action_id": ["a"], "timestamp": [T0]})
+    # No decisions yet: an empty store, or a missing export.
+    empty_store = StateStore(default_state_url(tmp_path / "empty"))
+    assert summarise_decisions(empty_store, responses).height == 0
+    assert summarise_decisions(tmp_path / "none.jsonl", responses).height == 0
 
 
 def test_a_customers_decisions_are_read_through_the_index(tmp_path):
-    path = tmp_path / "decisions.jsonl"
-    log = DecisionLog(path)
+    log = DecisionLog(store(tmp_path))
     plan = [("c1", "a", 0), ("c2", "b", 1), ("c1", "no_action", 2), ("c3", "a", 3), ("c1", "b", 4)]
     for customer, chosen, hour in plan:
         log.append(record(customer, "champion", chosen, T0 + timedelta(hours=hour)))
@@ -193,12 +219,12 @@ def test_a_customers_decisions_are_read_through_the_index(tmp_path):
     assert [r.chosen for r in log.records_of("c2")] == ["b"]
     assert log.records_of("nobody") == []
     assert sorted(log.customers()) == ["c1", "c2", "c3"]
-    # Erasure rewrites the file; the index follows it, and a reopened log rebuilds it.
-    assert log.forget("c2") == 1
+    # Erasure deletes the rows; the index follows, and a reopened store reads the same.
+    assert log.store.forget(["c2"], ["d" * 64])["decisions"] == 1
     assert [r.chosen for r in log.records_of("c1")] == ["a", "no_action", "b"] and log.records_of("c2") == []
+    assert sorted(log.customers()) == ["c1", "c3"]
     log.append(record("c3", "champion", "b", T0 + timedelta(hours=5)))
-    log.close()
-    reopened = DecisionLog(path)
+    reopened = DecisionLog(store(tmp_path))
     assert [r.chosen for r in reopened.records_of("c3")] == ["a", "b"]
     assert [r.decision_id for r in reopened.records_of("c1")] == [
         r.decision_id for r in reopened.records() if r.customer_id == "c1"
@@ -206,10 +232,11 @@ def test_a_customers_decisions_are_read_through_the_index(tmp_path):
 
 
 def test_retention_drops_decisions_older_than_the_cutoff(tmp_path):
-    log = DecisionLog(tmp_path / "decisions.jsonl")
+    log = DecisionLog(store(tmp_path))
     for day in (0, 10, 400, 500):
         log.append(record(f"c{day}", "champion", "a", T0 + timedelta(days=day)))
-    assert log.trim(T0 + timedelta(days=365)) == 2
+    assert log.store.trim(T0 + timedelta(days=365))["decisions"] == 2
     assert [r.customer_id for r in log.records()] == ["c400", "c500"]
     assert log.records_of("c0") == [] and len(log.records_of("c400")) == 1
-    assert log.trim(T0 + timedelta(days=365)) == 0
+    assert sorted(log.customers()) == ["c400", "c500"]
+    assert log.store.trim(T0 + timedelta(days=365))["decisions"] == 0

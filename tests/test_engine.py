@@ -24,9 +24,6 @@ from features.privacy import ERASURE_LOG, erasure_key, id_digest
 from serving import api
 from serving.arms import CHALLENGER, CHAMPION, assign_arm
 from serving.engine import (
-    CONTACTS_FILE,
-    DECISIONS_FILE,
-    EVENTS_FILE,
     PROPENSITY_MODEL,
     RECOMMENDER_MODEL,
     BadRequest,
@@ -41,6 +38,7 @@ from serving.engine import (
     Unauthorized,
     check_registry,
 )
+from tests.conftest import stored_state
 from training.cf import prepare_cf_data, train_cf
 from training.propensity import PropensityConfig, fit_propensity
 from training.propensity_data import load_propensity_data
@@ -287,7 +285,7 @@ def test_decisions_score_p_v_l_log_contacts_and_respect_the_contact_cap(trained,
     for rank, a in enumerate(first.actions, start=1):
         assert a.rank == rank and a.score == pytest.approx(a.propensity * a.value * a.lever)
     assert first.actions[0].lever == 1000.0
-    logged = [json.loads(line) for line in (tmp_path / "state" / DECISIONS_FILE).read_text().splitlines()]
+    logged = engine.store.all_decisions()
     assert logged[-1]["decision_id"] == first.decision_id and logged[-1]["chosen"] == action
     assert logged[-1]["model_versions"]["propensity"] == f"{PROPENSITY_MODEL}/1"
     # The policy allows two contacts with an action per channel and week: the third decision must pass it by.
@@ -355,8 +353,7 @@ def test_admin_endpoints_need_the_token_and_are_off_without_one(trained, tmp_pat
 
 
 def test_invalid_events_are_refused_whole(engine):
-    log = engine.config.state_path / EVENTS_FILE
-    before = log.read_text() if log.exists() else ""
+    before = stored_state(engine.config.state_path)
     with pytest.raises(BadRequest, match=r"events\[1\]: event_type 'viewed'"):
         engine.events(
             api.EventsRequest(
@@ -366,7 +363,7 @@ def test_invalid_events_are_refused_whole(engine):
                 ]
             )
         )
-    assert (log.read_text() if log.exists() else "") == before
+    assert stored_state(engine.config.state_path) == before
 
 
 def test_erasure_leaves_no_trace_and_survives_a_restart(trained, tmp_path):
@@ -398,9 +395,10 @@ def test_erasure_leaves_no_trace_and_survives_a_restart(trained, tmp_path):
         assert gone not in e.live_customers()
         r = e.recommend(api.RecommendRequest(customer_id=gone))
         assert not r.personalised
-        for name in (EVENTS_FILE, CONTACTS_FILE, DECISIONS_FILE):
-            assert gone not in (state / name).read_text()
-        assert kept in (state / EVENTS_FILE).read_text()
+        held = stored_state(state)
+        for table in ("events", "contacts", "decisions"):
+            assert gone not in held[table], table
+        assert kept in held["events"]
 
     no_trace(engine)
     logged = {json.loads(line)["hmac"] for line in (data / ERASURE_LOG).read_text().splitlines()}
@@ -444,7 +442,8 @@ def test_the_service_logs_keep_to_the_retention_window(trained, tmp_path):
             api.NextBestActionRequest(customer_id=who, channel="web", context={"now": at.isoformat()})
         )
     assert engine.trim_logs() == {"events": 1, "contacts": 1, "decisions": 1, "erasures": 0}
-    assert old not in (state / EVENTS_FILE).read_text() and recent in (state / EVENTS_FILE).read_text()
+    held = stored_state(state)["events"]
+    assert old not in held and recent in held
     assert [e.customer_id for e in engine.ledger.entries(recent)] == [recent]
     assert engine.ledger.entries(old) == []
     assert engine.decision_log.records_of(old) == [] and len(engine.decision_log.records_of(recent)) == 1

@@ -9,9 +9,22 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 import serving.erasure_queue as erasure_queue
-from serving.erasure_queue import QUEUE_FILE, STATUS_FILE, ErasureQueue
+from serving.erasure_queue import ErasureQueue
+from serving.state_store import StateStore, default_state_url, erasures
+
+
+def store(tmp_path) -> StateStore:
+    """The embedded store in tmp_path (a new StateStore each call, as after a restart)."""
+    return StateStore(default_state_url(tmp_path / "state"))
+
+
+def stored_states(s: StateStore) -> str:
+    """Every row of the erasure states, as text."""
+    with s.engine.connect() as c:
+        return "\n".join(str(tuple(r)) for r in c.execute(sa.select(erasures)))
 
 
 class Eraser:
@@ -41,7 +54,7 @@ def wait(condition, timeout: float = 10.0) -> None:
 
 def test_queued_erasures_are_done_and_the_ids_leave_the_queue(tmp_path):
     eraser = Eraser()
-    queue = ErasureQueue(tmp_path, eraser)
+    queue = ErasureQueue(store(tmp_path), eraser)
     eraser.gate.clear()  # hold the worker: the next two requests arrive while the first runs
     queue.start()
     first = queue.submit("C1")
@@ -55,18 +68,24 @@ def test_queued_erasures_are_done_and_the_ids_leave_the_queue(tmp_path):
     assert eraser.batches == [["C1"], ["C2", "C3"]]
     assert queue.status(first.erasure_id).rows_removed == 7
     assert queue.status(second.erasure_id).rows_removed is None
-    assert (tmp_path / QUEUE_FILE).read_text() == ""
-    assert all(c not in (tmp_path / STATUS_FILE).read_text() for c in ("C1", "C2", "C3"))
+    assert store(tmp_path).queued_erasures() == [] and queue.pending() == 0
+    states = stored_states(store(tmp_path))
+    assert states.count('"state": "done"') == 3
+    assert all(c not in states for c in ("C1", "C2", "C3"))
+    # Nor is any id left in the database's files (deleted rows are overwritten, the WAL checkpointed).
+    for f in (tmp_path / "state").iterdir():
+        assert all(c.encode() not in f.read_bytes() for c in ("C1", "C2", "C3")), f
     queue.stop()
     # The states outlive a restart.
-    assert ErasureQueue(tmp_path, eraser).status(first.erasure_id).state == "done"
+    assert ErasureQueue(store(tmp_path), eraser).status(first.erasure_id).state == "done"
 
 
 def test_an_erasure_left_by_a_crash_is_done_at_the_next_start(tmp_path):
-    crashed = ErasureQueue(tmp_path, Eraser())
+    crashed = ErasureQueue(store(tmp_path), Eraser())
     pending = crashed.submit("C9")  # never started: the process died
     eraser = Eraser()
-    restarted = ErasureQueue(tmp_path, eraser)
+    restarted = ErasureQueue(store(tmp_path), eraser)
+    assert restarted.pending() == 1
     restarted.start()
     assert restarted.wait_idle(10)
     assert eraser.batches == [["C9"]] and restarted.status(pending.erasure_id).state == "done"
@@ -76,12 +95,12 @@ def test_an_erasure_left_by_a_crash_is_done_at_the_next_start(tmp_path):
 def test_a_failed_erasure_stays_queued_and_is_retried(tmp_path, monkeypatch):
     monkeypatch.setattr(erasure_queue, "RETRY_SECONDS", 0.2)
     eraser = Eraser(fail=1)
-    queue = ErasureQueue(tmp_path, eraser)
+    queue = ErasureQueue(store(tmp_path), eraser)
     queue.start()
     status = queue.submit("C4")
     wait(lambda: queue.status(status.erasure_id).state == "failed")
     assert "disk full" in queue.status(status.erasure_id).error
-    assert "C4" in (tmp_path / QUEUE_FILE).read_text()
+    assert store(tmp_path).queued_erasures() == [(status.erasure_id, "C4")]
     assert queue.wait_idle(10)
     assert queue.status(status.erasure_id).state == "done" and eraser.batches == [["C4"]]
     queue.stop()
@@ -89,8 +108,8 @@ def test_a_failed_erasure_stays_queued_and_is_retried(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("days", [0, 1])
 def test_erasure_states_follow_retention(tmp_path, days):
-    queue = ErasureQueue(tmp_path, Eraser())
+    queue = ErasureQueue(store(tmp_path), Eraser())
     status = queue.submit("C5")
-    # Requested at the cut-off: kept; a day before it: dropped (its one "queued" line).
-    assert queue.trim(status.requested_at + timedelta(days=days)) == days
+    # Requested at the cut-off: kept; a day before it: dropped (its one state).
+    assert queue.store.trim(status.requested_at + timedelta(days=days))["erasures"] == days
     assert (queue.status(status.erasure_id) is None) == bool(days)

@@ -25,6 +25,7 @@ from serving.policy import (
     policy_from_dict,
     unpoliced_actions,
 )
+from serving.state_store import StateStore, StateStoreError, default_state_url, import_state_dir
 
 
 def scope(profile=None, context=None, action=None) -> RuleScope:
@@ -396,10 +397,14 @@ def test_attach_catalog_rejects_policy_actions_missing_from_the_catalogue():
 # --- levers -------------------------------------------------------------------------------------------------
 
 
+def _store(tmp_path) -> StateStore:
+    """The embedded store in tmp_path (a new StateStore each call, as after a restart)."""
+    return StateStore(default_state_url(tmp_path / "state"))
+
+
 def test_levers_change_at_run_time_and_survive_a_restart(tmp_path):
     policy = _policy(a={"value": 1, "lever": 2.0}, b={"value": 1})
-    path = tmp_path / "levers.json"
-    state = PolicyState(policy, path)
+    state = PolicyState(policy, _store(tmp_path))
     assert state.levers == {"a": 2.0, "b": 1.0}
     change = state.set_lever("a", 0.5, "alice", at=datetime(2026, 11, 22, 9, 0))
     assert change.model_dump() == {
@@ -413,15 +418,34 @@ def test_levers_change_at_run_time_and_survive_a_restart(tmp_path):
     state.set_lever("a", 3, "bob")
     assert state.lever("a") == 3.0
 
-    restarted = PolicyState(policy, path)
+    restarted = PolicyState(policy, _store(tmp_path))
     assert restarted.levers == {"a": 3.0, "b": 1.0}
     assert [(h.actor, h.old, h.new) for h in restarted.history] == [("alice", 2.0, 0.5), ("bob", 0.5, 3.0)]
-    assert json.loads(path.read_text())["levers"] == {"a": 3.0}
+    assert _store(tmp_path).levers() == {"a": 3.0}
 
     # A policy without the action drops the override (and says so) instead of failing.
-    trimmed = PolicyState(_policy(b={"value": 1}), path)
+    trimmed = PolicyState(_policy(b={"value": 1}), _store(tmp_path))
     assert trimmed.levers == {"b": 1.0}
     assert trimmed.dropped_overrides == {"a": 3.0}
+
+
+def test_reload_sees_a_lever_changed_by_another_replica(tmp_path):
+    policy = _policy(a={"value": 1, "lever": 2.0}, b={"value": 1})
+    mine, other = PolicyState(policy, _store(tmp_path)), PolicyState(policy, _store(tmp_path))
+    other.set_lever("b", 0.25, "carol")
+    assert mine.lever("b") == 1.0  # not until it reloads
+    mine.reload()
+    assert mine.levers == {"a": 2.0, "b": 0.25}
+    assert [(h.actor, h.action_id, h.old, h.new) for h in mine.history] == [("carol", "b", 1.0, 0.25)]
+
+
+def test_levers_without_a_store_are_kept_in_memory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = PolicyState(_policy(a={"value": 1}))
+    state.set_lever("a", 0.5, "alice")
+    state.reload()
+    assert state.levers == {"a": 0.5} and len(state.history) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -435,10 +459,11 @@ def test_levers_change_at_run_time_and_survive_a_restart(tmp_path):
     ],
 )
 def test_bad_lever_changes(action, value, actor, message, tmp_path):
-    state = PolicyState(_policy(a={"value": 1}), tmp_path / "levers.json")
+    state = PolicyState(_policy(a={"value": 1}), _store(tmp_path))
     with pytest.raises(PolicyError, match=message):
         state.set_lever(action, value, actor)
-    assert not (tmp_path / "levers.json").exists()
+    assert _store(tmp_path).levers() == {} and _store(tmp_path).lever_history() == []
+    assert state.levers == {"a": 1.0} and state.history == []
 
 
 def test_default_policy_path_is_inside_the_package():
@@ -453,8 +478,23 @@ def test_the_example_in_the_module_docstring_is_a_valid_policy():
     assert p.actions["retention_call"].contact.max_rejections == 3  # from the defaults
 
 
-def test_a_damaged_levers_file_is_reported(tmp_path):
+def test_a_damaged_levers_file_is_reported_and_not_imported(tmp_path):
+    # The levers file of earlier versions is imported into the store once; a damaged one stops the import.
     path = tmp_path / "levers.json"
     path.write_text("{not json")
-    with pytest.raises(PolicyError, match=f"{path}: cannot read saved levers"):
-        PolicyState(_policy(a={"value": 1}), path)
+    store = _store(tmp_path)
+    with pytest.raises(StateStoreError, match=f"cannot import {tmp_path}: "):
+        import_state_dir(store, tmp_path)
+    assert path.exists() and store.levers() == {} and store.lever_history() == []
+    assert PolicyState(_policy(a={"value": 1}), store).levers == {"a": 1.0}
+
+
+def test_a_levers_file_of_an_earlier_version_is_imported_once(tmp_path):
+    path = tmp_path / "levers.json"
+    change = {"action_id": "a", "old": 1.0, "new": 0.5, "actor": "alice", "at": "2026-01-01T00:00:00Z"}
+    path.write_text(json.dumps({"levers": {"a": 0.5}, "history": [{**change, "policy_version": "t"}]}))
+    store = _store(tmp_path)
+    assert import_state_dir(store, tmp_path) == {"levers.json": 1}
+    assert not path.exists()
+    state = PolicyState(_policy(a={"value": 1}), store)
+    assert state.levers == {"a": 0.5} and [(h.actor, h.new) for h in state.history] == [("alice", 0.5)]

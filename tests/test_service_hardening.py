@@ -27,9 +27,9 @@ import pytest
 
 from features.dataset import Dataset
 from features.privacy import ERASURE_LOG, erasure_key, id_digest
-from serving.engine import CONTACTS_FILE, DECISIONS_FILE, EVENTS_FILE, EngineLoadError
-from serving.server import ServiceProcess, check_start, configured_workers, free_port, start
-from tests.conftest import RunningService
+from serving.engine import EngineLoadError
+from serving.server import ServiceProcess, check_start, free_port, start
+from tests.conftest import RunningService, stored_state
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,12 +43,11 @@ ADMIN_KEY = "admin-key-for-the-tests"
 APP = {"Authorization": f"Bearer {APP_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 NOW = {"now": "2026-04-30T12:00:00"}
-STATE_FILES = (EVENTS_FILE, CONTACTS_FILE, DECISIONS_FILE)
 
 
 def stored(s: RunningService) -> dict[str, str]:
-    """The service's state files as text (what a refused request must leave as it was)."""
-    return {name: (s.state / name).read_text() if (s.state / name).exists() else "" for name in STATE_FILES}
+    """What the service's state store holds, as text (what a refused request must leave as it was)."""
+    return stored_state(s.state)
 
 
 def _hardened(tmp_path_factory, trained_world, name: str) -> RunningService:
@@ -284,13 +283,13 @@ def test_a_retry_with_the_same_event_id_is_stored_once(served):
     assert first.status_code == 200 and first.json()["accepted"] == 3 and first.json()["duplicates"] == 0
     again = served.post("/events", {"events": events})
     assert again.status_code == 200 and again.json()["accepted"] == 0 and again.json()["duplicates"] == 3
-    log = (served.state / EVENTS_FILE).read_text()
+    log = stored(served)["events"]
     assert all(log.count(f'"retry-{k}"') == 1 for k in range(3))
     response = {"customer_id": c, "action_id": "newsletter", "accepted": False, "event_id": "retry-response"}
     assert served.post("/events", {"responses": [response]}).json()["responses"] == 1
     repeated = served.post("/events", {"responses": [response]}).json()
     assert repeated["responses"] == 0 and repeated["duplicates"] == 1
-    assert (served.state / CONTACTS_FILE).read_text().count('"retry-response"') == 1
+    assert stored(served)["contacts"].count('"retry-response"') == 1
 
 
 # --- the OpenAPI document describes every answer ----------------------------------------------------------------
@@ -538,18 +537,14 @@ def test_kill_9_during_a_stream_of_writes_loses_no_acknowledged_event(tmp_path_f
             t.join(60)
         assert 60 <= len(acknowledged) < len(sent)
         s.start()
-        stored = Counter(
-            json.loads(line).get("event_id") for line in (s.state / EVENTS_FILE).read_text().splitlines()
-        )
-        assert acknowledged <= set(stored), "an acknowledged event was lost"
+        held = Counter(json.loads(line).get("event_id") for line in stored(s)["events"].splitlines())
+        assert acknowledged <= set(held), "an acknowledged event was lost"
         # The client retries everything it sent: each event ends up stored once.
         for k in range(0, len(sent), 50):
             r = s.post("/events", {"events": sent[k : k + 50]})
             assert r.status_code == 200, r.text
-        stored = Counter(
-            json.loads(line).get("event_id") for line in (s.state / EVENTS_FILE).read_text().splitlines()
-        )
-        assert set(stored) == {e["event_id"] for e in sent} and set(stored.values()) == {1}
+        held = Counter(json.loads(line).get("event_id") for line in stored(s)["events"].splitlines())
+        assert set(held) == {e["event_id"] for e in sent} and set(held.values()) == {1}
         live = s.post("/profile", {"customer_id": who[0]}, headers=ADMIN).json()["live_events"]
         assert len(live) == 100
     finally:
@@ -605,20 +600,6 @@ def _process(pid: int) -> psutil.Process | None:
 # --- refusals at start ----------------------------------------------------------------------------------------
 
 
-def test_more_than_one_worker_is_refused_at_start(trained_world, tmp_path):
-    with pytest.raises(EngineLoadError, match="refusing to start with 2 workers"):
-        start(
-            trained_world.ds.root,
-            state_dir=tmp_path / "state",
-            tracking_uri=trained_world.tracking_uri,
-            extra_env={"BENTOML_CONFIG_OPTIONS": "services.nextbest.workers=2"},
-        )
-    assert (
-        configured_workers({"BENTOML_CONFIG_OPTIONS": "services.nextbest.workers=1 tracing.sample_rate=0"})
-        == 1
-    )
-
-
 def test_listening_beyond_loopback_needs_an_app_key(trained_world, tmp_path):
     with pytest.raises(EngineLoadError, match="NEXTBEST_APP_TOKEN"):
         start(
@@ -627,6 +608,6 @@ def test_listening_beyond_loopback_needs_an_app_key(trained_world, tmp_path):
             state_dir=tmp_path / "state",
             tracking_uri=trained_world.tracking_uri,
         )
-    assert check_start("0.0.0.0", "a-key", {}) is None
-    assert "open" in check_start("127.0.0.1", None, {})
-    assert "open" in check_start("::1", None, {})
+    assert check_start("0.0.0.0", "a-key") is None
+    assert "open" in check_start("127.0.0.1", None)
+    assert "open" in check_start("::1", None)

@@ -15,9 +15,9 @@ import polars as pl
 import pytest
 
 from features.privacy import ERASURE_LOG, erasure_key, id_digest
-from serving.engine import CONTACTS_FILE, DECISIONS_FILE, EVENTS_FILE, EngineLoadError
+from serving.engine import EngineLoadError
 from serving.server import start
-from tests.conftest import RunningService
+from tests.conftest import RunningService, stored_state
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -125,7 +125,7 @@ def test_next_best_action_contract(served):
         "recommender": "nextbest-recommender/1",
         "propensity": "nextbest-propensity/1",
     }
-    decisions = (served.state / DECISIONS_FILE).read_text().splitlines()
+    decisions = stored_state(served.state)["decisions"].splitlines()
     assert json.loads(decisions[-1])["decision_id"] == body["decision_id"]
 
 
@@ -305,7 +305,7 @@ def test_erasure_leaves_no_trace(served):
     served.post("/events", {"events": [{"customer_id": c, "item_id": item, "event_type": "add_to_cart"}]})
     served.post("/next_best_action", {"customer_id": c, "channel": "web", "context": NOW})
     served.post("/events", {"responses": [{"customer_id": c, "action_id": "newsletter", "accepted": False}]})
-    assert c in (served.state / EVENTS_FILE).read_text()
+    assert c in stored_state(served.state)["events"]
     assert served.post("/forget", {"customer_id": c}).status_code == 401
     r = served.post("/forget", {"customer_id": c}, headers=ADMIN)
     assert r.status_code == 200, r.text
@@ -317,8 +317,8 @@ def test_erasure_leaves_no_trace(served):
     for key in ("events", "live_events", "contacts", "decisions", "interactions", "purchases"):
         assert p[key] == [], key
     assert not served.post("/recommend", {"customer_id": c}).json()["personalised"]
-    for name in (EVENTS_FILE, CONTACTS_FILE, DECISIONS_FILE):
-        assert c not in (served.state / name).read_text(), name
+    for table, held in stored_state(served.state).items():
+        assert c not in held, table
     erasures = (served.ds.root / ERASURE_LOG).read_text()
     assert id_digest(c, erasure_key()) in erasures and c not in erasures
 
@@ -366,7 +366,7 @@ def test_bad_inputs_get_4xx_naming_the_field(served):
     )
     assert r.status_code == 400 and "json" in r.text.lower()
     # Nothing of the refused batches was stored.
-    assert "stare" not in (served.state / EVENTS_FILE).read_text()
+    assert "stare" not in stored_state(served.state)["events"]
 
 
 # --- durability (restarts the server: keep it last but one) -----------------------------------------------

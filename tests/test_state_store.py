@@ -21,10 +21,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from serving.contact import ContactLedger
-from serving.decision_log import DecisionLog
-from serving.event_log import EventLog
-from serving.policy import PolicyState, policy_from_dict
 from serving.state_store import (
     SCHEMA_VERSION,
     StateStore,
@@ -274,26 +270,61 @@ def test_an_acknowledged_event_survives_kill_9_and_nothing_half_written_is_read_
 
 # --- the state directories of earlier versions -----------------------------------------------------------------
 
-POLICY = policy_from_dict(
-    {"version": "p1", "actions": {"offer": {"value": 1}, "no_action": {"kind": "none", "value": 1}}}
-)
-
 
 def test_a_state_directory_of_the_old_format_is_imported_once(url, tmp_path):
     old = tmp_path / "old-state"
-    log = EventLog(old / "events.jsonl")
-    log.append(
+    old.mkdir()
+
+    def lines(name: str, rows: list[dict]) -> None:
+        (old / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # What versions before the store wrote (the torn last line of a crash included: never acknowledged).
+    lines(
+        "events.jsonl",
         [
             {**event("C1"), "timestamp": T0.isoformat(), "event_id": "e1"},
             {**event("C2"), "timestamp": T0.isoformat()},
-        ]
+        ],
     )
-    ledger = ContactLedger(old / "contacts.jsonl", POLICY)
-    ledger.record_contact("C1", "offer", "web", T0)
-    ledger.record_response("C1", "offer", False, T0 + timedelta(hours=1), event_id="r1")
-    decisions = DecisionLog(old / "decisions.jsonl")
-    decisions._file.append({**decision("C1", 1), "arm": "champion"})
-    PolicyState(POLICY, old / "levers.json").set_lever("offer", 3.0, "ops")
+    (old / "events.jsonl").write_text((old / "events.jsonl").read_text() + '{"customer_id": "C3", "item')
+    lines(
+        "contacts.jsonl",
+        [
+            {
+                "type": "contact",
+                "customer_id": "C1",
+                "action_id": "offer",
+                "channel": "web",
+                "at": T0.isoformat(),
+            },
+            {
+                "type": "response",
+                "customer_id": "C1",
+                "action_id": "offer",
+                "at": (T0 + timedelta(hours=1)).isoformat() + "Z",
+                "accepted": False,
+                "event_id": "r1",
+            },
+        ],
+    )
+    lines("decisions.jsonl", [{**decision("C1", 1), "arm": "champion"}])
+    (old / "levers.json").write_text(
+        json.dumps(
+            {
+                "levers": {"offer": 3.0},
+                "history": [
+                    {
+                        "action_id": "offer",
+                        "old": 1.0,
+                        "new": 3.0,
+                        "actor": "ops",
+                        "at": T0.isoformat(),
+                        "policy_version": "p1",
+                    }
+                ],
+            }
+        )
+    )
     kept = (old / "events.jsonl").read_bytes()
 
     store = StateStore(url)

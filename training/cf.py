@@ -700,7 +700,7 @@ def tune_cf(
         model: the model to tune.
         trials: trials to run in this call.
         timeout: stop starting trials after this many seconds.
-        storage: Optuna storage URL (``sqlite:///…``, ``postgresql+psycopg2://…``).
+        storage: Optuna storage URL (``sqlite:///…``, ``postgresql://…``).
         study_name: study to create or resume.
         metric: validation metric to maximise.
         tracking: MLflow settings.
