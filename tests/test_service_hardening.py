@@ -50,9 +50,11 @@ def stored(s: RunningService) -> dict[str, str]:
     return stored_state(s.state)
 
 
-def _hardened(tmp_path_factory, trained_world, name: str) -> RunningService:
+def _hardened(tmp_path_factory, trained_world, name: str, state_url: str | None = None) -> RunningService:
     root = tmp_path_factory.mktemp(name)
-    return RunningService.on_copy(trained_world, root, admin_token=ADMIN_KEY, app_token=APP_KEY, headers=APP)
+    return RunningService.on_copy(
+        trained_world, root, admin_token=ADMIN_KEY, app_token=APP_KEY, headers=APP, state_url=state_url
+    )
 
 
 @pytest.fixture(scope="module")
@@ -499,8 +501,12 @@ def test_erasure_reaches_every_linked_id_the_logs_and_the_dataset(tmp_path_facto
 # --- crashes and stops ---------------------------------------------------------------------------------------------
 
 
-def test_kill_9_during_a_stream_of_writes_loses_no_acknowledged_event(tmp_path_factory, trained_world):
-    s = _hardened(tmp_path_factory, trained_world, "kill9").start()
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_kill_9_during_a_stream_of_writes_loses_no_acknowledged_event(
+    request, tmp_path_factory, trained_world, store
+):
+    url = request.getfixturevalue("postgres").database("kill9") if store == "postgresql" else None
+    s = _hardened(tmp_path_factory, trained_world, f"kill9-{store}", state_url=url).start()
     try:
         who = customers(s, 4, skip=20)
         items = s.ds.read("items")["item_id"].to_list()
@@ -537,13 +543,13 @@ def test_kill_9_during_a_stream_of_writes_loses_no_acknowledged_event(tmp_path_f
             t.join(60)
         assert 60 <= len(acknowledged) < len(sent)
         s.start()
-        held = Counter(json.loads(line).get("event_id") for line in stored(s)["events"].splitlines())
+        held = Counter(e["event_id"] for e in stored_events(s))
         assert acknowledged <= set(held), "an acknowledged event was lost"
         # The client retries everything it sent: each event ends up stored once.
         for k in range(0, len(sent), 50):
             r = s.post("/events", {"events": sent[k : k + 50]})
             assert r.status_code == 200, r.text
-        held = Counter(json.loads(line).get("event_id") for line in stored(s)["events"].splitlines())
+        held = Counter(e["event_id"] for e in stored_events(s))
         assert set(held) == {e["event_id"] for e in sent} and set(held.values()) == {1}
         live = s.post("/profile", {"customer_id": who[0]}, headers=ADMIN).json()["live_events"]
         assert len(live) == 100
@@ -588,6 +594,17 @@ def test_sigterm_and_sigint_stop_the_whole_process_tree(tmp_path_factory, traine
     finally:
         if cli.poll() is None:
             cli.kill()
+
+
+def stored_events(s: RunningService) -> list[dict[str, Any]]:
+    """The events in the service's state store (the embedded one, or ``s.state_url``)."""
+    from serving.state_store import StateStore, default_state_url
+
+    store = StateStore(s.state_url or default_state_url(s.state), create=False)
+    try:
+        return store.events_after()
+    finally:
+        store.close()
 
 
 def _process(pid: int) -> psutil.Process | None:
