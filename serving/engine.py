@@ -66,9 +66,6 @@ from features.schema import (
     CUSTOMER_ID,
     EVENT_TYPE,
     ITEM_ID,
-    PRICE,
-    QUANTITY,
-    SESSION_ID,
     TIMESTAMP_COL,
     Vocabulary,
 )
@@ -115,7 +112,7 @@ from serving.policy import (
     load_policy,
     unpoliced_actions,
 )
-from serving.state_store import StateStore, StateStoreError, import_state_dir, redact
+from serving.state_store import EVENT_COLUMNS, StateStore, StateStoreError, import_state_dir, redact
 
 logger = logging.getLogger("nextbest.serving")
 
@@ -134,16 +131,6 @@ PURCHASE = "purchase"
 SIMILAR_ATTRIBUTES: tuple[str, ...] = ("category", "sport", "brand", "colour")
 SESSION_ITEMS = 20
 """At most this many of a customer's items (strongest first) seed session-based item similarity."""
-EVENT_COLUMNS: tuple[str, ...] = (
-    CUSTOMER_ID,
-    ITEM_ID,
-    EVENT_TYPE,
-    TIMESTAMP_COL,
-    SESSION_ID,
-    CHANNEL,
-    QUANTITY,
-    PRICE,
-)
 
 
 def _utcnow() -> datetime:

@@ -35,6 +35,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from features.schema import (
+    CHANNEL,
+    CUSTOMER_ID,
+    EVENT_TYPE,
+    ITEM_ID,
+    PRICE,
+    QUANTITY,
+    SESSION_ID,
+    TIMESTAMP_COL,
+)
+
 SCHEMA_VERSION = 1
 STATE_DB = "state.db"
 """The embedded store's file in the state directory."""
@@ -152,16 +163,17 @@ erasures = sa.Table(
     sa.Column("requested_at", sa.DateTime, nullable=False, index=True),
 )
 
-EVENT_COLUMNS = (
-    "customer_id",
-    "item_id",
-    "event_type",
-    "timestamp",
-    "session_id",
-    "channel",
-    "quantity",
-    "price",
+EVENT_COLUMNS: tuple[str, ...] = (
+    CUSTOMER_ID,
+    ITEM_ID,
+    EVENT_TYPE,
+    TIMESTAMP_COL,
+    SESSION_ID,
+    CHANNEL,
+    QUANTITY,
+    PRICE,
 )
+"""The columns of an event the service keeps: the contract's, less ``source_system`` (ids arrive resolved)."""
 CONTACT_COLUMNS = ("type", "customer_id", "action_id", "channel", "at", "accepted", "event_id")
 
 

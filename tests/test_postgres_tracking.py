@@ -37,7 +37,8 @@ from mlflow import MlflowClient
 
 from serving.server import free_port
 from tests.conftest import RunningService
-from training.tracking import REGISTERED_MODEL, TAG_STAGE
+from tests.test_study_workers import check_one_shared_study
+from training.tracking import REGISTERED_MODEL
 
 pytestmark = [
     pytest.mark.slow,
@@ -157,29 +158,8 @@ def test_two_tune_processes_share_one_study_on_postgresql(postgres, trained_worl
         n="shared",
     ) == [(WORKERS * TRIALS,)]
 
-    # One parent run in MLflow on PostgreSQL (the loser of the race deleted its own) with a nested run per trial.
-    client = MlflowClient(uri, uri)
-    experiment = client.get_experiment_by_name("world")
-    parents = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{TAG_STAGE}` = 'study'", max_results=100
-    )
-    assert len(parents) == 1
-    parent = parents[0].info.run_id
-    assert {s["run_id"] for s in summaries} == {parent}
-    nested = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=100
-    )
-    assert sorted(int(r.data.tags["optuna.trial"]) for r in nested) == list(range(WORKERS * TRIALS))
-
-    # The best trial is registered once as the challenger.
-    registered = study.user_attrs["nextbest_registered_best"]
-    assert registered["trial"] == study.best_trial.number
-    challenger = client.get_model_version_by_alias(REGISTERED_MODEL, "challenger")
-    assert str(challenger.version) == registered["logged"]["version"]
-    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
-    assert 1 <= len(versions) <= WORKERS
-    assert registered["logged"]["version"] in {s.get("version") for s in summaries}
-    assert client.get_run(parent).data.metrics["best_value"] == pytest.approx(study.best_value)
+    # MLflow on PostgreSQL: one parent run, a nested run per trial, the best registered once.
+    check_one_shared_study(uri, study, summaries, WORKERS * TRIALS, WORKERS)
 
 
 @contextlib.contextmanager

@@ -59,7 +59,14 @@ def test_workers_share_one_study_one_parent_run_and_register_the_best(world, tmp
     configs = {json.dumps(t.user_attrs["config"], sort_keys=True) for t in study.trials}
     assert len(configs) == WORKERS * TRIALS
 
-    # One parent run (the losers of the race deleted theirs) with a nested run per trial.
+    check_one_shared_study(uri, study, summaries, WORKERS * TRIALS, WORKERS)
+
+
+def check_one_shared_study(
+    uri: str, study: optuna.Study, summaries: list[dict], trials: int, workers: int
+) -> None:
+    """What workers sharing one study leave in MLflow (at ``uri``): one parent run (the losers of the race
+    deleted theirs) with a nested run per trial, and the study's best trial registered once as the challenger."""
     client = MlflowClient(uri, uri)  # the registry too: earlier tests in this process set a global one
     experiment = client.get_experiment_by_name("world")
     parents = client.search_runs(
@@ -71,7 +78,7 @@ def test_workers_share_one_study_one_parent_run_and_register_the_best(world, tmp
     nested = client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=100
     )
-    assert sorted(int(r.data.tags["optuna.trial"]) for r in nested) == list(range(WORKERS * TRIALS))
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in nested) == list(range(trials))
 
     # The challenger is the study's best trial, registered once: the worker that finished last saw every trial,
     # and a worker whose best was overtaken registered nothing or an earlier version.
@@ -80,6 +87,6 @@ def test_workers_share_one_study_one_parent_run_and_register_the_best(world, tmp
     challenger = client.get_model_version_by_alias(REGISTERED_MODEL, "challenger")
     assert str(challenger.version) == registered["logged"]["version"]
     versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
-    assert 1 <= len(versions) <= WORKERS
+    assert 1 <= len(versions) <= workers
     assert registered["logged"]["version"] in {s.get("version") for s in summaries}
     assert client.get_run(parent).data.metrics["best_value"] == pytest.approx(study.best_value)
