@@ -822,6 +822,7 @@ class Engine:
                 changed = self._apply_events(
                     frame.filter(~pl.col(CUSTOMER_ID).is_in(gone)) if gone else frame
                 )
+                self._stale(changed)  # rebuilt in the background, before the next answer asks
             for customer_id in {c.customer_id for c in feed if c.kind == "contact" and c.customer_id}:
                 self.ledger.refresh(customer_id)
             if "lever" in kinds or "import" in kinds:

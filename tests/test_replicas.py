@@ -32,8 +32,9 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 NOW = {"now": "2026-04-30T12:00:00"}
 
 
-def eventually(check, timeout: float = 10.0) -> Any:
-    """Poll ``check`` until it returns something truthy (bounded); return it."""
+def eventually(check, timeout: float = 60.0) -> Any:
+    """Poll ``check`` until it returns something truthy (bounded: correctness, not speed, is tested here — the
+    delay is measured by ``benchmarks/serving.py --replica-delay``); return it."""
     deadline = time.monotonic() + timeout
     while True:
         found = check()
