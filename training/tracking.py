@@ -641,7 +641,12 @@ def register_logged_model(
         client.set_model_version_tag(name, version, key, value)
     if description:
         client.update_model_version(name, version, description=description)
-    client.set_registered_model_alias(name, tracking.alias, version)
+    # Two study workers on a server store may register at the same moment: the one whose alias insert loses the
+    # race sets it again (the registry then holds both versions, the alias on the later).
+    with_retries(
+        lambda: client.set_registered_model_alias(name, tracking.alias, version),
+        what=f"the alias {tracking.alias!r} of {name}",
+    )
     run_id = mlflow.active_run().info.run_id
     client.set_tag(run_id, TAG_REGISTERED_MODEL, name)
     client.set_tag(run_id, TAG_MODEL_VERSION, version)
