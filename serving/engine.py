@@ -121,6 +121,8 @@ FUTURE_TOLERANCE = timedelta(days=1)
 """How far ahead of the service's clock an event or response may be dated (clients' clocks drift, and some send
 local time as UTC); later ones are refused. The earliest date taken is the start of the retention window
 (:meth:`Engine.retention_start`): older events would be dropped by the next feature build."""
+CHECKPOINT_SECONDS = 30.0
+"""How often the embedded store's write-ahead log is folded into the database (:meth:`StateStore.checkpoint`)."""
 TRIM_INTERVAL_SECONDS = 3600.0
 """How often the service drops log entries that fell out of the retention window (also done at start)."""
 
@@ -849,9 +851,13 @@ class Engine:
 
     def _follow(self) -> None:
         interval = self.config.sync_interval_ms / 1000.0
+        checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
         while not self._stop.wait(interval):
             try:
                 self.sync()
+                if time.monotonic() >= checkpoint_at:
+                    checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
+                    self.store.checkpoint()
             except Exception:  # the store may be out of reach for a moment: try again at the next tick
                 logger.exception("cannot follow the state store")
 

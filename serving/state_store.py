@@ -532,6 +532,12 @@ class StateStore:
         self._scrub()
         return removed
 
+    def checkpoint(self) -> None:
+        """SQLite: move the write-ahead log into the database and truncate it. Readers that follow the store
+        every few milliseconds can keep SQLite's own checkpoints from ever resetting the log, which then grows,
+        and every read with it; the service calls this every half minute. (Nothing to do on PostgreSQL.)"""
+        self._scrub()
+
     def _scrub(self) -> None:
         """After an erasure: SQLite overwrites deleted rows (``secure_delete``); the checkpoint then moves the
         write-ahead log into the database and truncates it, so no earlier copy of the rows stays in a file.
