@@ -23,38 +23,23 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class JsonLinesFile:
-    """A durable, append-only JSON-lines file shared by the event log, the decision log and the contact ledger.
+    """A durable, append-only JSON-lines file (what versions before the state store kept the
+    service's state in; :func:`read_lines` reads their files and JSON-lines exports).
 
     ``append`` returns only once the line is flushed and (by default) fsynced, so an acknowledged write survives
     a crash. A torn last line left by a crash mid-write (never acknowledged) is cut off when the file is opened.
     ``rewrite`` replaces the file atomically (write a copy, fsync, rename), which is how erasure and retention
-    remove lines. With ``index_key``, the byte offsets of each key's lines are kept in memory, so
-    :meth:`read_key` reads one customer's lines without scanning the file.
+    remove lines.
     Thread-safe within one process; one writer process per file.
     """
 
-    def __init__(self, path: str | Path, *, fsync: bool = True, index_key: str | None = None) -> None:
+    def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
         self.path = Path(path)
         self.fsync = fsync
-        self.index_key = index_key
         self._lock = threading.Lock()
-        self._offsets: dict[str, list[int]] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_torn_tail()
         self._file = open(self.path, "ab")  # noqa: SIM115 -- held open for appends
-        if index_key is not None:
-            self._build_index()
-
-    def _build_index(self) -> None:
-        self._offsets = {}
-        offset = 0
-        with open(self.path, "rb") as f:
-            for line in f:
-                if line.strip():
-                    key = _key_of(line, self.index_key)
-                    if key is not None:
-                        self._offsets.setdefault(key, []).append(offset)
-                offset += len(line)
 
     def _drop_torn_tail(self) -> None:
         if not self.path.exists():
@@ -93,36 +78,10 @@ class JsonLinesFile:
             return
         lines = [(json.dumps(r, ensure_ascii=False, default=str) + "\n").encode("utf-8") for r in records]
         with self._lock:
-            offset = self._file.tell()
             self._file.write(b"".join(lines))
             self._file.flush()
             if self.fsync:
                 os.fsync(self._file.fileno())
-            if self.index_key is not None:
-                for record, line in zip(records, lines, strict=True):
-                    key = record.get(self.index_key)
-                    if isinstance(key, str):
-                        self._offsets.setdefault(key, []).append(offset)
-                    offset += len(line)
-
-    def read_key(self, key: str) -> list[dict[str, Any]]:
-        """The records whose ``index_key`` field is ``key``, in file order, read by offset (no scan)."""
-        assert self.index_key is not None, "read_key needs an index_key"
-        with self._lock:
-            offsets = list(self._offsets.get(key, ()))
-            if not offsets:
-                return []
-            out = []
-            with open(self.path, "rb") as f:
-                for offset in offsets:
-                    f.seek(offset)
-                    out.append(json.loads(f.readline()))
-            return out
-
-    def keys(self) -> list[str]:
-        """The indexed keys with at least one line."""
-        with self._lock:
-            return list(self._offsets)
 
     def read(self) -> list[dict[str, Any]]:
         """Every record, in file order.
@@ -152,22 +111,11 @@ class JsonLinesFile:
                 _fsync_dir(self.path.parent)
             finally:
                 self._file = open(self.path, "ab")  # noqa: SIM115 -- held open for appends
-                if self.index_key is not None:
-                    self._build_index()
             return removed
 
     def close(self) -> None:
         with self._lock:
             self._file.close()
-
-
-def _key_of(line: bytes, key: str | None) -> str | None:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    value = record.get(key) if isinstance(record, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def read_lines(path: Path) -> Iterator[dict[str, Any]]:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import AfterValidator, PlainSerializer, WithJsonSchema
 
@@ -28,24 +27,3 @@ UtcDateTime = Annotated[
 ]
 """A timestamp held as naive UTC and written in JSON with its zone (``2026-05-01T12:00:00Z``), as RFC 3339 and
 the OpenAPI ``date-time`` format require; either form reads back."""
-
-
-def parse_utc(text: str) -> datetime:
-    """An ISO timestamp as written in the service's logs (naive, or with a zone) as naive UTC."""
-    return naive_utc(datetime.fromisoformat(text))
-
-
-def older_than(field: str, cutoff: datetime) -> Callable[[dict[str, Any]], bool]:
-    """A ``keep`` test for :meth:`serving.jsonl.JsonLinesFile.rewrite`: keeps records whose ``field`` is at or
-    after ``cutoff`` (records without a readable time are kept: retention never guesses)."""
-
-    def keep(record: dict[str, Any]) -> bool:
-        value = record.get(field)
-        if not isinstance(value, str):
-            return True
-        try:
-            return parse_utc(value) >= cutoff
-        except ValueError:
-            return True
-
-    return keep
