@@ -77,9 +77,9 @@ def _log(message: str) -> None:
 
 def ensure_dataset(path: Path) -> Any:
     """Complete Journey imported into ``path`` with features built at the issue's cut-offs (cached)."""
-    from features.dataset import Dataset
-    from features.importers import import_completejourney
-    from features.pipeline import FeatureConfig, build_features
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.importers import import_completejourney
+    from nextbest.features.pipeline import FeatureConfig, build_features
 
     ds = Dataset.at(path)
     if not ds.has_table("events"):
@@ -103,8 +103,8 @@ def check_unseen_dropped(data: Any) -> dict[str, int]:
     """
     import polars as pl
 
-    from features.pipeline import clean_events
-    from features.schema import CUSTOMER_ID, EVENT_TYPE, ITEM_ID, TIMESTAMP_COL
+    from nextbest.features.pipeline import clean_events
+    from nextbest.features.schema import CUSTOMER_ID, EVENT_TYPE, ITEM_ID, TIMESTAMP_COL
 
     events = clean_events(data.dataset, data.feature_config).collect()
     before = events.filter(pl.col(TIMESTAMP_COL) < TEST_START)
@@ -140,7 +140,7 @@ def implicit_defaults() -> dict[str, Any]:
     from implicit.cpu.bpr import BayesianPersonalizedRanking
     from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
 
-    from training.recommenders import ALSConfig, BPRConfig, ItemKNNConfig
+    from nextbest.training.recommenders import ALSConfig, BPRConfig, ItemKNNConfig
 
     def defaults(cls: Any, names: list[str]) -> dict[str, Any]:
         params = inspect.signature(cls.__init__).parameters
@@ -163,8 +163,8 @@ def implicit_defaults() -> dict[str, Any]:
 
 def evaluate_on_test(data: Any, label: str, model: str, config: Any, rows: list[dict[str, Any]]) -> None:
     """Fit on everything before the test cut-off, evaluate on the test period, append a table row."""
-    from training.cf import fit_recommender
-    from training.evaluation import evaluate
+    from nextbest.training.cf import fit_recommender
+    from nextbest.training.evaluation import evaluate
 
     rec, fit_s = fit_recommender(model, config, data.full)
     started = time.perf_counter()
@@ -197,9 +197,9 @@ def tune_blend(
     """The blend's weights and kNN part on validation, its ALS and repeat parts fitted once (module docstring)."""
     import optuna
 
-    from training.cf import fit_recommender
-    from training.evaluation import score_metric
-    from training.recommenders import BlendConfig, BlendRecommender, ItemKNNConfig
+    from nextbest.training.cf import fit_recommender
+    from nextbest.training.evaluation import score_metric
+    from nextbest.training.recommenders import BlendConfig, BlendRecommender, ItemKNNConfig
 
     period, task = tune_data.train, tune_data.validation
     als_model, _ = fit_recommender("als", als, period)
@@ -291,7 +291,7 @@ def goals(rows: list[dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
     Each comparison also gets a paired bootstrap over the test customers (2,000 resamples, 95% interval), so a
     margin that is within noise says so.
     """
-    from training.metrics import paired_bootstrap
+    from nextbest.training.metrics import paired_bootstrap
 
     by = {r["model"]: r for r in rows}
     ours = [r for r in rows if "implicit defaults" not in r["model"]]
@@ -353,10 +353,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("implicit").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    from training.cf import prepare_cf_data, tune_cf
-    from training.evaluation import EvaluationConfig
-    from training.recommenders import BlendConfig, PopularityConfig, RepeatConfig
-    from training.tracking import TrackingConfig
+    from nextbest.training.cf import prepare_cf_data, tune_cf
+    from nextbest.training.evaluation import EvaluationConfig
+    from nextbest.training.recommenders import BlendConfig, PopularityConfig, RepeatConfig
+    from nextbest.training.tracking import TrackingConfig
 
     started = time.perf_counter()
     ds = ensure_dataset(args.data)

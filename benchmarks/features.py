@@ -29,7 +29,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 BASELINE = """
 import sys, time, polars as pl
-from features.dataset import Dataset
+from nextbest.features.dataset import Dataset
 ds = Dataset.at(sys.argv[1])
 t = time.perf_counter()
 n = pl.scan_parquet(ds.table_files("events")).group_by("customer_id", "item_id").len().collect().height
@@ -39,8 +39,8 @@ print(time.perf_counter() - t, n, resource.getrusage(resource.RUSAGE_SELF).ru_ma
 
 FULL = """
 import sys, time
-from features.dataset import Dataset
-from features.pipeline import build_features
+from nextbest.features.dataset import Dataset
+from nextbest.features.pipeline import build_features
 t = time.perf_counter()
 m = build_features(Dataset.at(sys.argv[1]))
 import resource
@@ -61,8 +61,8 @@ def _run(code: str, data: Path) -> tuple[float, int, float]:
 
 
 def _ensure_world(data: Path, events: int) -> int:
-    from features.dataset import Dataset
-    from features.generate import WorldConfig, generate_world
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.generate import WorldConfig, generate_world
 
     ds = Dataset.at(data)
     if ds.has_table("events"):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from features.dataset import Dataset
+    from nextbest.features.dataset import Dataset
 
 # Run as a script, this file's folder comes first on sys.path and its name would shadow the features package.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -59,7 +59,7 @@ def _per_kind(data, y, predictions: dict) -> dict[str, dict]:
     """Test-period AUC and ECE of each model per action kind (from the catalogue's ``kind`` column), and overall."""
     import numpy as np
 
-    from training.propensity import expected_calibration_error, roc_auc
+    from nextbest.training.propensity import expected_calibration_error, roc_auc
 
     if "kind" in data.catalog.columns:
         kinds = (
@@ -91,8 +91,8 @@ def propensity_world(
 ) -> Dataset:
     """The benchmark's generated world (``benchmarks/out/propensity-<customers>-<exposures>-<seed>`` unless
     ``data`` names another folder), generated once and then reused."""
-    from features.dataset import Dataset
-    from features.generate import WorldConfig, generate_world
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.generate import WorldConfig, generate_world
 
     ds = Dataset.at(Path(data or f"benchmarks/out/propensity-{customers}-{exposures:g}-{seed}"))
     if not ds.has_table("actions"):
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     import polars as pl
     import torch
 
-    from training.propensity import (
+    from nextbest.training.propensity import (
         PropensityConfig,
         PropensityScorer,
         evaluate_propensity,
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         fit_propensity,
         roc_auc,
     )
-    from training.propensity_data import load_propensity_data
+    from nextbest.training.propensity_data import load_propensity_data
 
     ds = propensity_world(args.customers, args.days, args.seed, args.exposures, data=args.data)
     root = ds.root

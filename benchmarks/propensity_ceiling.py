@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 if TYPE_CHECKING:
-    from features.dataset import Dataset
+    from nextbest.features.dataset import Dataset
 
 GOAL_GAP = 0.02
 # The planted propensity's customer inputs (``_planted`` reads them all). The consent rule hides every one but
@@ -120,7 +120,7 @@ def _history_before(exposures: pl.DataFrame, history: pl.DataFrame, days: int) -
 def true_inputs(ds: Dataset) -> pl.DataFrame:
     """Per exposure, the planted propensity's inputs rebuilt from the raw and truth tables, with ``p_rebuilt``,
     ``p_true`` and ``profiling`` (the customer grants profiling)."""
-    from features.generate import ACTION_KINDS, EXPOSURE_CHANNELS
+    from nextbest.features.generate import ACTION_KINDS, EXPOSURE_CHANNELS
 
     truth = ds.truth_dir
     catalog = ds.read("action_catalog").select(
@@ -185,7 +185,7 @@ def true_inputs(ds: Dataset) -> pl.DataFrame:
 
 
 def _planted(x: pl.DataFrame, price_sensitive: np.ndarray) -> np.ndarray:
-    from features.generate import planted_propensity
+    from nextbest.features.generate import planted_propensity
 
     col = {c: x[c].to_numpy() for c in (*PROFILE_INPUTS, *EXPOSURE_INPUTS)}
     return planted_propensity(
@@ -228,7 +228,7 @@ def oracle_with_observed_habit(
     with ``observed_preferences`` the brand and sport matches come from our profiles' preferred brand and sport
     instead, and a row without a profile (no events before its snapshot) gets the group mean like a decliner —
     nearly the best any model of our table could do with unlimited data."""
-    from features.generate import CHANNEL_MIX, CUSTOMER_TYPES
+    from nextbest.features.generate import CHANNEL_MIX, CUSTOMER_TYPES
 
     customers = x.unique("customer_id").with_columns(_AGE_GROUP)
     prior = customers.group_by("age_group").agg(
@@ -291,7 +291,7 @@ def gradient_boosting_aucs(
     """Test AUC of histogram gradient boosting (its first ``categorical`` columns categorical), one per seed."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    from training.propensity import roc_auc
+    from nextbest.training.propensity import roc_auc
 
     mask = np.arange(x_learn.shape[1]) < categorical
     aucs = []
@@ -319,8 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     from benchmarks.propensity import propensity_world
-    from training.propensity import PropensityConfig, evaluate_propensity, fit_propensity, roc_auc
-    from training.propensity_data import load_propensity_data
+    from nextbest.training.propensity import PropensityConfig, evaluate_propensity, fit_propensity, roc_auc
+    from nextbest.training.propensity_data import load_propensity_data
 
     started = time.perf_counter()
     # The same world as benchmarks/propensity.py (same default folder; generated once, then reused).

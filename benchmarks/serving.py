@@ -88,13 +88,13 @@ def tracking_uri(data: Path) -> str:
 
 def prepare(data: Path, customers: int, items: int, seed: int) -> None:
     """Generate the world, build features, train and promote both models (skipped when already done)."""
-    from features.dataset import Dataset
-    from features.generate import WorldConfig, generate_world
-    from features.pipeline import build_features
-    from serving.engine import EngineConfig, EngineLoadError, check_registry
-    from training.cf import train_cf
-    from training.propensity_tuning import promote_propensity, train_propensity
-    from training.tracking import TrackingConfig, promote_recommender
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.generate import WorldConfig, generate_world
+    from nextbest.features.pipeline import build_features
+    from nextbest.serving.engine import EngineConfig, EngineLoadError, check_registry
+    from nextbest.training.cf import train_cf
+    from nextbest.training.propensity_tuning import promote_propensity, train_propensity
+    from nextbest.training.tracking import TrackingConfig, promote_recommender
 
     ds = Dataset.at(data)
     uri = tracking_uri(data)
@@ -175,7 +175,7 @@ def in_process(engine: Any, customers: list[str], calls: int) -> dict[str, Any]:
     """Per-call time of the engine methods the endpoints call, and of the bare model call."""
     import numpy as np
 
-    from serving import api
+    from nextbest.serving import api
 
     out: dict[str, Any] = {}
     requests = {
@@ -219,8 +219,8 @@ def run_starlette(data: Path, state_dir: Path, port: int) -> None:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from serving import api
-    from serving.engine import Engine, EngineConfig, ServiceError
+    from nextbest.serving import api
+    from nextbest.serving.engine import Engine, EngineConfig, ServiceError
 
     engine = Engine.load(EngineConfig(data=data, state_dir=state_dir, tracking_uri=tracking_uri(data)))
 
@@ -708,7 +708,7 @@ def start_service(
     stack: contextlib.ExitStack, args: argparse.Namespace, root: Path, name: str, **options: Any
 ) -> Any:
     """Start ``bentoml serve`` on the benchmark's world with state under ``root/name``, stopped with ``stack``."""
-    from serving.server import start
+    from nextbest.serving.server import start
 
     data = Path(args.data)
     service = start(
@@ -726,7 +726,7 @@ def compare_starlette(
     args: argparse.Namespace, root: Path, endpoints: list[str], bodies: dict[str, list[str]]
 ) -> list[dict]:
     """The BentoML service against the Starlette reference (unless ``--skip-starlette``), on the default store."""
-    from serving.server import free_port
+    from nextbest.serving.server import free_port
 
     servers: dict[str, str] = {}
     starlette = None
@@ -776,7 +776,7 @@ def compare_stores(
 ) -> list[dict]:
     """One service per store × workers, started together, each on a fresh store, measured interleaved at one
     client and at saturation."""
-    from serving.state_store import default_state_url
+    from nextbest.serving.state_store import default_state_url
 
     with contextlib.ExitStack() as stack:
         services: dict[str, Any] = {}
@@ -914,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         run_starlette(Path(args.data), Path(args.state_dir), args.port)
         return 0
 
-    from serving.engine import Engine, EngineConfig
+    from nextbest.serving.engine import Engine, EngineConfig
 
     data = Path(args.data)
     prepare(data, args.customers, args.items, args.seed)

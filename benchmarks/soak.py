@@ -578,7 +578,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def soak(args: argparse.Namespace, data: Path, state: Path) -> tuple[Run, dict[str, Any], list[str]]:
     """Start the service, probe it, run the plan; return the run, service facts and the service's log problems."""
-    from serving.server import start
+    from nextbest.serving.server import start
 
     tokens = Tokens(app=secrets.token_urlsafe(24), admin=secrets.token_urlsafe(24))
     server = start(

@@ -45,9 +45,9 @@ OUT = Path(__file__).resolve().parent / "out"
 
 def _world(customers: int, seed: int, *, progress: bool) -> Path:
     """A generated world with features built, cached under ``benchmarks/out/world<customers>-<seed>``."""
-    from features.dataset import Dataset
-    from features.generate import WorldConfig, generate_world
-    from features.pipeline import build_features
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.generate import WorldConfig, generate_world
+    from nextbest.features.pipeline import build_features
 
     ds = Dataset.at(OUT / f"world{customers}-{seed}")
     if not (ds.features_dir / "manifest.json").exists():
@@ -79,8 +79,8 @@ def bare_implicit_fit(matrix: Any, config: Any, *, seed: int, threads: int) -> f
 
 def time_fits(data_dir: Path, *, repeats: int, seed: int, threads: int) -> dict[str, Any]:
     """Best-of-``repeats`` seconds of our fitting step and of the bare implicit fit on the same matrix."""
-    from training.cf import fit_recommender, prepare_cf_data
-    from training.recommenders import ALSConfig
+    from nextbest.training.cf import fit_recommender, prepare_cf_data
+    from nextbest.training.recommenders import ALSConfig
 
     data = prepare_cf_data(data_dir, with_test=False)
     period = data.train
@@ -134,8 +134,8 @@ def _nested_run_seconds(tracking_uri: str, parent_run_id: str) -> list[float]:
 
 def tracking_overhead(data_dir: Path, *, trials: int, seed: int, threads: int) -> dict[str, Any]:
     """The same tiny ALS study with and without MLflow tracking; per-trial and per-study costs."""
-    from training.cf import prepare_cf_data, tune_cf
-    from training.tracking import TrackingConfig
+    from nextbest.training.cf import prepare_cf_data, tune_cf
+    from nextbest.training.tracking import TrackingConfig
 
     data = prepare_cf_data(data_dir, with_test=False)
     result: dict[str, Any] = {"trials": trials}

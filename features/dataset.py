@@ -18,7 +18,7 @@ from typing import Any
 
 import polars as pl
 
-from features.schema import TABLE_NAMES, ValidationResult, empty_frame, table_spec
+from nextbest.features.schema import TABLE_NAMES, ValidationResult, empty_frame, table_spec
 
 DEFAULT_ROOT = Path("data")
 """Default root under which datasets live (``data/<name>``)."""

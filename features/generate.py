@@ -94,8 +94,8 @@ import polars as pl
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from features.dataset import Dataset, write_json_atomic
-from features.schema import (
+from nextbest.features.dataset import Dataset, write_json_atomic
+from nextbest.features.schema import (
     ACTION_ID,
     CHANNEL,
     CONSENT_PURPOSES,

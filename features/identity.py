@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from features.schema import CUSTOMER_ID, SOURCE_ID, SOURCE_SYSTEM
+from nextbest.features.schema import CUSTOMER_ID, SOURCE_ID, SOURCE_SYSTEM
 
 UNLINKED_SEPARATOR = ":"
 """An unlinked source id becomes its own customer ``<source_system>:<source_id>``, so its events stay usable

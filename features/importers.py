@@ -18,8 +18,8 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from features.dataset import Dataset
-from features.schema import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.schema import (
     ACTION_ID,
     CHANNEL,
     CUSTOMER_ID,

@@ -13,7 +13,7 @@ import polars as pl
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from features.schema import CUSTOMER_ID, EVENT_TYPE, ITEM_ID, TIMESTAMP_COL, Vocabulary
+from nextbest.features.schema import CUSTOMER_ID, EVENT_TYPE, ITEM_ID, TIMESTAMP_COL, Vocabulary
 
 WEIGHT = "weight"
 

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from features.dataset import Dataset, write_json_atomic, write_parquet_atomic
-from features.identity import resolve_identities
-from features.interactions import WEIGHT, InteractionConfig
-from features.privacy import (
+from nextbest.features.dataset import Dataset, write_json_atomic, write_parquet_atomic
+from nextbest.features.identity import resolve_identities
+from nextbest.features.interactions import WEIGHT, InteractionConfig
+from nextbest.features.privacy import (
     apply_retention,
     consent_granted,
     consent_state,
@@ -31,7 +31,7 @@ from features.privacy import (
     forget,
     retained,
 )
-from features.profiles import (
+from nextbest.features.profiles import (
     ProfileConfig,
     customer_summary,
     profile_preferences,
@@ -41,14 +41,14 @@ from features.profiles import (
     summarise_events,
     value_tier_thresholds,
 )
-from features.schema import (
+from nextbest.features.schema import (
     CONSENT_PURPOSES,
     CUSTOMER_ID,
     DEFAULT_EVENT_TYPES,
     EVENT_TYPE,
     TIMESTAMP_COL,
 )
-from features.splits import SplitError, default_cutoffs
+from nextbest.features.splits import SplitError, default_cutoffs
 
 PROFILES_FILE = "profiles.parquet"
 UNLINKED_FILE = "unlinked_identities.parquet"

@@ -15,9 +15,9 @@ from typing import Any
 
 import polars as pl
 
-from features.dataset import Dataset, write_parquet_atomic
-from features.identity import UNLINKED_SEPARATOR, linked_ids
-from features.schema import (
+from nextbest.features.dataset import Dataset, write_parquet_atomic
+from nextbest.features.identity import UNLINKED_SEPARATOR, linked_ids
+from nextbest.features.schema import (
     CONSENT_PURPOSES,
     CUSTOMER_ID,
     GRANTED,

@@ -37,10 +37,10 @@ import polars as pl
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
-from features.identity import resolve_identities
-from features.interactions import WEIGHT, InteractionConfig, Interactions, event_weight
-from features.privacy import ErasedIds
-from features.schema import (
+from nextbest.features.identity import resolve_identities
+from nextbest.features.interactions import WEIGHT, InteractionConfig, Interactions, event_weight
+from nextbest.features.privacy import ErasedIds
+from nextbest.features.schema import (
     CUSTOMER_ID,
     EVENT_TYPE,
     ITEM_ID,

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
-from features.schema import CUSTOMER_ID, EVENT_TYPE, TIMESTAMP_COL
+from nextbest.features.schema import CUSTOMER_ID, EVENT_TYPE, TIMESTAMP_COL
 
 
 class SplitError(ValueError):

@@ -24,11 +24,11 @@ from pydantic import (
     model_validator,
 )
 
-from serving.contact import ContactEntry
-from serving.decisions import ScoredAction
-from serving.explain import ItemFilters
-from serving.policy import LeverChange
-from serving.times import UtcDateTime
+from nextbest.serving.contact import ContactEntry
+from nextbest.serving.decisions import ScoredAction
+from nextbest.serving.explain import ItemFilters
+from nextbest.serving.policy import LeverChange
+from nextbest.serving.times import UtcDateTime
 
 MAX_ID_LENGTH = 128
 MAX_N = 100

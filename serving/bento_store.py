@@ -41,8 +41,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from serving.arms import CHALLENGER, CHAMPION
-from serving.engine_config import PROPENSITY_MODEL, RECOMMENDER_MODEL, train_command
+from nextbest.serving.arms import CHALLENGER, CHAMPION
+from nextbest.serving.engine_config import PROPENSITY_MODEL, RECOMMENDER_MODEL, train_command
 
 SERVED_MODELS: dict[str, str] = {"recommender": RECOMMENDER_MODEL, "propensity": PROPENSITY_MODEL}
 """Kind → registered model name of the models the service loads. The kind is also the model's alias in a
@@ -281,7 +281,7 @@ def export_champions(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from training.tracking import quiet_mlflow, resolve_tracking_uri, sqlite_path, version_by_alias
+    from nextbest.training.tracking import quiet_mlflow, resolve_tracking_uri, sqlite_path, version_by_alias
 
     uri = tracking_uri or resolve_tracking_uri()
     db = sqlite_path(uri)

@@ -39,8 +39,8 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_data_generate(args: argparse.Namespace) -> None:
-    from features.dataset import Dataset
-    from features.generate import WorldConfig, generate_world
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.generate import WorldConfig, generate_world
 
     fields: dict[str, Any] = {"customers": args.customers, "days": args.days, "seed": args.seed}
     if args.items is not None:
@@ -73,8 +73,8 @@ def _count_lines(counts: dict[str, Any]) -> list[str]:
 
 
 def cmd_data_import_cj(args: argparse.Namespace) -> None:
-    from features.dataset import Dataset
-    from features.importers import import_completejourney
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.importers import import_completejourney
 
     ds = Dataset.at(args.out)
     summary = import_completejourney(ds, progress=_progress(args))
@@ -85,8 +85,8 @@ def cmd_data_import_cj(args: argparse.Namespace) -> None:
 
 
 def cmd_data_import_events(args: argparse.Namespace) -> None:
-    from features.dataset import Dataset
-    from features.importers import EventImportConfig, import_events, parse_mapping
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.importers import EventImportConfig, import_events, parse_mapping
 
     fields: dict[str, Any] = {"mapping": parse_mapping(args.map)}
     for name in ("delimiter", "event_type", "value_column", "threshold", "timestamp_unit"):
@@ -122,7 +122,7 @@ def cmd_data_import_events(args: argparse.Namespace) -> None:
 
 
 def _feature_config(path: str | None) -> Any:
-    from features.pipeline import FeatureConfig
+    from nextbest.features.pipeline import FeatureConfig
 
     if path is None:
         return FeatureConfig()
@@ -132,8 +132,8 @@ def _feature_config(path: str | None) -> Any:
 
 
 def cmd_features_build(args: argparse.Namespace) -> None:
-    from features.dataset import Dataset
-    from features.pipeline import build_features
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.pipeline import build_features
 
     ds = Dataset.at(args.data)
     manifest = build_features(ds, _feature_config(args.config), progress=_progress(args))
@@ -164,8 +164,8 @@ def _split_lines(manifest: dict[str, Any]) -> list[str]:
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
-    from features.dataset import Dataset
-    from features.pipeline import erase_customers
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.pipeline import erase_customers
 
     ds = Dataset.at(args.data)
     report = erase_customers(
@@ -192,7 +192,7 @@ def cmd_forget(args: argparse.Namespace) -> None:
 
 
 def _tracking(args: argparse.Namespace) -> Any:
-    from training.tracking import TrackingConfig
+    from nextbest.training.tracking import TrackingConfig
 
     fields: dict[str, Any] = {}
     if getattr(args, "tracking_uri", None):
@@ -233,7 +233,7 @@ def _metric_lines(metrics: dict[str, float] | None, title: str) -> list[str]:
 
 
 def cmd_train_cf(args: argparse.Namespace) -> None:
-    from training.cf import train_cf
+    from nextbest.training.cf import train_cf
 
     result = train_cf(
         args.data,
@@ -266,7 +266,7 @@ def _registry_lines(result: dict[str, Any]) -> list[str]:
 
 
 def cmd_tune_cf(args: argparse.Namespace) -> None:
-    from training.cf import tune_cf
+    from nextbest.training.cf import tune_cf
 
     result = tune_cf(
         args.data,
@@ -302,7 +302,7 @@ def _export_to_bento(
     Raises:
         UsageError: the registry has no such model or no champion (the message names the command to run).
     """
-    from serving.bento_store import SERVED_MODELS, BentoStoreError, bentoml_home, export_champions
+    from nextbest.serving.bento_store import SERVED_MODELS, BentoStoreError, bentoml_home, export_champions
 
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     try:
@@ -345,7 +345,7 @@ def _promote_and_export(args: argparse.Namespace, kind: str, decision: Any) -> N
 
 
 def cmd_promote_recommender(args: argparse.Namespace) -> None:
-    from training.tracking import promote_recommender
+    from nextbest.training.tracking import promote_recommender
 
     decision = promote_recommender(_tracking(args), metric=args.metric, data=args.data)
     _promote_and_export(args, "recommender", decision)
@@ -361,7 +361,7 @@ def _propensity_lines(result: dict[str, Any]) -> list[str]:
 
 
 def _propensity_data_config(args: argparse.Namespace) -> Any:
-    from training.propensity_data import PropensityDataConfig
+    from nextbest.training.propensity_data import PropensityDataConfig
 
     fields: dict[str, Any] = {}
     for name in ("target", "validation_fraction", "test_fraction"):
@@ -372,7 +372,7 @@ def _propensity_data_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train_propensity(args: argparse.Namespace) -> None:
-    from training.propensity_tuning import train_propensity
+    from nextbest.training.propensity_tuning import train_propensity
 
     result = train_propensity(
         args.data,
@@ -390,7 +390,7 @@ def cmd_train_propensity(args: argparse.Namespace) -> None:
 
 
 def cmd_tune_propensity(args: argparse.Namespace) -> None:
-    from training.propensity_tuning import tune_propensity
+    from nextbest.training.propensity_tuning import tune_propensity
 
     result = tune_propensity(
         args.data,
@@ -416,7 +416,7 @@ def cmd_tune_propensity(args: argparse.Namespace) -> None:
 
 
 def cmd_promote_propensity(args: argparse.Namespace) -> None:
-    from training.propensity_tuning import promote_propensity
+    from nextbest.training.propensity_tuning import promote_propensity
 
     decision = promote_propensity(_tracking(args), metric=args.metric, data=args.data)
     _promote_and_export(args, "propensity", decision)
@@ -437,14 +437,14 @@ def cmd_bento_export(args: argparse.Namespace) -> None:
 def cmd_bento_build(args: argparse.Namespace) -> None:
     import bentoml
 
-    from serving.bento_store import (
+    from nextbest.serving.bento_store import (
         SERVED_MODELS,
         BentoStoreError,
         bento_model_tags,
         bentoml_home,
         stored_champion,
     )
-    from serving.server import PROJECT_ROOT
+    from nextbest.serving.server import PROJECT_ROOT
 
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     try:
@@ -474,7 +474,7 @@ def cmd_bento_build(args: argparse.Namespace) -> None:
 
 
 def cmd_bento_serve(args: argparse.Namespace) -> None:
-    from serving.server import serve
+    from nextbest.serving.server import serve
 
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     for line in _example_requests(args.port):
@@ -501,7 +501,7 @@ def _example_requests(port: int) -> list[str]:
 
 def _absolute_tracking_uri(uri: str | None) -> str:
     """The tracking URI in force, with a relative SQLite path made absolute: the server runs elsewhere."""
-    from training.tracking import resolve_tracking_uri, sqlite_path
+    from nextbest.training.tracking import resolve_tracking_uri, sqlite_path
 
     resolved = resolve_tracking_uri() if uri is None else uri
     path = sqlite_path(resolved)
@@ -509,7 +509,7 @@ def _absolute_tracking_uri(uri: str | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from serving.server import serve
+    from nextbest.serving.server import serve
 
     for line in _example_requests(args.port):
         print(line, file=sys.stderr)
@@ -530,9 +530,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_report_decisions(args: argparse.Namespace) -> None:
-    from serving.dashboard import offer_responses
-    from serving.decision_log import summarise_decisions
-    from serving.state_store import STATE_DB, StateStore, StateStoreError, default_state_url, redact
+    from nextbest.serving.dashboard import offer_responses
+    from nextbest.serving.decision_log import summarise_decisions
+    from nextbest.serving.state_store import STATE_DB, StateStore, StateStoreError, default_state_url, redact
 
     state = Path(args.state_dir) if args.state_dir else Path(args.data) / "service"
     given = args.state_url or os.environ.get("NEXTBEST_STATE_URL")
@@ -559,7 +559,7 @@ def cmd_report_decisions(args: argparse.Namespace) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
-    from serving.dashboard import write_dashboard
+    from nextbest.serving.dashboard import write_dashboard
 
     result = write_dashboard(args.data, args.out, tracking_uri=args.tracking_uri)
     _emit(args, {"command": "dashboard", **result.to_dict()}, [f"dashboard: {result.path}", *result.notes])
@@ -570,8 +570,8 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 
 def _run_training(ds: Any, args: argparse.Namespace, summary: dict[str, Any]) -> list[str]:
     """Tune and register a recommender and train a propensity model; promote each if it beats its champion."""
-    from training.cf import tune_cf
-    from training.tracking import TrackingConfig, promote_recommender
+    from nextbest.training.cf import tune_cf
+    from nextbest.training.tracking import TrackingConfig, promote_recommender
 
     print(f"tuning ALS on {ds.root} ({args.trials} Optuna trials, tracked in MLflow)", file=sys.stderr)
     tuned = tune_cf(
@@ -596,7 +596,7 @@ def _run_training(ds: Any, args: argparse.Namespace, summary: dict[str, Any]) ->
         + ", ".join(f"{k} {best['metrics'][k]:.4f}" for k in shown if k in best["metrics"]),
         f"  {decision.reason}",
     ]
-    from training.propensity_tuning import promote_propensity, train_propensity
+    from nextbest.training.propensity_tuning import promote_propensity, train_propensity
 
     print(f"training the propensity model on {ds.root}", file=sys.stderr)
     result = train_propensity(ds, tracking=TrackingConfig(), progress=_progress(args))
@@ -619,9 +619,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     """The main job: generate the embedded world if missing, build its features, tune and register a recommender
     and train a propensity model (each promoted if it beats its champion), export the champions into the
     BentoML model store (unless ``--no-bento``), and with ``--serve`` serve them."""
-    from features.dataset import Dataset
-    from features.generate import WorldConfig, generate_world
-    from features.pipeline import build_features
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.generate import WorldConfig, generate_world
+    from nextbest.features.pipeline import build_features
 
     ds = Dataset.at(args.data)
     summary: dict[str, Any] = {"command": "run", "data": str(ds.root)}
@@ -653,7 +653,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         ],
     )
     if args.serve and not args.skip_training:
-        from serving.server import serve
+        from nextbest.serving.server import serve
 
         print(f"serving {ds.root} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", file=sys.stderr)
         for line in _example_requests(args.port):
@@ -922,11 +922,11 @@ def _add_training(sub: Any) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
-    from features.dataset import DatasetError
-    from features.schema import SchemaError
-    from serving.engine import EngineLoadError
-    from training.cf import TuneError
-    from training.propensity_tuning import PropensityTuneError
+    from nextbest.features.dataset import DatasetError
+    from nextbest.features.schema import SchemaError
+    from nextbest.serving.engine import EngineLoadError
+    from nextbest.training.cf import TuneError
+    from nextbest.training.propensity_tuning import PropensityTuneError
 
     return (
         EngineLoadError,

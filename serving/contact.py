@@ -24,9 +24,9 @@ from typing import Literal
 from pydantic import BaseModel
 from sqlalchemy.engine import Connection
 
-from serving.policy import ActionPolicy
-from serving.state_store import StateStore
-from serving.times import UtcDateTime, naive_utc
+from nextbest.serving.policy import ActionPolicy
+from nextbest.serving.state_store import StateStore
+from nextbest.serving.times import UtcDateTime, naive_utc
 
 
 class ContactEntry(BaseModel):

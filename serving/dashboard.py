@@ -32,14 +32,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from features.dataset import Dataset
-from features.interactions import Interactions
-from features.pipeline import PROFILES_FILE, UNLINKED_FILE
-from features.profiles import AGE_BANDS, JOURNEY_PHASES
-from features.schema import ACTION_ID, CUSTOMER_ID, ITEM_ID, PRICE, RESPONDED, SOURCE_SYSTEM, TIMESTAMP_COL
+from nextbest.features.dataset import Dataset
+from nextbest.features.interactions import Interactions
+from nextbest.features.pipeline import PROFILES_FILE, UNLINKED_FILE
+from nextbest.features.profiles import AGE_BANDS, JOURNEY_PHASES
+from nextbest.features.schema import (
+    ACTION_ID,
+    CUSTOMER_ID,
+    ITEM_ID,
+    PRICE,
+    RESPONDED,
+    SOURCE_SYSTEM,
+    TIMESTAMP_COL,
+)
 
 if TYPE_CHECKING:
-    from training.recommender_bundle import RecommenderBundle
+    from nextbest.training.recommender_bundle import RecommenderBundle
 
 DEFAULT_OUT_NAME = "dashboard.html"
 """Where :func:`write_dashboard` writes by default, inside the dataset directory."""
@@ -286,8 +294,8 @@ def offer_responses(source: Any) -> pl.DataFrame:
         source: the :class:`~serving.state_store.StateStore`, or a JSON-lines export of the ledger (empty when
             the file is missing).
     """
-    from serving.jsonl import read_lines
-    from serving.state_store import StateStore
+    from nextbest.serving.jsonl import read_lines
+    from nextbest.serving.state_store import StateStore
 
     schema = {CUSTOMER_ID: pl.String, ACTION_ID: pl.String, TIMESTAMP_COL: pl.String, RESPONDED: pl.Boolean}
     if isinstance(source, StateStore):
@@ -304,7 +312,7 @@ def offer_responses(source: Any) -> pl.DataFrame:
         for r in entries
         if r.get("type") == "response"
     ]
-    from features.schema import parse_timestamp
+    from nextbest.features.schema import parse_timestamp
 
     return pl.DataFrame(rows, schema=schema).with_columns(parse_timestamp(pl.col(TIMESTAMP_COL)))
 
@@ -702,7 +710,7 @@ def _recommendations(
 def _decisions(
     decision_log: Any, responses: pl.DataFrame | None, catalog: pl.DataFrame, window_days: float
 ) -> str:
-    from serving.state_store import StateStore
+    from nextbest.serving.state_store import StateStore
 
     head = '<section id="decisions"><h2>Next best actions</h2>'
     if decision_log is None or (not isinstance(decision_log, StateStore) and not Path(decision_log).exists()):
@@ -711,7 +719,7 @@ def _decisions(
             "the service has made next-best-action decisions (<code>DATA/service/state.db</code>).</p>"
             "</section>"
         )
-    from serving.decision_log import ALL_ACTIONS, summarise_decisions
+    from nextbest.serving.decision_log import ALL_ACTIONS, summarise_decisions
 
     if responses is None:
         source = (
@@ -952,7 +960,7 @@ def load_champion_recommender(
         registered_model: the registered model name; default ``nextbest-recommender``.
         alias: the alias to resolve.
     """
-    from training.tracking import (
+    from nextbest.training.tracking import (
         REGISTERED_MODEL,
         quiet_mlflow,
         resolve_tracking_uri,
@@ -967,7 +975,7 @@ def load_champion_recommender(
     import mlflow
     from mlflow import MlflowClient
 
-    from training.recommender_bundle import find_bundle
+    from nextbest.training.recommender_bundle import find_bundle
 
     name = registered_model or REGISTERED_MODEL
     version = version_by_alias(MlflowClient(uri, uri), name, alias)
@@ -1012,7 +1020,7 @@ class DashboardResult:
 
 def _source_name(decision_log: Any) -> str:
     """Where a decision log is, for the page: the state store's URL (password hidden) or the file."""
-    from serving.state_store import StateStore, redact
+    from nextbest.serving.state_store import StateStore, redact
 
     return redact(decision_log.url) if isinstance(decision_log, StateStore) else str(decision_log)
 
@@ -1020,8 +1028,8 @@ def _source_name(decision_log: Any) -> str:
 def default_decision_log(ds: Dataset) -> Any:
     """The service's state store at its default place (``DATA/service/state.db``), or None before the service
     has run."""
-    from serving.engine import DEFAULT_STATE_DIR
-    from serving.state_store import STATE_DB, StateStore, default_state_url
+    from nextbest.serving.engine import DEFAULT_STATE_DIR
+    from nextbest.serving.state_store import STATE_DB, StateStore, default_state_url
 
     folder = ds.root / DEFAULT_STATE_DIR
     return StateStore(default_state_url(folder), create=False) if (folder / STATE_DB).exists() else None
@@ -1075,7 +1083,7 @@ def write_dashboard(
         reason = "the champion was not asked for"
     if reason:
         notes.append(f"recommendations: popularity per segment ({reason})")
-    from serving.state_store import StateStore
+    from nextbest.serving.state_store import StateStore
 
     log = default_decision_log(ds) if decision_log is None else decision_log
     if log is None or (not isinstance(log, StateStore) and not Path(log).exists()):

@@ -17,11 +17,18 @@ import polars as pl
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import Connection
 
-from features.schema import ACTION_ID, CUSTOMER_ID, RESPONDED, TIMESTAMP, TIMESTAMP_COL, parse_timestamp
-from serving.decisions import Decision
-from serving.jsonl import read_lines
-from serving.policy import NO_ACTION_KIND
-from serving.state_store import StateStore
+from nextbest.features.schema import (
+    ACTION_ID,
+    CUSTOMER_ID,
+    RESPONDED,
+    TIMESTAMP,
+    TIMESTAMP_COL,
+    parse_timestamp,
+)
+from nextbest.serving.decisions import Decision
+from nextbest.serving.jsonl import read_lines
+from nextbest.serving.policy import NO_ACTION_KIND
+from nextbest.serving.state_store import StateStore
 
 ALL_ACTIONS = "(all actions)"
 """The ``action_id`` of the per-arm total rows in :func:`summarise_decisions`."""

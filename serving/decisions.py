@@ -22,8 +22,8 @@ from typing import Any, Protocol
 import polars as pl
 from pydantic import BaseModel, Field
 
-from features.schema import CHANNEL, CUSTOMER_ID, ITEM_ID
-from serving.policy import NO_ACTION_KIND, ActionPolicy, RuleScope
+from nextbest.features.schema import CHANNEL, CUSTOMER_ID, ITEM_ID
+from nextbest.serving.policy import NO_ACTION_KIND, ActionPolicy, RuleScope
 
 MARKETING = "marketing"
 PERSONALISATION = "personalisation"

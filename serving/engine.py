@@ -44,11 +44,17 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from features.dataset import Dataset, DatasetError
-from features.identity import UNLINKED_SEPARATOR
-from features.interactions import Interactions
-from features.pipeline import CONSENT_FILE, PROFILES_FILE, FeatureConfig, erase_customers, resolved_events
-from features.privacy import (
+from nextbest.features.dataset import Dataset, DatasetError
+from nextbest.features.identity import UNLINKED_SEPARATOR
+from nextbest.features.interactions import Interactions
+from nextbest.features.pipeline import (
+    CONSENT_FILE,
+    PROFILES_FILE,
+    FeatureConfig,
+    erase_customers,
+    resolved_events,
+)
+from nextbest.features.privacy import (
     ERASURE_KEY_FILE_ENV,
     ERASURE_LOG,
     ErasedIds,
@@ -59,8 +65,8 @@ from features.privacy import (
     id_digest,
     log_erasure,
 )
-from features.profiles import AGE_BANDS, DEMOGRAPHICS, SEGMENT_FEATURES, build_profiles
-from features.schema import (
+from nextbest.features.profiles import AGE_BANDS, DEMOGRAPHICS, SEGMENT_FEATURES, build_profiles
+from nextbest.features.schema import (
     CHANNEL,
     CONSENT_PURPOSES,
     CUSTOMER_ID,
@@ -69,15 +75,15 @@ from features.schema import (
     TIMESTAMP_COL,
     Vocabulary,
 )
-from serving import api
-from serving.arms import CHAMPION, Arm, assign_arm
-from serving.contact import ContactLedger, naive_utc
-from serving.decision_log import DecisionLog, DecisionRecord
-from serving.decisions import MARKETING, PERSONALISATION, ActionCandidate, Decision, arbitrate
+from nextbest.serving import api
+from nextbest.serving.arms import CHAMPION, Arm, assign_arm
+from nextbest.serving.contact import ContactLedger, naive_utc
+from nextbest.serving.decision_log import DecisionLog, DecisionRecord
+from nextbest.serving.decisions import MARKETING, PERSONALISATION, ActionCandidate, Decision, arbitrate
 
 # The configuration, the named errors and the model loading live in their own modules; the rest of the service,
 # the CLI and the tests import them from here too.
-from serving.engine_config import (  # noqa: F401
+from nextbest.serving.engine_config import (  # noqa: F401
     DEFAULT_STATE_DIR,
     PROPENSITY_MODEL,
     RECOMMENDER_MODEL,
@@ -92,10 +98,10 @@ from serving.engine_config import (  # noqa: F401
     Unauthorized,
     one_line,
 )
-from serving.erasure_queue import ErasureQueue
-from serving.event_log import EventLog, EventRejected
-from serving.explain import FilterError, ItemAttributes, ItemFilters, item_reasons
-from serving.models import (  # noqa: F401
+from nextbest.serving.erasure_queue import ErasureQueue
+from nextbest.serving.event_log import EventLog, EventRejected
+from nextbest.serving.explain import FilterError, ItemAttributes, ItemFilters, item_reasons
+from nextbest.serving.models import (  # noqa: F401
     RegisteredModel,
     ServingModels,
     check_models,
@@ -103,7 +109,7 @@ from serving.models import (  # noqa: F401
     load_serving_models,
     resolve_model_source,
 )
-from serving.policy import (
+from nextbest.serving.policy import (
     DEFAULT_POLICY_PATH,
     ActionPolicy,
     PolicyError,
@@ -112,7 +118,7 @@ from serving.policy import (
     load_policy,
     unpoliced_actions,
 )
-from serving.state_store import EVENT_COLUMNS, StateStore, StateStoreError, import_state_dir, redact
+from nextbest.serving.state_store import EVENT_COLUMNS, StateStore, StateStoreError, import_state_dir, redact
 
 logger = logging.getLogger("nextbest.serving")
 
@@ -265,7 +271,7 @@ class ServingData:
         Raises:
             EngineLoadError: the dataset or its features are missing (the message says what to run).
         """
-        from training.propensity_data import customer_activity
+        from nextbest.training.propensity_data import customer_activity
 
         try:
             dataset.require()
@@ -541,7 +547,7 @@ class PropensitySlot:
 
     @classmethod
     def create(cls, registered: RegisteredModel, data: ServingData) -> PropensitySlot:
-        from training.propensity import PropensityScorer
+        from nextbest.training.propensity import PropensityScorer
 
         scorer = PropensityScorer(registered.model)
         affinity = scorer.affinity
@@ -1218,7 +1224,7 @@ class Engine:
         self, slot: RecommenderSlot, plans: Sequence[_RankPlan]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The model's ranking for customers it was fitted on: one call for the whole group."""
-        from training.recommenders import MISSING_ID, RecommenderError
+        from nextbest.training.recommenders import MISSING_ID, RecommenderError
 
         histories = []
         for plan in plans:
@@ -1264,7 +1270,7 @@ class Engine:
         exclude: set[int],
     ) -> tuple[np.ndarray, np.ndarray]:
         """Item similarity to the customer's items (strongest first), popularity after them."""
-        from training.recommenders import top_n
+        from nextbest.training.recommenders import top_n
 
         model = slot.model
         idx, val = slot.to_model(view.items)
@@ -1296,7 +1302,7 @@ class Engine:
     def _popular(
         self, view: CustomerView, n: int, mask: np.ndarray | None, *, exclude: set[int] | None
     ) -> tuple[list[api.RecommendedItem], str | None]:
-        from training.recommenders import top_n
+        from nextbest.training.recommenders import top_n
 
         segment, popularity = self._segment(view)
         s = popularity.astype(np.float32).copy()[None, :]
@@ -1359,7 +1365,7 @@ class Engine:
     def _attribute_neighbours(
         self, base: int, target: Mapping[str, Any], n: int, mask: np.ndarray | None
     ) -> list[tuple[str, float]]:
-        from training.recommenders import top_n
+        from nextbest.training.recommenders import top_n
 
         attrs = self.data.item_attributes
         shared = np.zeros(len(attrs), dtype=np.float32)
@@ -1727,7 +1733,7 @@ class Engine:
 
     def _refresh(self, customer_id: str) -> None:
         """Recompute the customer's profile and activity features from their dataset and live events."""
-        from training.propensity_data import customer_activity
+        from nextbest.training.propensity_data import customer_activity
 
         with self._lock:
             live = self._live.get(customer_id)

@@ -122,7 +122,7 @@ class EngineConfig(BaseModel):
     @property
     def store_url(self) -> str:
         """The state store's URL: :attr:`state_url`, else the embedded SQLite file of the state directory."""
-        from serving.state_store import default_state_url
+        from nextbest.serving.state_store import default_state_url
 
         return self.state_url or default_state_url(self.state_path)
 

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from serving.api import ErasureState, ErasureStatus
-from serving.state_store import StateStore
+from nextbest.serving.api import ErasureState, ErasureStatus
+from nextbest.serving.state_store import StateStore
 
 logger = logging.getLogger("nextbest.erasure")
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import polars as pl
 
-from features.schema import DEFAULT_EVENT_TYPES, TIMESTAMP_COL, empty_frame, validate
-from serving.state_store import StateStore
+from nextbest.features.schema import DEFAULT_EVENT_TYPES, TIMESTAMP_COL, empty_frame, validate
+from nextbest.serving.state_store import StateStore
 
 _ROW = re.compile(r"^events row (\d+):")
 

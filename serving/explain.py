@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-from features.schema import ITEM_ID, Vocabulary
+from nextbest.features.schema import ITEM_ID, Vocabulary
 
 FilterValue = str | int | float | bool | list[str | int | float | bool]
 DEFAULT_REASON_ATTRIBUTES: tuple[str, ...] = ("sport", "brand", "colour", "category")

@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from serving.api import ROUTES, Credential
+from nextbest.serving.api import ROUTES, Credential
 
 logger = logging.getLogger("nextbest.requests")
 

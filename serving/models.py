@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from serving.arms import CHALLENGER, CHAMPION
-from serving.engine_config import EngineConfig, EngineLoadError, one_line, train_command
+from nextbest.serving.arms import CHALLENGER, CHAMPION
+from nextbest.serving.engine_config import EngineConfig, EngineLoadError, one_line, train_command
 
 logger = logging.getLogger("nextbest.serving")
 
@@ -65,7 +65,7 @@ def check_registry(config: EngineConfig) -> dict[str, str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from training.tracking import resolve_tracking_uri, sqlite_path, version_by_alias
+    from nextbest.training.tracking import resolve_tracking_uri, sqlite_path, version_by_alias
 
     uri = config.tracking_uri or resolve_tracking_uri()
     db = sqlite_path(uri)
@@ -95,7 +95,7 @@ def check_registry(config: EngineConfig) -> dict[str, str]:
 
 def _load_recommender(root: Path, label: str) -> Any:
     """The recommender bundle inside an MLflow model directory (downloaded or copied into the model store)."""
-    from training.recommender_bundle import BUNDLE_FILE, find_bundle
+    from nextbest.training.recommender_bundle import BUNDLE_FILE, find_bundle
 
     bundle = find_bundle(root)
     if bundle is None:
@@ -105,7 +105,7 @@ def _load_recommender(root: Path, label: str) -> Any:
 
 def _load_propensity(root: Path, label: str) -> Any:
     """The propensity model inside an MLflow model directory."""
-    from training.propensity import PropensityModel, PropensityModelError, find_model_dir
+    from nextbest.training.propensity import PropensityModel, PropensityModelError, find_model_dir
 
     try:
         return PropensityModel.load(find_model_dir(root), device="cpu")
@@ -121,7 +121,7 @@ def resolve_model_source(config: EngineConfig) -> Literal["mlflow", "bentoml", "
     packages, for ``auto`` inside a Bento), ``bentoml`` (the model store's latest champions) or ``mlflow``."""
     if config.model_source == "mlflow":
         return "mlflow"
-    from serving.bento_store import packaged_model_tags
+    from nextbest.serving.bento_store import packaged_model_tags
 
     if packaged_model_tags():
         return "bento"
@@ -138,7 +138,12 @@ def _stored_champions(config: EngineConfig, source: str) -> dict[str, Any]:
     Raises:
         EngineLoadError: a model is missing from the store, or is not the registered model the config names.
     """
-    from serving.bento_store import BentoStoreError, packaged_model_tags, stored_champion, stored_model
+    from nextbest.serving.bento_store import (
+        BentoStoreError,
+        packaged_model_tags,
+        stored_champion,
+        stored_model,
+    )
 
     packaged = packaged_model_tags() if source == "bento" else {}
     out = {}
@@ -195,7 +200,7 @@ def load_serving_models(config: EngineConfig) -> ServingModels:
 
 
 def _load_from_store(config: EngineConfig, source: str) -> ServingModels:
-    from serving.bento_store import stored_challenger
+    from nextbest.serving.bento_store import stored_challenger
 
     out: dict[str, dict[str, RegisteredModel]] = {}
     for kind, champion in _stored_champions(config, source).items():
@@ -223,7 +228,7 @@ def _load_from_registry(config: EngineConfig) -> ServingModels:
     import mlflow
     from mlflow import MlflowClient
 
-    from training.tracking import quiet_mlflow, resolve_tracking_uri, version_by_alias
+    from nextbest.training.tracking import quiet_mlflow, resolve_tracking_uri, version_by_alias
 
     check_registry(config)
     uri = config.tracking_uri or resolve_tracking_uri()

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from serving.api import ROUTES, ErrorResponse
+from nextbest.serving.api import ROUTES, ErrorResponse
 
 ERROR_STATUSES: dict[int, str] = {
     400: "The body is not valid JSON, or a field is invalid (named in `error`, listed in `detail`)",

@@ -83,8 +83,8 @@ from pydantic import (
     model_validator,
 )
 
-from features.schema import ACTION_ID, CHANNEL, KIND, VALUE
-from serving.times import UtcDateTime
+from nextbest.features.schema import ACTION_ID, CHANNEL, KIND, VALUE
+from nextbest.serving.times import UtcDateTime
 
 DEFAULT_POLICY_PATH = Path(__file__).parent / "policies" / "default.toml"
 NO_ACTION_KIND = "none"

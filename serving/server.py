@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from serving.engine import EngineConfig, EngineLoadError, check_models
-from serving.gate import APP_TOKEN_ENV, HOST_ENV, ExposureError, check_exposure
+from nextbest.serving.engine import EngineConfig, EngineLoadError, check_models
+from nextbest.serving.gate import APP_TOKEN_ENV, HOST_ENV, ExposureError, check_exposure
 
-SERVICE = "serving.service:NextBest"
+SERVICE = "nextbest.serving.service:NextBest"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 3000
 
@@ -101,7 +101,7 @@ def preflight(config: EngineConfig, bento: str | None = None) -> dict[str, str]:
         )
     if bento is None:
         return check_models(config)
-    from serving.bento_store import SERVED_MODELS, BentoStoreError, bento_model_tags, stored_model
+    from nextbest.serving.bento_store import SERVED_MODELS, BentoStoreError, bento_model_tags, stored_model
 
     try:
         tags = bento_model_tags(bento)

@@ -34,7 +34,7 @@ from typing import Any
 import bentoml
 from starlette.responses import JSONResponse
 
-from serving.api import (
+from nextbest.serving.api import (
     ROUTES,
     CustomerRequest,
     ErasureRequest,
@@ -54,16 +54,16 @@ from serving.api import (
     SimilarItemsRequest,
     SimilarItemsResponse,
 )
-from serving.gate import (
+from nextbest.serving.gate import (
     APP_TOKEN_ENV,
     HOST_ENV,
     RequestGate,
 )
-from serving.openapi import complete_spec
+from nextbest.serving.openapi import complete_spec
 
 with bentoml.importing():
-    from serving.engine import Engine, EngineConfig, EngineLoadError, ServiceError, one_line
-    from serving.server import check_start
+    from nextbest.serving.engine import Engine, EngineConfig, EngineLoadError, ServiceError, one_line
+    from nextbest.serving.server import check_start
 
 SERVICE_NAME = "nextbest"
 

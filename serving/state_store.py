@@ -35,7 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from features.schema import (
+from nextbest.features.schema import (
     CHANNEL,
     CUSTOMER_ID,
     EVENT_TYPE,
@@ -682,7 +682,7 @@ def import_state_dir(store: StateStore, state_dir: Path) -> dict[str, int]:
     Raises:
         StateStoreError: a file cannot be read, or the store already holds an import of the same files.
     """
-    from serving.jsonl import LogError, read_lines
+    from nextbest.serving.jsonl import LogError, read_lines
 
     present = [state_dir / name for name in OLD_STATE_FILES if (state_dir / name).exists()]
     if not present:

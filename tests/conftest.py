@@ -22,8 +22,8 @@ os.environ.setdefault(
     os.path.join(tempfile.mkdtemp(prefix="nextbest-erasure-key-"), "erasure.key"),
 )
 
-from features.dataset import Dataset
-from features.schema import validate
+from nextbest.features.dataset import Dataset
+from nextbest.features.schema import validate
 
 T0 = datetime(2026, 1, 1)
 
@@ -166,11 +166,11 @@ class TrainedWorld:
 @pytest.fixture(scope="session")
 def trained_world(tmp_path_factory) -> TrainedWorld:
     """Trained once per test run, for the suites that start a real server."""
-    from features.generate import WorldConfig, generate_world
-    from features.pipeline import build_features
-    from training.cf import train_cf
-    from training.propensity_tuning import promote_propensity, train_propensity
-    from training.tracking import TrackingConfig, promote_recommender
+    from nextbest.features.generate import WorldConfig, generate_world
+    from nextbest.features.pipeline import build_features
+    from nextbest.training.cf import train_cf
+    from nextbest.training.propensity_tuning import promote_propensity, train_propensity
+    from nextbest.training.tracking import TrackingConfig, promote_recommender
 
     root = tmp_path_factory.mktemp("trained-world")
     ds = Dataset.at(root / "world")
@@ -217,7 +217,7 @@ class RunningService:
         return self.server.url
 
     def start(self) -> RunningService:
-        from serving.server import start
+        from nextbest.serving.server import start
 
         self.server = start(
             self.ds.root,
@@ -293,7 +293,7 @@ def stored_state(state_dir: Path) -> dict[str, str]:
     contacts and decisions (what a test compares before and after a request, or searches for an id)."""
     import json
 
-    from serving.state_store import STATE_DB, StateStore, default_state_url
+    from nextbest.serving.state_store import STATE_DB, StateStore, default_state_url
 
     if not (state_dir / STATE_DB).exists():
         return {"events": "", "contacts": "", "decisions": ""}

@@ -26,11 +26,11 @@ import httpx
 import polars as pl
 import pytest
 
-from features.dataset import Dataset
-from features.generate import WorldConfig, generate_world
-from features.pipeline import build_features
-from serving import api
-from serving.bento_store import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.generate import WorldConfig, generate_world
+from nextbest.features.pipeline import build_features
+from nextbest.serving import api
+from nextbest.serving.bento_store import (
     CHALLENGER,
     CHAMPION,
     NO_ALIAS,
@@ -41,12 +41,12 @@ from serving.bento_store import (
     stored_champion,
     stored_models,
 )
-from serving.cli import main
-from serving.engine import Engine, EngineConfig, EngineLoadError, check_models, load_serving_models
-from serving.server import PROJECT_ROOT, start
-from training.cf import train_cf
-from training.propensity_tuning import train_propensity
-from training.tracking import TrackingConfig
+from nextbest.serving.cli import main
+from nextbest.serving.engine import Engine, EngineConfig, EngineLoadError, check_models, load_serving_models
+from nextbest.serving.server import PROJECT_ROOT, start
+from nextbest.training.cf import train_cf
+from nextbest.training.propensity_tuning import train_propensity
+from nextbest.training.tracking import TrackingConfig
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -161,7 +161,7 @@ def test_a_second_export_adds_nothing(packaged):
 
 def test_a_missing_champion_or_store_model_says_what_to_run(packaged, tmp_path):
     empty = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    from serving.bento_store import BentoStoreError
+    from nextbest.serving.bento_store import BentoStoreError
 
     with pytest.raises(BentoStoreError, match="nextbest train cf"):
         export_champions(empty)
@@ -208,7 +208,7 @@ def test_bentoml_build_packages_both_champions_and_serves_them_without_mlflow(pa
     assert bento_model_tags(tag) == champions
     bento_dir = packaged.home / "bentos" / tag.replace(":", "/")
     text = (bento_dir / "bento.yaml").read_text()
-    assert "service: serving.service:NextBest" in text and "/next_best_action" in text
+    assert "service: serving.bento_entry:NextBest" in text and "/next_best_action" in text
     for f in (
         "serving/engine.py",
         "serving/policies/default.toml",
@@ -305,7 +305,7 @@ def test_the_store_follows_the_registry_champion(packaged):
 
 
 def test_credentials_in_a_tracking_uri_stay_out_of_the_stored_metadata():
-    from serving.bento_store import _without_credentials
+    from nextbest.serving.bento_store import _without_credentials
 
     assert (
         _without_credentials("https://ann:s3cret@mlflow.example:5000/api")

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from features.dataset import Dataset, DatasetError
-from features.generate import WorldConfig, generate_world
-from features.pipeline import build_features
-from training.cf import CFDataError, prepare_cf_data, train_cf, tune_cf
-from training.tracking import (
+from nextbest.features.dataset import Dataset, DatasetError
+from nextbest.features.generate import WorldConfig, generate_world
+from nextbest.features.pipeline import build_features
+from nextbest.training.cf import CFDataError, prepare_cf_data, train_cf, tune_cf
+from nextbest.training.tracking import (
     CHAMPION,
     REGISTERED_MODEL,
     TrackingConfig,

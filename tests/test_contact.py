@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from serving.contact import ContactLedger
-from serving.policy import PolicyError, policy_from_dict
-from serving.state_store import StateStore, default_state_url
+from nextbest.serving.contact import ContactLedger
+from nextbest.serving.policy import PolicyError, policy_from_dict
+from nextbest.serving.state_store import StateStore, default_state_url
 
 T0 = datetime(2026, 1, 1)
 

@@ -21,13 +21,13 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-from features.dataset import Dataset
-from features.generate import WorldConfig, generate_world
-from features.interactions import Interactions
-from features.pipeline import PROFILES_FILE, build_features
-from features.schema import Vocabulary
-from serving.contact import ContactLedger
-from serving.dashboard import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.generate import WorldConfig, generate_world
+from nextbest.features.interactions import Interactions
+from nextbest.features.pipeline import PROFILES_FILE, build_features
+from nextbest.features.schema import Vocabulary
+from nextbest.serving.contact import ContactLedger
+from nextbest.serving.dashboard import (
     NO_PREFERENCE,
     DashboardError,
     bar_chart,
@@ -42,9 +42,9 @@ from serving.dashboard import (
     segment_counts,
     write_dashboard,
 )
-from serving.decision_log import CandidateRecord, DecisionLog, DecisionRecord
-from serving.policy import load_policy
-from serving.state_store import StateStore, default_state_url
+from nextbest.serving.decision_log import CandidateRecord, DecisionLog, DecisionRecord
+from nextbest.serving.policy import load_policy
+from nextbest.serving.state_store import StateStore, default_state_url
 
 T0 = datetime(2026, 6, 1, 10, 0)
 BASH = shutil.which("bash")
@@ -266,7 +266,7 @@ def test_recommended_by_segment_counts_lists_and_samples():
 def test_table_and_chart_escape_text():
     table = html_table("t", [], [])
     assert 'data-table="t"' in table
-    from serving.dashboard import Column
+    from nextbest.serving.dashboard import Column
 
     page = html_table("t", [Column("v", "v")], [{"v": "<script>alert(1)</script>"}])
     assert "<script>" not in page and "&lt;script&gt;" in page
@@ -365,8 +365,8 @@ def test_unbuilt_dataset_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_dashboard_uses_the_registered_champion(world, tmp_path):
-    from training.cf import train_cf
-    from training.tracking import TrackingConfig, promote_recommender
+    from nextbest.training.cf import train_cf
+    from nextbest.training.tracking import TrackingConfig, promote_recommender
 
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     tracking = TrackingConfig(tracking_uri=uri)

@@ -7,17 +7,17 @@ from datetime import datetime, timedelta
 import polars as pl
 import pytest
 
-from serving.decision_log import (
+from nextbest.serving.decision_log import (
     ALL_ACTIONS,
     DecisionLog,
     DecisionRecord,
     read_decisions,
     summarise_decisions,
 )
-from serving.decisions import ActionCandidate, arbitrate
-from serving.jsonl import JsonLinesFile, LogError
-from serving.policy import policy_from_dict
-from serving.state_store import StateStore, default_state_url
+from nextbest.serving.decisions import ActionCandidate, arbitrate
+from nextbest.serving.jsonl import JsonLinesFile, LogError
+from nextbest.serving.policy import policy_from_dict
+from nextbest.serving.state_store import StateStore, default_state_url
 
 T0 = datetime(2026, 3, 1, 9, 0)
 POLICY = policy_from_dict(

@@ -10,10 +10,10 @@ from datetime import datetime, timedelta
 import polars as pl
 import pytest
 
-from serving.arms import arm_position, assign_arm
-from serving.contact import ContactLedger
-from serving.decisions import ActionCandidate, arbitrate, bought_attributes
-from serving.policy import attach_catalog, load_policy, policy_from_dict
+from nextbest.serving.arms import arm_position, assign_arm
+from nextbest.serving.contact import ContactLedger
+from nextbest.serving.decisions import ActionCandidate, arbitrate, bought_attributes
+from nextbest.serving.policy import attach_catalog, load_policy, policy_from_dict
 from tests.test_policy import CATALOG
 
 NOW = datetime(2026, 11, 22, 12, 0)
@@ -320,7 +320,7 @@ def test_arms_are_stable_across_processes_and_nested_in_share():
     customers = [f"C{i}" for i in range(200)]
     here = [assign_arm(c, 0.3, salt="s") for c in customers]
     code = (
-        "from serving.arms import assign_arm;"
+        "from nextbest.serving.arms import assign_arm;"
         f"print(','.join(assign_arm(c, 0.3, salt='s') for c in {customers!r}))"
     )
     # PYTHONHASHSEED differs from this process: a hash()-based split would move customers.

@@ -17,13 +17,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from features.dataset import Dataset
-from features.generate import WorldConfig, generate_world
-from features.pipeline import build_features
-from features.privacy import ERASURE_LOG, erasure_key, id_digest
-from serving import api
-from serving.arms import CHALLENGER, CHAMPION, assign_arm
-from serving.engine import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.generate import WorldConfig, generate_world
+from nextbest.features.pipeline import build_features
+from nextbest.features.privacy import ERASURE_LOG, erasure_key, id_digest
+from nextbest.serving import api
+from nextbest.serving.arms import CHALLENGER, CHAMPION, assign_arm
+from nextbest.serving.engine import (
     PROPENSITY_MODEL,
     RECOMMENDER_MODEL,
     BadRequest,
@@ -38,11 +38,11 @@ from serving.engine import (
     Unauthorized,
     check_registry,
 )
+from nextbest.training.cf import prepare_cf_data, train_cf
+from nextbest.training.propensity import PropensityConfig, fit_propensity
+from nextbest.training.propensity_data import load_propensity_data
+from nextbest.training.tracking import TrackingConfig
 from tests.conftest import stored_state
-from training.cf import prepare_cf_data, train_cf
-from training.propensity import PropensityConfig, fit_propensity
-from training.propensity_data import load_propensity_data
-from training.tracking import TrackingConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -585,7 +585,7 @@ def test_batched_answers_equal_single_ones_and_errors_stay_in_place(engine):
 def test_served_propensity_reads_the_customer_action_affinity(engine):
     """The served probabilities are the model's with the affinities of the customer's own interactions (the
     same function as offline, on the item factors saved with the propensity model), not with them missing."""
-    from features.interactions import interaction_weights
+    from nextbest.features.interactions import interaction_weights
 
     scorer = engine.propensities[CHAMPION].scorer
     assert scorer.affinity is not None and scorer.model.info["affinity"]["from"] == "fit"
@@ -608,8 +608,8 @@ def test_training_rows_show_the_model_what_the_service_shows_it(engine, trained)
     """Offline (``model_view`` over training rows) and online (``Engine._model_features``) apply one consent rule:
     the same profile and customers table give the same model inputs, for every consent case and for a customer
     without events (known from the customers table only)."""
-    from features.privacy import consent_state
-    from training.propensity_data import model_view
+    from nextbest.features.privacy import consent_state
+    from nextbest.training.propensity_data import model_view
 
     ds = trained.ds
     state = consent_state(ds.scan("consent")).collect()

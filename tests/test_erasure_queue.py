@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-import serving.erasure_queue as erasure_queue
-from serving.erasure_queue import ErasureQueue
-from serving.state_store import StateStore, default_state_url, erasures
+import nextbest.serving.erasure_queue as erasure_queue
+from nextbest.serving.erasure_queue import ErasureQueue
+from nextbest.serving.state_store import StateStore, default_state_url, erasures
 
 
 def store(tmp_path) -> StateStore:

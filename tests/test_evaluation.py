@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-from features.interactions import Interactions
-from features.schema import Vocabulary
-from training.evaluation import (
+from nextbest.features.interactions import Interactions
+from nextbest.features.schema import Vocabulary
+from nextbest.training.evaluation import (
     EvaluationConfig,
     evaluate,
     metric_name,
@@ -20,7 +20,7 @@ from training.evaluation import (
     prepare_evaluation,
     score_metric,
 )
-from training.recommenders import ALSConfig, RepeatConfig, make_recommender
+from nextbest.training.recommenders import ALSConfig, RepeatConfig, make_recommender
 
 T = datetime(2026, 3, 1)
 

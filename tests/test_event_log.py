@@ -6,8 +6,8 @@ from datetime import datetime
 
 import pytest
 
-from serving.event_log import EventLog, EventRejected
-from serving.state_store import StateStore, default_state_url, events
+from nextbest.serving.event_log import EventLog, EventRejected
+from nextbest.serving.state_store import StateStore, default_state_url, events
 
 
 def _ev(cid="C1", item="I1", etype="view", ts="2026-03-01T10:00:00"):

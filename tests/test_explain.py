@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.schema import Vocabulary
-from serving.explain import (
+from nextbest.features.schema import Vocabulary
+from nextbest.serving.explain import (
     FilterError,
     ItemAttributes,
     ItemFilters,

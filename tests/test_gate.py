@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from serving.api import ROUTES
-from serving.gate import ExposureError, RequestGate, authorise, bearer, check_exposure, is_loopback
-from serving.openapi import ERROR_STATUSES, complete_spec
+from nextbest.serving.api import ROUTES
+from nextbest.serving.gate import ExposureError, RequestGate, authorise, bearer, check_exposure, is_loopback
+from nextbest.serving.openapi import ERROR_STATUSES, complete_spec
 
 
 async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:

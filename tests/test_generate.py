@@ -14,8 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from features.dataset import Dataset
-from features.generate import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.generate import (
     ACTION_KINDS,
     CATEGORIES,
     EXPOSURE_CHANNELS,
@@ -24,9 +24,9 @@ from features.generate import (
     generate_world,
     planted_propensity,
 )
-from features.identity import resolve_identities
-from features.privacy import consent_state
-from features.schema import CONSENT_PURPOSES, TABLE_NAMES, validate
+from nextbest.features.identity import resolve_identities
+from nextbest.features.privacy import consent_state
+from nextbest.features.schema import CONSENT_PURPOSES, TABLE_NAMES, validate
 
 CONFIG = WorldConfig(customers=500, chunk_customers=200, exposures_per_customer=8, seed=42)
 WEIGHTS = {"view": 1.0, "click": 1.0, "add_to_cart": 3.0, "purchase": 5.0}

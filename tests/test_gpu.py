@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from training.device import cuda_available, select_device
-from training.propensity import (
+from nextbest.training.device import cuda_available, select_device
+from nextbest.training.propensity import (
     PropensityConfig,
     PropensityModel,
     PropensityScorer,
     evaluate_propensity,
     fit_propensity,
 )
-from training.propensity_data import PropensityDataConfig, split_table
+from nextbest.training.propensity_data import PropensityDataConfig, split_table
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")]
 

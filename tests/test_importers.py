@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from features.dataset import Dataset
-from features.importers import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.importers import (
     EventImportConfig,
     ImportFileError,
     ImportMappingError,
@@ -26,7 +26,7 @@ from features.importers import (
     sniff_delimiter,
     validate_with_checks,
 )
-from features.schema import TIMESTAMP, SchemaError
+from nextbest.features.schema import TIMESTAMP, SchemaError
 
 
 def _write(path: Path, text: str) -> Path:

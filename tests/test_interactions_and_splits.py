@@ -10,9 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.interactions import InteractionConfig, Interactions, build_interactions, interaction_weights
-from features.schema import Vocabulary
-from features.splits import SplitError, default_cutoffs, leave_last_out, temporal_split
+from nextbest.features.interactions import (
+    InteractionConfig,
+    Interactions,
+    build_interactions,
+    interaction_weights,
+)
+from nextbest.features.schema import Vocabulary
+from nextbest.features.splits import SplitError, default_cutoffs, leave_last_out, temporal_split
 from tests.conftest import T0, events_frame
 
 
@@ -123,8 +128,8 @@ def test_temporal_split_property_every_event_in_exactly_one_period(days, v, gap)
 
 
 def test_the_datas_now_is_the_latest_event_with_or_without_file_statistics(tmp_path):
-    from features.dataset import Dataset
-    from features.pipeline import data_as_of, event_time_span
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.pipeline import data_as_of, event_time_span
 
     ds = Dataset.at(tmp_path / "d").ensure()
     ds.write_table("events", events_frame([]).clear())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from training import metrics as M
+from nextbest.training import metrics as M
 
 # Ten customers, lists of five (−1 = empty slot), items 0..9 of a 20-item catalogue.
 RECOMMENDED = np.array(

@@ -8,9 +8,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from features.dataset import Dataset
-from features.generate import WorldConfig, generate_world
-from features.pipeline import build_features
+from nextbest.features.dataset import Dataset
+from nextbest.features.generate import WorldConfig, generate_world
+from nextbest.features.pipeline import build_features
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ("01_explore.ipynb", "02_train_and_compare.ipynb", "03_decisions.ipynb")

@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-import serving.policy
-from serving.policy import (
+import nextbest.serving.policy
+from nextbest.serving.policy import (
     DEFAULT_POLICY_PATH,
     ActionPolicy,
     Condition,
@@ -25,7 +25,7 @@ from serving.policy import (
     policy_from_dict,
     unpoliced_actions,
 )
-from serving.state_store import StateStore, StateStoreError, default_state_url, import_state_dir
+from nextbest.serving.state_store import StateStore, StateStoreError, default_state_url, import_state_dir
 
 
 def scope(profile=None, context=None, action=None) -> RuleScope:
@@ -472,7 +472,7 @@ def test_default_policy_path_is_inside_the_package():
 
 
 def test_the_example_in_the_module_docstring_is_a_valid_policy():
-    block = serving.policy.__doc__.split("::\n\n", 1)[1].split("\nValues:")[0]
+    block = nextbest.serving.policy.__doc__.split("::\n\n", 1)[1].split("\nValues:")[0]
     p = policy_from_dict(tomllib.loads(textwrap.dedent(block)), source="docstring")
     assert sorted(p.actions) == ["no_action", "retention_call"] and list(p.kinds) == ["discount"]
     assert p.actions["retention_call"].contact.max_rejections == 3  # from the defaults

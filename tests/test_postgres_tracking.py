@@ -35,10 +35,10 @@ import pytest
 import sqlalchemy as sa
 from mlflow import MlflowClient
 
-from serving.server import free_port
+from nextbest.serving.server import free_port
+from nextbest.training.tracking import REGISTERED_MODEL
 from tests.conftest import RunningService
 from tests.test_study_workers import check_one_shared_study
-from training.tracking import REGISTERED_MODEL
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,7 +51,7 @@ pytestmark = [
 WORKERS = 2
 TRIALS = 3
 PROPENSITY_MODEL = "nextbest-propensity"
-CLI = [sys.executable, "-m", "serving.cli"]
+CLI = [sys.executable, "-m", "nextbest.serving.cli"]
 
 
 def _env(tracking_uri: str) -> dict[str, str]:

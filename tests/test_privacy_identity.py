@@ -9,10 +9,10 @@ from datetime import datetime, timedelta
 import polars as pl
 import pytest
 
-from features.dataset import Dataset
-from features.identity import linked_ids, resolve_identities
-from features.pipeline import FeatureConfig, build_features, clean_events
-from features.privacy import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.identity import linked_ids, resolve_identities
+from nextbest.features.pipeline import FeatureConfig, build_features, clean_events
+from nextbest.features.privacy import (
     ERASURE_KEY_ENV,
     ERASURE_KEY_FILE_ENV,
     ERASURE_LOG,

@@ -7,8 +7,8 @@ from datetime import timedelta
 import polars as pl
 import pytest
 
-from features.identity import resolve_identities
-from features.profiles import ProfileConfig, build_profiles, journey_phase
+from nextbest.features.identity import resolve_identities
+from nextbest.features.profiles import ProfileConfig, build_profiles, journey_phase
 from tests.conftest import T0
 
 AS_OF = T0 + timedelta(days=60)
@@ -83,7 +83,12 @@ def test_online_profile_of_one_customer_equals_the_offline_row(tiny_dataset, pro
 
 
 def test_monetary_counts_a_purchase_without_a_price_at_its_items_price():
-    from features.profiles import customer_summary, purchase_summary, recent_summary, summarise_events
+    from nextbest.features.profiles import (
+        customer_summary,
+        purchase_summary,
+        recent_summary,
+        summarise_events,
+    )
 
     t = [T0 + timedelta(days=d) for d in (1, 2, 3)]
     events = pl.DataFrame(
@@ -116,7 +121,7 @@ def test_monetary_counts_a_purchase_without_a_price_at_its_items_price():
 
 
 def test_orders_are_purchase_sessions_or_purchase_days_without_one():
-    from features.profiles import purchase_summary
+    from nextbest.features.profiles import purchase_summary
 
     day = [T0 + timedelta(days=d, hours=h) for d, h in ((1, 9), (1, 17), (2, 9), (2, 10), (3, 9))]
     events = pl.DataFrame(
@@ -137,7 +142,7 @@ def test_orders_are_purchase_sessions_or_purchase_days_without_one():
 
 
 def test_recent_window_counts_distinct_browsed_items_and_the_latest_cart():
-    from features.profiles import recent_summary
+    from nextbest.features.profiles import recent_summary
 
     as_of = T0 + timedelta(days=30)
     at = [as_of - timedelta(days=d) for d in (1, 2, 3, 8, 2)]

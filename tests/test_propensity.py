@@ -12,10 +12,10 @@ import polars as pl
 import pytest
 import torch
 
-from features.dataset import Dataset
-from features.schema import validate
-from training.device import DeviceError, cuda_available, select_device
-from training.propensity import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.schema import validate
+from nextbest.training.device import DeviceError, cuda_available, select_device
+from nextbest.training.propensity import (
     BaseRateBaseline,
     Calibration,
     PropensityConfig,
@@ -35,7 +35,7 @@ from training.propensity import (
     reliability_table,
     roc_auc,
 )
-from training.propensity_data import (
+from nextbest.training.propensity_data import (
     SNAPSHOT_AT,
     ActionAffinity,
     FeatureEncoder,
@@ -673,8 +673,8 @@ def test_device_choice_falls_back_to_cpu():
 
 
 def test_generated_world_beats_logistic_regression_and_is_calibrated(tmp_path):
-    from features.generate import WorldConfig, generate_world
-    from training.propensity_data import load_propensity_data
+    from nextbest.features.generate import WorldConfig, generate_world
+    from nextbest.training.propensity_data import load_propensity_data
 
     ds = Dataset.at(tmp_path / "world")
     generate_world(WorldConfig(customers=800, days=120, seed=3, exposures_per_customer=20), ds)
@@ -739,7 +739,7 @@ def test_affinity_known_answer_on_a_two_factor_model():
 def test_affinity_fold_in_equals_implicit_recalculate_user(rng):
     import scipy.sparse as sp
 
-    from training.recommenders import ALSConfig, ALSRecommender
+    from nextbest.training.recommenders import ALSConfig, ALSRecommender
 
     dense = (rng.uniform(size=(60, 25)) < 0.2) * rng.integers(1, 6, size=(60, 25))
     matrix = sp.csr_matrix(dense.astype(np.float32))
@@ -765,7 +765,7 @@ def test_affinity_round_trips_without_pickle(tmp_path):
 def test_affinity_at_a_snapshot_sees_only_earlier_interactions():
     """C1 views brand A before the snapshot and buys brand B after it: the affinity at the snapshot favours A,
     and later events change nothing; moved before the snapshot, the B purchases turn it round."""
-    from features.interactions import InteractionConfig
+    from nextbest.features.interactions import InteractionConfig
 
     affinity = _two_factor_affinity()
     snapshot = T0 + timedelta(days=7)
@@ -800,8 +800,8 @@ def test_affinity_at_a_snapshot_sees_only_earlier_interactions():
 
 @pytest.fixture(scope="module")
 def affinity_world(tmp_path_factory):
-    from features.generate import WorldConfig, generate_world
-    from training.propensity_data import load_propensity_data
+    from nextbest.features.generate import WorldConfig, generate_world
+    from nextbest.training.propensity_data import load_propensity_data
 
     ds = Dataset.at(tmp_path_factory.mktemp("affinity") / "world")
     generate_world(WorldConfig(customers=300, days=90, seed=5, exposures_per_customer=8), ds)
@@ -829,8 +829,8 @@ def test_affinity_is_an_input_recorded_with_the_data_and_the_model(affinity_worl
 
 
 def test_affinity_online_equals_offline_and_travels_with_the_model(affinity_world, tmp_path):
-    from features.interactions import InteractionConfig, interaction_weights
-    from features.pipeline import FeatureConfig, clean_events
+    from nextbest.features.interactions import InteractionConfig, interaction_weights
+    from nextbest.features.pipeline import FeatureConfig, clean_events
 
     ds, data, model = affinity_world
     scorer = PropensityScorer.load(model.save(tmp_path / "model"))
@@ -857,14 +857,14 @@ def test_affinity_takes_the_registered_als_trained_on_the_same_data(affinity_wor
     import mlflow
     from mlflow import MlflowClient
 
-    from features.pipeline import build_features
-    from training.cf import train_cf
-    from training.propensity_data import (
+    from nextbest.features.pipeline import build_features
+    from nextbest.training.cf import train_cf
+    from nextbest.training.propensity_data import (
         champion_affinity_config,
         load_propensity_data,
         registered_recommender,
     )
-    from training.tracking import TrackingConfig
+    from nextbest.training.tracking import TrackingConfig
 
     ds, _, _ = affinity_world
     uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
@@ -913,8 +913,8 @@ def test_affinity_takes_the_registered_als_trained_on_the_same_data(affinity_wor
 
 
 def test_model_view_applies_the_service_consent_rule_to_training_rows():
-    from features.privacy import consent_state
-    from training.propensity_data import model_view
+    from nextbest.features.privacy import consent_state
+    from nextbest.training.propensity_data import model_view
 
     # c1 granted everything and has a profile; c2 granted but has no events yet (no profile); c3 declined
     # personalisation; c4 declined profiling only (no profile, as the pipeline builds none); c5 has no record
@@ -973,8 +973,8 @@ def test_model_view_applies_the_service_consent_rule_to_training_rows():
 
 
 def test_model_view_derives_the_age_band_of_a_declined_customer_without_a_profile():
-    from features.privacy import consent_state
-    from training.propensity_data import model_view
+    from nextbest.features.privacy import consent_state
+    from nextbest.training.propensity_data import model_view
 
     table = pl.DataFrame(
         {"customer_id": ["c1", "c2"], "age_band": [None, None], "n_events": [None, None]},

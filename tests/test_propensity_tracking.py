@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from features.dataset import Dataset
-from features.generate import WorldConfig, generate_world
-from training.propensity import PropensityConfig, PropensityModel, PropensityScorer
-from training.propensity_data import load_propensity_data
-from training.propensity_tuning import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.generate import WorldConfig, generate_world
+from nextbest.training.propensity import PropensityConfig, PropensityModel, PropensityScorer
+from nextbest.training.propensity_data import load_propensity_data
+from nextbest.training.propensity_tuning import (
     REGISTERED_MODEL,
     higher_is_better,
     promote_propensity,
@@ -22,7 +22,7 @@ from training.propensity_tuning import (
     train_propensity,
     tune_propensity,
 )
-from training.tracking import TrackingConfig, load_pyfunc
+from nextbest.training.tracking import TrackingConfig, load_pyfunc
 
 QUICK = PropensityConfig(epochs=2, batch_size=256, hidden_sizes=[32], cross_layers=1)
 

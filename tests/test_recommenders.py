@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from training.recommenders import (
+from nextbest.training.recommenders import (
     MISSING_ID,
     MODEL_NAMES,
     ALSConfig,

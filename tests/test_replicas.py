@@ -17,7 +17,7 @@ import polars as pl
 import psutil
 import pytest
 
-from serving.state_store import StateStore
+from nextbest.serving.state_store import StateStore
 from tests.conftest import RunningService
 
 pytestmark = [

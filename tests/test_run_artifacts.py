@@ -17,17 +17,17 @@ import polars as pl
 import pytest
 from mlflow import MlflowClient
 
-from features.dataset import Dataset
-from features.generate import WorldConfig, generate_world
-from features.pipeline import FeatureConfig, build_features, clean_events
-from training.cf import prepare_cf_data, train_cf, tune_cf
-from training.evaluation import EvaluationConfig
-from training.plots import best_so_far
-from training.propensity import PropensityConfig
-from training.propensity_data import PropensityDataConfig, load_propensity_data
-from training.propensity_tuning import train_propensity
-from training.recommenders import config_for
-from training.tracking import DataManifest, TrackingConfig, promote_recommender
+from nextbest.features.dataset import Dataset
+from nextbest.features.generate import WorldConfig, generate_world
+from nextbest.features.pipeline import FeatureConfig, build_features, clean_events
+from nextbest.training.cf import prepare_cf_data, train_cf, tune_cf
+from nextbest.training.evaluation import EvaluationConfig
+from nextbest.training.plots import best_so_far
+from nextbest.training.propensity import PropensityConfig
+from nextbest.training.propensity_data import PropensityDataConfig, load_propensity_data
+from nextbest.training.propensity_tuning import train_propensity
+from nextbest.training.recommenders import config_for
+from nextbest.training.tracking import DataManifest, TrackingConfig, promote_recommender
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -365,7 +365,7 @@ def test_best_so_far_follows_the_direction_of_the_study():
 def test_a_relogged_parent_keeps_first_params_and_records_changed_facts_as_tags(world, tracking, client):
     import mlflow
 
-    from training.tracking import log_run_inputs, use_tracking
+    from nextbest.training.tracking import log_run_inputs, use_tracking
 
     experiment_id = use_tracking(tracking, "relog")
     cutoffs = {"validation_start": datetime(2026, 3, 1), "test_start": datetime(2026, 4, 1)}

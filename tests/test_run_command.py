@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def test_the_main_job_registers_promotes_and_exports_both_models(tmp_path):
     from mlflow import MlflowClient
 
-    from serving.engine_config import PROPENSITY_MODEL, RECOMMENDER_MODEL
+    from nextbest.serving.engine_config import PROPENSITY_MODEL, RECOMMENDER_MODEL
 
     (tmp_path / "mlruns").mkdir()
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"

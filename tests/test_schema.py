@@ -7,8 +7,8 @@ from datetime import datetime
 import polars as pl
 import pytest
 
-from features.dataset import Dataset
-from features.schema import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.schema import (
     TABLES,
     TIMESTAMP,
     SchemaError,

@@ -25,10 +25,10 @@ import polars as pl
 import psutil
 import pytest
 
-from features.dataset import Dataset
-from features.privacy import ERASURE_LOG, erasure_key, id_digest
-from serving.engine import EngineLoadError
-from serving.server import ServiceProcess, check_start, free_port, start
+from nextbest.features.dataset import Dataset
+from nextbest.features.privacy import ERASURE_LOG, erasure_key, id_digest
+from nextbest.serving.engine import EngineLoadError
+from nextbest.serving.server import ServiceProcess, check_start, free_port, start
 from tests.conftest import RunningService, stored_state
 
 pytestmark = [
@@ -598,7 +598,7 @@ def test_sigterm_and_sigint_stop_the_whole_process_tree(tmp_path_factory, traine
 
 def stored_events(s: RunningService) -> list[dict[str, Any]]:
     """The events in the service's state store (the embedded one, or ``s.state_url``)."""
-    from serving.state_store import StateStore, default_state_url
+    from nextbest.serving.state_store import StateStore, default_state_url
 
     store = StateStore(s.state_url or default_state_url(s.state), create=False)
     try:

@@ -14,9 +14,9 @@ import httpx
 import polars as pl
 import pytest
 
-from features.privacy import ERASURE_LOG, erasure_key, id_digest
-from serving.engine import EngineLoadError
-from serving.server import start
+from nextbest.features.privacy import ERASURE_LOG, erasure_key, id_digest
+from nextbest.serving.engine import EngineLoadError
+from nextbest.serving.server import start
 from tests.conftest import RunningService, stored_state
 
 pytestmark = [
@@ -414,7 +414,7 @@ def test_missing_models_are_one_line_saying_what_to_run(served, tmp_path):
 def test_the_adaptive_batcher_answers_concurrent_requests_with_one_call():
     import asyncio
 
-    from serving.service import AdaptiveBatcher
+    from nextbest.serving.service import AdaptiveBatcher
 
     calls: list[list[int]] = []
 

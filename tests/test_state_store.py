@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from serving.state_store import (
+from nextbest.serving.state_store import (
     SCHEMA_VERSION,
     StateStore,
     StateStoreError,
@@ -229,7 +229,7 @@ WRITER = textwrap.dedent(
     """
     import sys
     from datetime import datetime
-    from serving.state_store import StateStore
+    from nextbest.serving.state_store import StateStore
 
     store = StateStore(sys.argv[1])
     for k in range(100_000):

@@ -11,10 +11,10 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from features.dataset import Dataset
-from features.generate import WorldConfig, generate_world
-from features.pipeline import build_features
-from training.tracking import REGISTERED_MODEL, TAG_STAGE
+from nextbest.features.dataset import Dataset
+from nextbest.features.generate import WorldConfig, generate_world
+from nextbest.features.pipeline import build_features
+from nextbest.training.tracking import REGISTERED_MODEL, TAG_STAGE
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -34,7 +34,17 @@ def test_workers_share_one_study_one_parent_run_and_register_the_best(world, tmp
     storage = f"sqlite:///{tmp_path}/optuna.db"  # neither file exists yet: the workers race to create both
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri}
-    argv = [sys.executable, "-m", "serving.cli", "tune", "cf", "--data", str(world.root), "--model", "als"]
+    argv = [
+        sys.executable,
+        "-m",
+        "nextbest.serving.cli",
+        "tune",
+        "cf",
+        "--data",
+        str(world.root),
+        "--model",
+        "als",
+    ]
     argv += ["--trials", str(TRIALS), "--storage", storage, "--study", "shared", "--json", "--quiet"]
     procs = [
         subprocess.Popen(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from features.dataset import Dataset
-from features.generate import WorldConfig, generate_world
-from features.identity import resolve_identities
-from features.pipeline import FeatureConfig, build_features
+from nextbest.features.dataset import Dataset
+from nextbest.features.generate import WorldConfig, generate_world
+from nextbest.features.identity import resolve_identities
+from nextbest.features.pipeline import FeatureConfig, build_features
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,13 @@ import scipy.sparse as sp
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from features.dataset import Dataset
-from features.interactions import Interactions, build_interactions, interaction_weights
-from features.pipeline import FeatureConfig, clean_events
-from features.profiles import build_profiles
-from features.schema import TIMESTAMP_COL
-from features.splits import temporal_split
-from training.evaluation import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.interactions import Interactions, build_interactions, interaction_weights
+from nextbest.features.pipeline import FeatureConfig, clean_events
+from nextbest.features.profiles import build_profiles
+from nextbest.features.schema import TIMESTAMP_COL
+from nextbest.features.splits import temporal_split
+from nextbest.training.evaluation import (
     EvaluationConfig,
     EvaluationResult,
     EvaluationTask,
@@ -41,10 +41,10 @@ from training.evaluation import (
     prepare_evaluation,
     score_metric,
 )
-from training.histories import purchase_matrix, recency_matrix
-from training.recommender_bundle import RecommenderBundle
-from training.recommenders import MODEL_NAMES, Recommender, config_for, make_recommender
-from training.tracking import (
+from nextbest.training.histories import purchase_matrix, recency_matrix
+from nextbest.training.recommender_bundle import RecommenderBundle
+from nextbest.training.recommenders import MODEL_NAMES, Recommender, config_for, make_recommender
+from nextbest.training.tracking import (
     DataManifest,
     TrackingConfig,
     flat_params,
@@ -354,7 +354,7 @@ def _log_outcome(
     """
     import mlflow
 
-    from training import plots
+    from nextbest.training import plots
 
     # Cut-offs and row counts are the data.* params of the data manifest (see training.tracking).
     params = {"model": outcome.model, **flat_params(outcome.config)}
@@ -725,7 +725,7 @@ def tune_cf(
         data, evaluation=evaluation, with_test=evaluate_test, progress=progress
     )
     experiment = tracking.experiment or _experiment_name(data_.dataset)
-    from training.tracking import default_optuna_storage
+    from nextbest.training.tracking import default_optuna_storage
 
     storage_url = storage or default_optuna_storage(tracking)
     name = study_name or f"{experiment}-{model}-{metric}"
@@ -842,7 +842,7 @@ def tune_cf(
             import mlflow
 
             def study_plots(out: Path) -> None:
-                from training import plots
+                from nextbest.training import plots
 
                 plots.study_artifacts(study, out, metric=metric, title=f"{model}: {metric}")
 

@@ -25,10 +25,10 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from features.interactions import Interactions
-from features.schema import CUSTOMER_ID, EVENT_TYPE, ITEM_ID
-from training import metrics as M
-from training.recommenders import MISSING_ID, Recommender
+from nextbest.features.interactions import Interactions
+from nextbest.features.schema import CUSTOMER_ID, EVENT_TYPE, ITEM_ID
+from nextbest.training import metrics as M
+from nextbest.training.recommenders import MISSING_ID, Recommender
 
 LIST_METRICS: tuple[str, ...] = ("precision", "recall", "ndcg", "map", "hit_rate")
 SET_METRICS: tuple[str, ...] = ("coverage",)

@@ -7,8 +7,8 @@ from datetime import datetime
 import polars as pl
 import scipy.sparse as sp
 
-from features.interactions import WEIGHT, build_interactions
-from features.schema import CUSTOMER_ID, EVENT_TYPE, ITEM_ID, TIMESTAMP_COL, Vocabulary
+from nextbest.features.interactions import WEIGHT, build_interactions
+from nextbest.features.schema import CUSTOMER_ID, EVENT_TYPE, ITEM_ID, TIMESTAMP_COL, Vocabulary
 
 PURCHASE = "purchase"
 MIN_AGE_DAYS = 1.0 / 86_400.0

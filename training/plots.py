@@ -13,7 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from training.evaluation import LIST_METRICS, metric_name
+from nextbest.training.evaluation import LIST_METRICS, metric_name
 
 SEGMENT_METRICS = ("ndcg_at_10", "new_ndcg_at_10")
 

@@ -33,9 +33,9 @@ from scipy.stats import rankdata
 from torch import nn
 from tqdm.auto import tqdm
 
-from features.schema import ACTION_ID, RESPONDED
-from training.device import select_device
-from training.propensity_data import (
+from nextbest.features.schema import ACTION_ID, RESPONDED
+from nextbest.training.device import select_device
+from nextbest.training.propensity_data import (
     AFFINITY,
     P_TRUE,
     ActionAffinity,

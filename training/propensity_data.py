@@ -29,12 +29,12 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from features.dataset import Dataset, DatasetError
-from features.interactions import InteractionConfig
-from features.pipeline import FeatureConfig, clean_events, data_as_of
-from features.privacy import consent_granted, consent_state
-from features.profiles import DEMOGRAPHICS, SEGMENT_FEATURES, ProfileConfig, age_band, build_profiles
-from features.schema import (
+from nextbest.features.dataset import Dataset, DatasetError
+from nextbest.features.interactions import InteractionConfig
+from nextbest.features.pipeline import FeatureConfig, clean_events, data_as_of
+from nextbest.features.privacy import consent_granted, consent_state
+from nextbest.features.profiles import DEMOGRAPHICS, SEGMENT_FEATURES, ProfileConfig, age_band, build_profiles
+from nextbest.features.schema import (
     ACTION_ID,
     CHANNEL,
     CUSTOMER_ID,
@@ -50,8 +50,8 @@ from features.schema import (
     TIMESTAMP_COL,
     VALUE,
 )
-from features.splits import temporal_split
-from training.recommenders import ALSConfig
+from nextbest.features.splits import temporal_split
+from nextbest.training.recommenders import ALSConfig
 
 SNAPSHOT_AT = "snapshot_at"
 """The time of the profile snapshot a training row's customer features come from (events strictly before it)."""
@@ -924,7 +924,7 @@ class ActionAffinity:
         aggregate: Literal["mean", "max"] = "mean",
         source: Mapping[str, Any] | None = None,
     ) -> None:
-        from features.schema import Vocabulary
+        from nextbest.features.schema import Vocabulary
 
         self.items = Vocabulary(tuple(str(i) for i in item_ids))
         y = np.asarray(item_factors, dtype=np.float64)
@@ -1017,8 +1017,8 @@ class ActionAffinity:
     def interaction_matrix(self, weights: pl.DataFrame, customers: Sequence[str]) -> sp.csr_matrix:
         """``customer_id, item_id, weight`` rows as a matrix over ``customers`` × this model's items (items it
         does not know are left out)."""
-        from features.interactions import WEIGHT, build_interactions
-        from features.schema import Vocabulary
+        from nextbest.features.interactions import WEIGHT, build_interactions
+        from nextbest.features.schema import Vocabulary
 
         built = build_interactions(
             weights.select(CUSTOMER_ID, ITEM_ID, WEIGHT),
@@ -1158,8 +1158,8 @@ def fit_affinity_als(
     Raises:
         PropensityDataError: no interaction before ``before``.
     """
-    from features.interactions import build_interactions, interaction_weights
-    from training.recommenders import ALSRecommender
+    from nextbest.features.interactions import build_interactions, interaction_weights
+    from nextbest.training.recommenders import ALSRecommender
 
     past = events.lazy().filter(pl.col(TIMESTAMP_COL) < before)
     built = build_interactions(interaction_weights(past, interactions, as_of=before))
@@ -1261,8 +1261,8 @@ def registered_recommender(
     import mlflow
     from mlflow import MlflowClient
 
-    from training.recommender_bundle import find_bundle
-    from training.tracking import quiet_mlflow, resolve_tracking_uri, sqlite_path, version_by_alias
+    from nextbest.training.recommender_bundle import find_bundle
+    from nextbest.training.tracking import quiet_mlflow, resolve_tracking_uri, sqlite_path, version_by_alias
 
     uri = tracking_uri or resolve_tracking_uri()
     db = sqlite_path(uri)
@@ -1312,7 +1312,7 @@ def affinity_asof(
     Returns:
         a Float64 series named :data:`AFFINITY`, one value per row, in order.
     """
-    from features.interactions import interaction_weights
+    from nextbest.features.interactions import interaction_weights
 
     keyed = rows.select(CUSTOMER_ID, ACTION_ID, pl.col(SNAPSHOT_AT).cast(TIMESTAMP)).with_row_index("__row")
     snaps = keyed.filter(pl.col(SNAPSHOT_AT).is_not_null()).select(SNAPSHOT_AT, CUSTOMER_ID).unique()

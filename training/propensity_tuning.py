@@ -28,10 +28,10 @@ from typing import Any
 import polars as pl
 from tqdm.auto import tqdm
 
-from features.dataset import Dataset
-from features.schema import CUSTOMER_ID, RESPONDED
-from training import tracking as tracking_module
-from training.propensity import (
+from nextbest.features.dataset import Dataset
+from nextbest.features.schema import CUSTOMER_ID, RESPONDED
+from nextbest.training import tracking as tracking_module
+from nextbest.training.propensity import (
     PropensityConfig,
     PropensityFit,
     PropensityReport,
@@ -41,13 +41,13 @@ from training.propensity import (
     reliability_plot,
     roc_auc,
 )
-from training.propensity_data import (
+from nextbest.training.propensity_data import (
     PropensityData,
     PropensityDataConfig,
     champion_affinity_config,
     load_propensity_data,
 )
-from training.tracking import (
+from nextbest.training.tracking import (
     DataManifest,
     PromotionDecision,
     TrackingConfig,
@@ -548,7 +548,7 @@ def tune_propensity(
             import mlflow
 
             def study_plots(out: Path) -> None:
-                from training import plots
+                from nextbest.training import plots
 
                 plots.study_artifacts(study, out, metric="val_log_loss", title="propensity: val_log_loss")
 

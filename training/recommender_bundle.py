@@ -11,9 +11,9 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from features.interactions import Interactions
-from features.schema import CUSTOMER_ID, ITEM_ID
-from training.recommenders import MISSING_ID, Recommender, load_recommender
+from nextbest.features.interactions import Interactions
+from nextbest.features.schema import CUSTOMER_ID, ITEM_ID
+from nextbest.training.recommenders import MISSING_ID, Recommender, load_recommender
 
 BUNDLE_FILE = "bundle.json"
 MODEL_DIR = "model"

@@ -5,6 +5,6 @@ Registering the model object here (instead of pickling an instance) keeps pickle
 
 import mlflow.models
 
-from training.recommender_pyfunc import RecommenderPythonModel
+from nextbest.training.recommender_pyfunc import RecommenderPythonModel
 
 mlflow.models.set_model(RecommenderPythonModel())

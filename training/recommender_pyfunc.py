@@ -11,7 +11,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from features.schema import CUSTOMER_ID
+from nextbest.features.schema import CUSTOMER_ID
 
 BUNDLE_ARTIFACT = "bundle"
 DEFAULT_PARAMS: dict[str, Any] = {"n": 10, "filter_already_liked": False}
@@ -25,7 +25,7 @@ class RecommenderPythonModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        from training.recommender_bundle import RecommenderBundle
+        from nextbest.training.recommender_bundle import RecommenderBundle
 
         self.bundle = RecommenderBundle.load(context.artifacts[BUNDLE_ARTIFACT])
 

@@ -37,7 +37,7 @@ from typing import Any, Literal, TypeVar
 import polars as pl
 from pydantic import BaseModel, ConfigDict
 
-from features.dataset import Dataset
+from nextbest.features.dataset import Dataset
 
 REGISTERED_MODEL = "nextbest-recommender"
 CHALLENGER = "challenger"
@@ -305,7 +305,7 @@ class DataManifest(BaseModel):
     ) -> DataManifest:
         """The manifest of a run on ``ds``: the feature manifest's facts (when built) and ``raw_events`` added
         to ``rows`` (counted from the raw files now, so a re-import since the feature build shows)."""
-        from features.pipeline import code_version
+        from nextbest.features.pipeline import code_version
 
         built: dict[str, Any] = ds.read_manifest() if ds.manifest_path.exists() else {}
         raw_events = ds.scan("events").select(pl.len()).collect().item() if ds.has_table("events") else 0
@@ -586,11 +586,11 @@ def log_recommender_bundle(
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from training.recommender_bundle import RecommenderBundle
+    from nextbest.training.recommender_bundle import RecommenderBundle
 
     with quiet_mlflow():
         # Imported here: defining the PythonModel subclass is what triggers MLflow's type-hint advice.
-        from training.recommender_pyfunc import BUNDLE_ARTIFACT, DEFAULT_PARAMS
+        from nextbest.training.recommender_pyfunc import BUNDLE_ARTIFACT, DEFAULT_PARAMS
 
         example = pd.DataFrame({"customer_id": example_customers[:2] or ["unknown"]})
         output = RecommenderBundle.load(bundle_dir).recommend(example["customer_id"].tolist(), 3).to_pandas()
