@@ -486,6 +486,8 @@ class RecommenderSlot:
     @classmethod
     def create(cls, registered: RegisteredModel, data: ServingData) -> RecommenderSlot:
         bundle = registered.model
+        # One customer per call and many calls at once: implicit's work stays on the calling thread.
+        bundle.model.set_threads(1)
         vocab = bundle.history.items
         factors = _item_factors(bundle.model)
         unit = None

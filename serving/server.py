@@ -281,10 +281,13 @@ class ServiceProcess:
         log_path: where its stdout and stderr go.
     """
 
-    def __init__(self, process: subprocess.Popen[bytes], url: str, log_path: Path | None) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], url: str, log_path: Path | None, workers: int = 1
+    ) -> None:
         self.process = process
         self.url = url
         self.log_path = log_path
+        self.workers = workers
 
     def log(self) -> str:
         """What the server printed so far (empty without a log file)."""
@@ -293,7 +296,11 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 120.0) -> ServiceProcess:
-        """Wait until ``/readyz`` answers 200.
+        """Wait until ``/readyz`` answers 200 (with several workers: from every worker).
+
+        Each probe is a new connection, which the kernel hands to any worker; a worker still loading answers
+        503. With N workers, ready means 8·N probes in a row answered 200: a worker still loading would be
+        missed by all of them with a chance of ((N-1)/N)^(8N), under 1 in 250.
 
         Raises:
             RuntimeError: the process exited or the timeout passed; the message holds the end of its log.
@@ -301,17 +308,21 @@ class ServiceProcess:
         import httpx
 
         deadline = time.monotonic() + timeout
+        needed = 1 if self.workers <= 1 else 8 * self.workers
+        in_a_row = 0
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"the service exited with {self.process.returncode}:\n{self.log()[-4000:]}"
                 )
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
-                    return self
+                ok = httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+                ok = False
+            in_a_row = in_a_row + 1 if ok else 0
+            if in_a_row >= needed:
+                return self
+            time.sleep(0.2 if not ok else 0.02)
         raise RuntimeError(f"the service was not ready within {timeout:.0f} s:\n{self.log()[-4000:]}")
 
     def _tree(self) -> list[int]:
@@ -430,4 +441,4 @@ def start(
     finally:
         if log is not None:
             out.close()
-    return ServiceProcess(process, f"http://{host}:{port}", log)
+    return ServiceProcess(process, f"http://{host}:{port}", log, workers)

@@ -350,3 +350,16 @@ def test_top_n_breaks_ties_by_the_given_order():
     assert ids.tolist() == [[4, 2, 1]] and vals.tolist() == [[2.0, 2.0, 2.0]]
     ids, vals = top_n(scores, 10)
     assert ids.tolist() == [[1, 2, 4, 0]]
+
+
+def test_set_threads_reaches_every_implicit_part_and_keeps_the_ranking():
+    blend = make_recommender(
+        "blend", BlendConfig(repeat_weight=0.3, cf=ALSConfig(factors=2), knn=ItemKNNConfig(K=5)), seed=3
+    ).fit(TRAIN)
+    users = np.arange(N)
+    before = blend.recommend(users, TRAIN[users], 5, recalculate_user=True)[0]
+    blend.set_threads(1)
+    assert blend.threads == 1
+    assert [p.threads for p in (blend.repeat, blend.cf, blend.knn)] == [1, 1, 1]
+    assert blend.cf.implicit_model.num_threads == 1 and blend.knn.implicit_model.num_threads == 1
+    np.testing.assert_array_equal(blend.recommend(users, TRAIN[users], 5, recalculate_user=True)[0], before)

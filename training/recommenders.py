@@ -307,6 +307,21 @@ class Recommender(ABC):
         self.user_has_history: np.ndarray | None = None
         self._tie_order: np.ndarray | None = None
 
+    def set_threads(self, threads: int) -> None:
+        """Threads for implicit's work from now on (0 = all cores), in every part of the model.
+
+        A service answers one customer per call, many calls at once: one thread each (``set_threads(1)``)
+        avoids an OpenMP fork/join per fold-in, which on a busy machine costs far more than the fold-in itself.
+        """
+        self.threads = threads
+        for model in self._implicit_models():
+            if hasattr(model, "num_threads"):
+                model.num_threads = threads
+
+    def _implicit_models(self) -> list[Any]:
+        """The implicit models this recommender wraps (none for our own models)."""
+        return []
+
     # fitting ---------------------------------------------------------------------------------------------
 
     def fit(
@@ -624,6 +639,10 @@ class _ImplicitRecommender(Recommender):
     @abstractmethod
     def _implicit_class(self) -> Any: ...
 
+    def _implicit_models(self) -> list[Any]:
+        model = getattr(self, "implicit_model", None)
+        return [] if model is None else [model]
+
 
 class _FactorRecommender(_ImplicitRecommender):
     def _item_similarity(self, items: np.ndarray) -> np.ndarray:
@@ -825,6 +844,11 @@ class BlendRecommender(Recommender):
 
     def _parts(self) -> list[Recommender]:
         return [p for p in (self.repeat, self.cf, self.knn) if p is not None]
+
+    def set_threads(self, threads: int) -> None:
+        super().set_threads(threads)
+        for part in self._parts():
+            part.set_threads(threads)
 
     def _fit(self, matrix, *, recency, progress, callback) -> None:
         for part in self._parts():
