@@ -389,6 +389,27 @@ class ErrorResponse(BaseModel):
     """With 400 for an invalid body: every invalid field."""
 
 
+# --- /reload ---------------------------------------------------------------------------------------------------
+
+
+class ReloadRequest(_Request):
+    """``POST /reload`` (admin): look for new champions (and rebuilt features) now and swap them in."""
+
+    force: StrictBool = False
+    """Reload the models even when the registry names the versions already serving."""
+
+
+class ReloadResponse(BaseModel):
+    swapped: bool
+    """Whether another set of models (or features) now serves."""
+    models: dict[str, dict[str, str]]
+    """Kind (``recommender``, ``propensity``) → arm → ``name/version`` serving now."""
+    previous: dict[str, dict[str, str]]
+    """The same before this call."""
+    features_reloaded: bool
+    """Whether the dataset's features were rebuilt since they were loaded, and were loaded again."""
+
+
 # --- what each endpoint takes ------------------------------------------------------------------------------
 
 Credential = Literal["app", "admin"]
@@ -411,6 +432,7 @@ ROUTES: dict[str, Endpoint] = {
     "/forget": Endpoint(CustomerRequest, ForgetResponse, "admin"),
     "/erasure": Endpoint(ErasureRequest, ErasureStatus, "admin"),
     "/levers": Endpoint(LeversRequest, LeversResponse, "admin"),
+    "/reload": Endpoint(ReloadRequest, ReloadResponse, "admin"),
 }
 """Every endpoint of the service (all ``POST`` with a JSON body): its request and answer models and the
 credential it needs."""

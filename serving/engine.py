@@ -28,6 +28,7 @@ start-up problems raise :class:`EngineLoadError` with one line saying what to ru
 
 from __future__ import annotations
 
+import functools
 import gc
 import hmac
 import logging
@@ -101,6 +102,7 @@ from nextbest.serving.engine_config import (  # noqa: F401
 from nextbest.serving.erasure_queue import ErasureQueue
 from nextbest.serving.event_log import EventLog, EventRejected
 from nextbest.serving.explain import FilterError, ItemAttributes, ItemFilters, item_reasons
+from nextbest.serving.hot_swap import SwapLock, features_stamp
 from nextbest.serving.models import (  # noqa: F401
     RegisteredModel,
     ServingModels,
@@ -108,6 +110,7 @@ from nextbest.serving.models import (  # noqa: F401
     check_registry,
     load_serving_models,
     resolve_model_source,
+    served_labels,
 )
 from nextbest.serving.policy import (
     DEFAULT_POLICY_PATH,
@@ -677,6 +680,33 @@ def _parse_time(value: Any, where: str) -> datetime:
 # --- the engine ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Served:
+    """What answers requests, swapped as one (:meth:`Engine.reload_models`)."""
+
+    models: ServingModels
+    data: ServingData
+    recommenders: dict[str, RecommenderSlot]
+    propensities: dict[str, PropensitySlot]
+    features: str
+    """:func:`~serving.hot_swap.features_stamp` of the features ``data`` was read from."""
+
+
+def _labels_text(labels: Mapping[str, Mapping[str, str]]) -> str:
+    return ", ".join(f"{arm} {label}" for arms in labels.values() for arm, label in arms.items())
+
+
+def _serving(method: Any) -> Any:
+    """Run an endpoint's method against one set of models: a model swap waits for it, and it for the swap."""
+
+    @functools.wraps(method)
+    def wrapper(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        with self._swap.reading():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Engine:
     """Every endpoint's logic over the loaded models, the dataset and the live state. Thread-safe.
 
@@ -688,28 +718,12 @@ class Engine:
 
     def __init__(self, config: EngineConfig, models: ServingModels, data: ServingData | None = None) -> None:
         self.config = config
-        self.models = models
         self._started_wall = _utcnow()
         self._started = time.monotonic()
         self._lock = threading.RLock()
-        channels = sorted(
-            {
-                name.removeprefix("channel_share_")
-                for slot in models.propensity.values()
-                for name in slot.model.encoder.spec.customer_numeric
-                if name.startswith("channel_share_")
-            }
-        )
-        self.data = data or ServingData.load(
-            Dataset.at(config.data),
-            channels=channels,
-            segment_column=config.segment_column,
-            min_segment_customers=config.min_segment_customers,
-        )
-        self.recommenders = {
-            arm: RecommenderSlot.create(r, self.data) for arm, r in models.recommender.items()
-        }
-        self.propensities = {arm: PropensitySlot.create(r, self.data) for arm, r in models.propensity.items()}
+        self._swap = SwapLock()
+        self._reload_lock = threading.Lock()
+        self._served = self._serve(models, data)
         self.policy = self._load_policy()
         self._bought_attributes = sorted(
             {f.removeprefix("bought_") for f in self.policy.referenced_fields() if f.startswith("bought_")}
@@ -773,11 +787,121 @@ class Engine:
             engine = cls(config, models)
         except PolicyError as e:
             raise EngineLoadError(" ".join(str(e).split())) from None
+        poll = config.model_poll_seconds
+        if poll > 0:  # models handed over in code are not the registry's: only a loaded engine polls it
+            watcher = threading.Thread(
+                target=engine._watch_models, args=(poll,), name="nextbest-models", daemon=True
+            )
+            engine._background.append(watcher)
+            watcher.start()
         # Everything loaded so far lives as long as the process. Left to the collector, its half a million
         # objects make every full collection a pause of a few hundred milliseconds in the middle of a request.
         gc.collect()
         gc.freeze()
         return engine
+
+    # --- the served models, and swapping them -------------------------------------------------------------
+
+    def _serve(self, models: ServingModels, data: ServingData | None = None) -> _Served:
+        """The models with the dataset side they serve from (loaded unless given) and their slots."""
+        channels = sorted(
+            {
+                name.removeprefix("channel_share_")
+                for slot in models.propensity.values()
+                for name in slot.model.encoder.spec.customer_numeric
+                if name.startswith("channel_share_")
+            }
+        )
+        stamp = features_stamp(self.config.data)
+        data = data or ServingData.load(
+            Dataset.at(self.config.data),
+            channels=channels,
+            segment_column=self.config.segment_column,
+            min_segment_customers=self.config.min_segment_customers,
+        )
+        return _Served(
+            models=models,
+            data=data,
+            recommenders={arm: RecommenderSlot.create(r, data) for arm, r in models.recommender.items()},
+            propensities={arm: PropensitySlot.create(r, data) for arm, r in models.propensity.items()},
+            features=stamp,
+        )
+
+    @property
+    def models(self) -> ServingModels:
+        return self._served.models
+
+    @property
+    def data(self) -> ServingData:
+        return self._served.data
+
+    @property
+    def recommenders(self) -> dict[str, RecommenderSlot]:
+        return self._served.recommenders
+
+    @property
+    def propensities(self) -> dict[str, PropensitySlot]:
+        return self._served.propensities
+
+    def model_versions(self) -> dict[str, dict[str, str]]:
+        """Kind → arm → ``name/version`` of the models serving now."""
+        return self._served.models.labels()
+
+    def reload_models(self, *, force: bool = False) -> api.ReloadResponse:
+        """Swap in the registry's current champions (and challengers) and rebuilt features, if they changed.
+
+        The new set is loaded while requests go on and replaces the old one atomically (see
+        :mod:`serving.hot_swap`); with ``force`` the models are reloaded even when their versions did not
+        change. Thread-safe; concurrent reloads run one after the other.
+
+        Raises:
+            EngineLoadError: the registry or a champion is missing (the models serving now stay).
+        """
+        with self._reload_lock:
+            before = self.model_versions()
+            wanted = served_labels(self.config)
+            stamp = features_stamp(self.config.data)
+            new_data = stamp != self._served.features
+            if not (force or new_data or wanted != before):
+                return api.ReloadResponse(swapped=False, models=before, previous=before, features_reloaded=False)
+            models = load_serving_models(self.config)
+            served = self._serve(models, None if new_data else self._served.data)
+            with self._swap.writing():
+                self._served = served
+                if new_data:
+                    # Live state is indexed by the dataset's items: rebuild it over the new dataset.
+                    self.channels = sorted(set(self.policy.named_channels()) | set(served.data.channels))
+                    with self._lock:
+                        self._live.clear()
+                    replay = self.event_log.frame(self.store.snapshot()[1])
+                    erased = {c for c in set(replay[CUSTOMER_ID].to_list()) if self._is_erased(c)}
+                    if erased:
+                        replay = replay.filter(~pl.col(CUSTOMER_ID).is_in(sorted(erased)))
+                    self._apply_events(replay)
+            after = self.model_versions()
+            logger.info(
+                "nextbest: now serving %s (was %s)%s",
+                _labels_text(after),
+                _labels_text(before),
+                "; features reloaded" if new_data else "",
+            )
+            return api.ReloadResponse(swapped=True, models=after, previous=before, features_reloaded=new_data)
+
+    def _watch_models(self, every: float) -> None:
+        """Poll for new champions until the engine closes; a failed look is logged and tried again later."""
+        while not self._stop.wait(every):
+            try:
+                self.reload_models()
+            except Exception as e:  # the models serving now stay; the next poll tries again
+                logger.warning("nextbest: cannot look for new models: %s", one_line(e))
+
+    def reload_request(self, request: api.ReloadRequest, authorization: str | None) -> api.ReloadResponse:
+        """``POST /reload`` (admin)."""
+        self.check_admin(authorization)
+        try:
+            return self.reload_models(force=request.force)
+        except EngineLoadError as e:
+            raise NotReady(f"the models serving now stay: {one_line(e)}") from None
 
     def _load_policy(self) -> ActionPolicy:
         policy = load_policy(self.config.policy or DEFAULT_POLICY_PATH)
@@ -809,6 +933,7 @@ class Engine:
 
     # --- replicas: what other processes wrote --------------------------------------------------------------
 
+    @_serving
     def sync(self) -> set[str]:
         """Apply what was written to the state store since the last call, by this process or another replica, in
         the order it was committed: events to the live state, contacts to the ledger, lever changes, erasures.
@@ -1080,6 +1205,7 @@ class Engine:
 
     # --- /recommend -----------------------------------------------------------------------------------------
 
+    @_serving
     def recommend(self, request: api.RecommendRequest) -> api.RecommendResponse:
         """Follow-up purchases for a customer now (see the module docstring for how).
 
@@ -1091,6 +1217,7 @@ class Engine:
             raise answer
         return answer
 
+    @_serving
     def recommend_many(
         self, requests: Sequence[api.RecommendRequest]
     ) -> list[api.RecommendResponse | ServiceError]:
@@ -1327,6 +1454,7 @@ class Engine:
 
     # --- /similar_items ---------------------------------------------------------------------------------------
 
+    @_serving
     def similar_items(self, request: api.SimilarItemsRequest) -> api.SimilarItemsResponse:
         """Items like one item: learned similarity, or shared attributes for an item the model has not seen.
 
@@ -1423,6 +1551,7 @@ class Engine:
         weights = np.fromiter(view.items.values(), dtype=np.float64, count=len(view.items))
         return slot.scorer.affinity.score_indexed(slot.affinity_items[base], weights)
 
+    @_serving
     def propensity(self, request: api.PropensityRequest) -> api.PropensityResponse:
         """Calibrated response probabilities of actions for a customer.
 
@@ -1469,6 +1598,7 @@ class Engine:
             profile[f"bought_{a}"] = sorted(v for v in values if v is not None)
         return profile
 
+    @_serving
     def next_best_action(self, request: api.NextBestActionRequest) -> api.NextBestActionResponse:
         """The best actions now by P × V × L; records the chosen action as a contact and logs the decision.
 
@@ -1480,6 +1610,7 @@ class Engine:
             raise answer
         return answer
 
+    @_serving
     def next_best_action_many(
         self, requests: Sequence[api.NextBestActionRequest]
     ) -> list[api.NextBestActionResponse | ServiceError]:
@@ -1612,6 +1743,7 @@ class Engine:
 
     # --- /events ----------------------------------------------------------------------------------------------
 
+    @_serving
     def events(self, request: api.EventsRequest) -> api.EventsResponse:
         """Store events and offer responses durably, then apply them to the live state at once.
 
@@ -1733,6 +1865,7 @@ class Engine:
                     )
         return changed
 
+    @_serving
     def _refresh(self, customer_id: str) -> None:
         """Recompute the customer's profile and activity features from their dataset and live events."""
         from nextbest.training.propensity_data import customer_activity
@@ -1781,6 +1914,7 @@ class Engine:
 
     # --- /profile ---------------------------------------------------------------------------------------------
 
+    @_serving
     def profile(self, request: api.CustomerRequest) -> api.ProfileResponse:
         """Everything stored and derived about a customer (GDPR access)."""
         cid = request.customer_id
@@ -1826,6 +1960,7 @@ class Engine:
                 "missing or wrong admin token: send 'Authorization: Bearer <NEXTBEST_ADMIN_TOKEN>'"
             )
 
+    @_serving
     def forget(self, request: api.CustomerRequest, authorization: str | None) -> api.ForgetResponse:
         """Erase a customer everywhere: at once from the live state, the event log, the contact ledger and the
         decision log, under their id, every id linked to it and those ids' unlinked forms; the erasure is logged

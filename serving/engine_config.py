@@ -94,6 +94,8 @@ class EngineConfig(BaseModel):
             ``sqlite:///STATE_DIR/state.db``. Several replicas share one PostgreSQL.
         sync_interval_ms: how often the service looks for what other replicas wrote (events, contacts, levers,
             erasures) between its own writes.
+        model_poll_seconds: how often the service looks for new champions and rebuilt features and swaps them
+            in without a restart (:mod:`serving.hot_swap`); 0 turns polling off (``POST /reload`` still works).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -114,6 +116,7 @@ class EngineConfig(BaseModel):
     bought_days: int = Field(90, ge=1)
     state_url: str | None = None
     sync_interval_ms: float = Field(20.0, gt=0, le=60_000)
+    model_poll_seconds: float = Field(30.0, ge=0, le=86_400)
 
     @property
     def state_path(self) -> Path:
@@ -130,7 +133,8 @@ class EngineConfig(BaseModel):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineConfig:
         """The config from ``NEXTBEST_DATA``, ``NEXTBEST_STATE_DIR``, ``MLFLOW_TRACKING_URI``,
         ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``, ``NEXTBEST_POLICY``, ``NEXTBEST_CLOCK``,
-        ``NEXTBEST_MODEL_SOURCE``, ``NEXTBEST_STATE_URL`` and ``NEXTBEST_SYNC_INTERVAL_MS``.
+        ``NEXTBEST_MODEL_SOURCE``, ``NEXTBEST_STATE_URL``, ``NEXTBEST_SYNC_INTERVAL_MS`` and
+        ``NEXTBEST_MODEL_POLL_SECONDS``.
 
         Raises:
             EngineLoadError: a variable holds an invalid value (the message names it).
@@ -147,6 +151,7 @@ class EngineConfig(BaseModel):
             ("NEXTBEST_MODEL_SOURCE", "model_source"),
             ("NEXTBEST_STATE_URL", "state_url"),
             ("NEXTBEST_SYNC_INTERVAL_MS", "sync_interval_ms"),
+            ("NEXTBEST_MODEL_POLL_SECONDS", "model_poll_seconds"),
         ):
             if env.get(var):
                 fields[name] = env[var]
@@ -162,6 +167,7 @@ class EngineConfig(BaseModel):
                 "data": "NEXTBEST_DATA",
                 "state_url": "NEXTBEST_STATE_URL",
                 "sync_interval_ms": "NEXTBEST_SYNC_INTERVAL_MS",
+                "model_poll_seconds": "NEXTBEST_MODEL_POLL_SECONDS",
             }
             problems = [f"{names.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}" for err in e.errors()]
             raise EngineLoadError("invalid service configuration: " + "; ".join(problems)) from None

@@ -8,7 +8,7 @@ of :data:`serving.api.ROUTES`, in this order:
    * ``app`` endpoints (``/recommend``, ``/similar_items``, ``/propensity``, ``/next_best_action``, ``/events``)
      take ``NEXTBEST_APP_TOKEN`` or ``NEXTBEST_ADMIN_TOKEN``. Without ``NEXTBEST_APP_TOKEN`` they are open —
      which :func:`check_exposure` allows only while the service listens on loopback;
-   * ``admin`` endpoints (``/profile``: personal data; ``/forget``, ``/erasure``, ``/levers``) take
+   * ``admin`` endpoints (``/profile``: personal data; ``/forget``, ``/erasure``, ``/levers``, ``/reload``) take
      ``NEXTBEST_ADMIN_TOKEN`` only, and are disabled (403) without it.
 
    A missing or wrong key is answered 401.

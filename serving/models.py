@@ -51,6 +51,13 @@ class ServingModels:
             if CHAMPION not in slots:
                 raise EngineLoadError(f"no champion {kind} was given")
 
+    def labels(self) -> dict[str, dict[str, str]]:
+        """Kind → arm → ``name/version`` of the models held."""
+        return {
+            "recommender": {arm: m.label for arm, m in self.recommender.items()},
+            "propensity": {arm: m.label for arm, m in self.propensity.items()},
+        }
+
 
 def _train_hint(kind: str, data: Path) -> str:
     return f"{train_command(kind)} --data {data}"
@@ -262,3 +269,46 @@ def _load_from_registry(config: EngineConfig) -> ServingModels:
                 )
         out[kind] = slots
     return ServingModels(recommender=out["recommender"], propensity=out["propensity"])
+
+
+def served_labels(config: EngineConfig) -> dict[str, dict[str, str]]:
+    """Kind → arm → ``name/version`` that :func:`load_serving_models` would load now, without loading anything
+    (a few registry or model-store lookups: what a running service polls to see a new champion).
+
+    Raises:
+        EngineLoadError: the registry, the store or a champion is missing.
+    """
+    source = resolve_model_source(config)
+    if source != "mlflow":
+        from nextbest.serving.bento_store import stored_challenger
+
+        out: dict[str, dict[str, str]] = {}
+        for kind, champion in _stored_champions(config, source).items():
+            arms = {CHAMPION: f"{champion.registered_model}/{champion.mlflow_version}"}
+            challenger = (
+                stored_challenger(champion.registered_model)
+                if config.challenger_share > 0 and source == "bentoml"
+                else None
+            )
+            if challenger is not None and challenger.mlflow_version != champion.mlflow_version:
+                arms[CHALLENGER] = f"{champion.registered_model}/{challenger.mlflow_version}"
+            out[kind] = arms
+        return out
+    from mlflow import MlflowClient
+
+    from nextbest.training.tracking import resolve_tracking_uri, version_by_alias
+
+    check_registry(config)
+    uri = config.tracking_uri or resolve_tracking_uri()
+    client = MlflowClient(uri, uri)
+    out = {}
+    for kind, name in _registered_names(config).items():
+        champion = version_by_alias(client, name, CHAMPION)
+        assert champion is not None  # check_registry made sure
+        arms = {CHAMPION: f"{name}/{champion.version}"}
+        if config.challenger_share > 0:
+            challenger = version_by_alias(client, name, CHALLENGER)
+            if challenger is not None and str(challenger.version) != str(champion.version):
+                arms[CHALLENGER] = f"{name}/{challenger.version}"
+        out[kind] = arms
+    return out

@@ -51,6 +51,8 @@ from nextbest.serving.api import (
     PropensityResponse,
     RecommendRequest,
     RecommendResponse,
+    ReloadRequest,
+    ReloadResponse,
     SimilarItemsRequest,
     SimilarItemsResponse,
 )
@@ -290,6 +292,13 @@ class NextBest:
         """Admin: read the action levers, or change one (logged)."""
         return self._call(
             lambda e: e.levers_request(LeversRequest.model_construct(**params), self._authorization(ctx)), ctx
+        )
+
+    @bentoml.api(route="/reload", input_spec=ReloadRequest)
+    def reload(self, ctx: bentoml.Context, **params: Any) -> ReloadResponse:
+        """Admin: swap in new champions (and rebuilt features) now, without a restart; requests go on."""
+        return self._call(
+            lambda e: e.reload_request(ReloadRequest.model_construct(**params), self._authorization(ctx)), ctx
         )
 
 
