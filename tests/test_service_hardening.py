@@ -361,7 +361,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(served, tmp_path):
             "--header",
             f"Authorization: Bearer {ADMIN_KEY}",
             "--include-path-regex",
-            "^/(recommend|similar_items|propensity|next_best_action|events|profile|forget|erasure|levers)$",
+            "^/(recommend|similar_items|propensity|next_best_action|events|profile|forget|erasure|levers|reload)$",
             "--max-examples",
             "120",
             "--seed",
