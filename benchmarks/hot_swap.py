@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             EngineConfig(data=data, state_dir=root / "probe", tracking_uri=uri, model_poll_seconds=0)
         )
         customers = bench.sample_customers(engine, 2000, args.seed)
+        items = bench.sample_items(engine, 100, args.seed)
         engine.close()
-        bodies = bench.endpoint_bodies(list(ENDPOINTS), customers, [], args.seed)
+        bodies = bench.endpoint_bodies(list(ENDPOINTS), customers, items, args.seed)
         admin = "swap-bench-admin"
         server = start(
             data,
