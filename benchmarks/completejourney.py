@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tune-customers", type=int, default=1000, help="validation customers per trial")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-bpr", action="store_true", help="leave out BPR (its 100 epochs take ~1 min)")
+    parser.add_argument(
+        "--skip-rp3beta", action="store_true", help="leave out RP3beta (its top-K walk takes ~1–3 min)"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
@@ -355,7 +358,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from nextbest.training.cf import prepare_cf_data, tune_cf
     from nextbest.training.evaluation import EvaluationConfig
-    from nextbest.training.recommenders import BlendConfig, PopularityConfig, RepeatConfig
+    from nextbest.training.recommenders import (
+        BlendConfig,
+        EASEConfig,
+        PopularityConfig,
+        RepeatConfig,
+        RP3BetaConfig,
+        TIFUConfig,
+    )
     from nextbest.training.tracking import TrackingConfig
 
     started = time.perf_counter()
@@ -379,6 +389,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.skip_bpr:
         evaluate_on_test(data, "BPR (implicit defaults)", "bpr", reference["bpr"], rows)
     evaluate_on_test(data, "blend (nextbest defaults)", "blend", BlendConfig(), rows)
+    # Issue 14: models past ALS, at fixed configs (EASE: 8,000 most bought items, binary, λ 800).
+    evaluate_on_test(data, "EASE (8,000 items, binary, λ 800)", "ease", EASEConfig(), rows)
+    if not args.skip_rp3beta:
+        evaluate_on_test(data, "RP3beta (nextbest defaults)", "rp3beta", RP3BetaConfig(), rows)
+    evaluate_on_test(data, "TIFU timing (nextbest defaults)", "tifu", TIFUConfig(), rows)
+    evaluate_on_test(
+        data,
+        "TIFU decayed frequency + neighbours",
+        "tifu",
+        TIFUConfig(due_weight=0.0, neighbour_weight=0.2),
+        rows,
+    )
 
     tune_data = prepare_cf_data(
         ds, evaluation=EvaluationConfig(max_customers=args.tune_customers, seed=args.seed), with_test=False

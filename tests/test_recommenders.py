@@ -17,11 +17,14 @@ from nextbest.training.recommenders import (
     BlendConfig,
     BlendRecommender,
     BPRConfig,
+    EASEConfig,
     ItemKNNConfig,
     PopularityConfig,
     Recommender,
     RecommenderError,
     RepeatConfig,
+    RP3BetaConfig,
+    TIFUConfig,
     config_for,
     load_recommender,
     make_recommender,
@@ -44,8 +47,27 @@ CONTRACT = {
         "blend",
         BlendConfig(cf=ALSConfig(factors=2, regularization=0.01), knn=ItemKNNConfig(K=50), knn_weight=0.5),
     ),
+    "ease": ("ease", EASEConfig(l2=10.0)),
+    "ease-weighted-top-items": ("ease", EASEConfig(l2=10.0, max_items=40, binary=False)),
+    "rp3beta": ("rp3beta", RP3BetaConfig(alpha=1.0, beta=0.5, K=50)),
+    "tifu": ("tifu", TIFUConfig(neighbours=10, neighbour_weight=0.5)),
+    "blend-ease-tifu": (
+        "blend",
+        BlendConfig(repeat=TIFUConfig(neighbours=10), cf=EASEConfig(l2=10.0), repeat_weight=0.3),
+    ),
 }
-CF_MODELS = ["als", "bpr", "itemknn-cosine", "itemknn-bm25", "blend", "blend-knn"]
+CF_MODELS = [
+    "als",
+    "bpr",
+    "itemknn-cosine",
+    "itemknn-bm25",
+    "blend",
+    "blend-knn",
+    "ease",
+    "rp3beta",
+    "tifu",
+    "blend-ease-tifu",
+]
 
 
 def checkerboard() -> tuple[sp.csr_matrix, sp.csr_matrix]:
@@ -326,6 +348,10 @@ def test_als_folds_in_fresh_histories():
         PopularityConfig(measure="weight"),
         RepeatConfig(recency_mix=1.0),
         BlendConfig(cf=ItemKNNConfig()),
+        EASEConfig(l2=50.0, max_items=100, binary=False),
+        RP3BetaConfig(alpha=0.7, beta=0.2, K=10),
+        TIFUConfig(horizon_days=3.0, neighbours=0),
+        BlendConfig(repeat=TIFUConfig(), cf=RP3BetaConfig()),
     ],
 )
 def test_configs_round_trip_through_json(config):
@@ -335,7 +361,17 @@ def test_configs_round_trip_through_json(config):
 
 
 def test_factory_errors():
-    assert set(MODEL_NAMES) == {"als", "bpr", "itemknn", "popularity", "repeat", "blend"}
+    assert set(MODEL_NAMES) == {
+        "als",
+        "bpr",
+        "itemknn",
+        "popularity",
+        "repeat",
+        "blend",
+        "ease",
+        "rp3beta",
+        "tifu",
+    }
     with pytest.raises(RecommenderError, match="unknown model"):
         make_recommender("svd")
     with pytest.raises(RecommenderError, match="needs a ALSConfig"):

@@ -7,7 +7,13 @@ The protocol, the same for ``train_cf`` and for the best trial of ``tune_cf``:
    metrics without prefix (``ndcg_at_10``, ``new_ndcg_at_10`` …) that tuning and promotion compare;
 3. refit the same config on train + validation (everything before ``test_start``) and evaluate on the test
    period (``test_ndcg_at_10`` … in MLflow, ``test_metrics`` in the result); this refit model, with the
-   histories it was fitted on, is what gets logged as the pyfunc model and registered as ``challenger``.
+   histories it was fitted on, is what gets logged as the pyfunc model and registered as ``challenger``;
+4. only with ``refit="all"`` (what ``nextbest retrain`` asks for): once the held-out periods have decided,
+   refit the same config on every event up to the data's ``as_of`` and register that model instead, so the
+   served model knows the latest period too.
+
+The registered version says which data it saw: tags ``refit`` (``train``, ``train+validation`` or ``all``) and
+``data_until`` (the latest event it was fitted on).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 import scipy.sparse as sp
@@ -85,12 +91,14 @@ class PeriodMatrices:
         bought: purchase counts, same shape (left out of discovery lists).
         recency: age in days of each pair's latest event at ``as_of`` (repeat model).
         as_of: the cut-off the matrices describe.
+        last_event: the latest event in them (None when not known).
     """
 
     interactions: Interactions
     bought: sp.csr_matrix
     recency: sp.csr_matrix
     as_of: datetime
+    last_event: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,7 @@ class CFData:
         test: the test period aligned with ``full`` (None without test evaluation).
         event_counts: clean personalisation events in all (``events``) and per period (``train_events``,
             ``validation_events``, ``test_events``), for the run's data manifest.
+        everything: matrices of every event up to the data's ``as_of`` (only for ``refit="all"``).
     """
 
     dataset: Dataset
@@ -118,6 +127,7 @@ class CFData:
     full: PeriodMatrices | None = None
     test: EvaluationTask | None = None
     event_counts: dict[str, int] = field(default_factory=dict)
+    everything: PeriodMatrices | None = None
 
     def cutoffs(self) -> dict[str, str]:
         return {
@@ -163,6 +173,7 @@ def _period_matrices(events: pl.LazyFrame, config: FeatureConfig, as_of: datetim
         purchase_matrix(events, interactions.customers, interactions.items),
         recency_matrix(events, interactions.customers, interactions.items, as_of=as_of),
         as_of,
+        events.select(pl.col(TIMESTAMP_COL).max()).collect().item(),
     )
 
 
@@ -183,9 +194,11 @@ def prepare_cf_data(
     *,
     evaluation: EvaluationConfig | None = None,
     with_test: bool = True,
+    refit_all: bool = False,
     progress: bool = False,
 ) -> CFData:
-    """Split the clean events at the manifest's cut-offs and build the matrices and evaluation periods.
+    """Split the clean events at the manifest's cut-offs and build the matrices and evaluation periods (and,
+    with ``refit_all``, the matrices of every event up to the manifest's ``as_of``).
 
     Raises:
         DatasetError: the dataset or its manifest is missing (run ``nextbest features build``).
@@ -240,6 +253,9 @@ def prepare_cf_data(
             config=evaluation,
         )
         steps.update()
+    everything = None
+    if refit_all:
+        everything = _period_matrices(events, config, datetime.fromisoformat(manifest["as_of"]))
     steps.close()
     return CFData(
         ds,
@@ -251,6 +267,7 @@ def prepare_cf_data(
         full,
         test,
         {k: int(v) for k, v in event_counts.items()},
+        everything,
     )
 
 
@@ -303,18 +320,26 @@ def run_configuration(
         model, config, data.train, seed=seed, threads=threads, progress=progress
     )
     validation = evaluate(rec, data.validation, ks=ks, batch_size=batch_size, progress=progress)
-    final, history, test, refit_seconds = rec, data.train, None, None
+    final, history, test, refit_seconds, refit = rec, data.train, None, None, "train"
     if data.full is not None and data.test is not None:
         final, refit_seconds = fit_recommender(
             model, config, data.full, seed=seed, threads=threads, progress=progress
         )
-        history = data.full
+        history, refit = data.full, "train+validation"
         test = evaluate(final, data.test, ks=ks, batch_size=batch_size, progress=progress)
+    if data.everything is not None:
+        # Held-out data has decided; the model that serves learns from every event up to now.
+        final, refit_seconds = fit_recommender(
+            model, config, data.everything, seed=seed, threads=threads, progress=progress
+        )
+        history, refit = data.everything, "all"
     metadata = {
         "model": model,
         "config": config.model_dump(mode="json"),
         "dataset": str(data.dataset.root.resolve()),
         "trained_until": history.as_of.isoformat(),
+        "refit": refit,
+        "data_until": history.last_event.isoformat() if history.last_event else None,
         "cutoffs": data.cutoffs(),
         "validation_metrics": validation.metrics,
         "test_metrics": test.metrics if test else None,
@@ -416,6 +441,7 @@ def _log_outcome(
                 "dataset": str(data.dataset.root.resolve()),
                 "model": outcome.model,
                 "validation_ndcg_at_10": f"{outcome.validation.metrics.get('ndcg_at_10', float('nan')):.6f}",
+                **data_tags(outcome.bundle.metadata),
             },
             description=f"{outcome.model} on {data.dataset.root.resolve().name}. "
             + version_description(
@@ -425,6 +451,11 @@ def _log_outcome(
             ),
         )
     return logged
+
+
+def data_tags(metadata: dict[str, Any]) -> dict[str, str]:
+    """The registry version tags that say which data a bundle saw: ``refit`` and ``data_until``."""
+    return {k: str(metadata[k]) for k in ("refit", "data_until") if metadata.get(k) is not None}
 
 
 # --- results ------------------------------------------------------------------------------------------------
@@ -497,6 +528,7 @@ def train_cf(
     threads: int = 0,
     progress: bool = False,
     prepared: CFData | None = None,
+    refit: Literal["train+validation", "all"] = "train+validation",
 ) -> TrainResult:
     """Train one configuration, evaluate it, log it to MLflow and register it as ``challenger``.
 
@@ -510,16 +542,23 @@ def train_cf(
         seed, threads: run options of the model.
         progress: progress bars.
         prepared: data from :func:`prepare_cf_data`, to reuse across calls.
+        refit: what the registered model is fitted on after evaluation: ``train+validation`` (step 3 of the
+            module docstring), or ``all`` (step 4: every event up to the data's ``as_of``).
 
     Returns:
         metrics and tracking references (see :class:`TrainResult`).
+
+    Raises:
+        CFDataError: ``refit="all"`` with ``prepared`` data built without ``refit_all``.
     """
     tracking = tracking or TrackingConfig()
     evaluation = evaluation or EvaluationConfig()
     typed = config_for(model, config)
     data_ = prepared or prepare_cf_data(
-        data, evaluation=evaluation, with_test=evaluate_test, progress=progress
+        data, evaluation=evaluation, with_test=evaluate_test, refit_all=refit == "all", progress=progress
     )
+    if refit == "all" and data_.everything is None:
+        raise CFDataError("refit='all' needs data prepared with prepare_cf_data(..., refit_all=True)")
     outcome = run_configuration(
         data_,
         model,
@@ -609,6 +648,35 @@ def suggest_config(trial: Any, model: str) -> BaseModel:
             {
                 "recency_mix": trial.suggest_float("recency_mix", 0.0, 1.0),
                 "half_life_days": trial.suggest_float("half_life_days", 1.0, 180.0, log=True),
+            },
+        )
+    if model == "ease":
+        # One fit inverts a max_items² matrix: the item count is a choice among a few sizes, not a range.
+        return config_for(
+            "ease",
+            {
+                "l2": trial.suggest_float("l2", 10.0, 10_000.0, log=True),
+                "max_items": trial.suggest_categorical("max_items", [2000, 4000, 8000]),
+                "binary": trial.suggest_categorical("binary", [True, False]),
+            },
+        )
+    if model == "rp3beta":
+        return config_for(
+            "rp3beta",
+            {
+                "alpha": trial.suggest_float("alpha", 0.2, 1.5),
+                "beta": trial.suggest_float("beta", 0.0, 1.0),
+                "K": trial.suggest_int("K", 10, 500, log=True),
+            },
+        )
+    if model == "tifu":
+        return config_for(
+            "tifu",
+            {
+                "horizon_days": trial.suggest_float("horizon_days", 1.0, 90.0, log=True),
+                "lapse_intervals": trial.suggest_float("lapse_intervals", 0.5, 50.0, log=True),
+                "neighbours": trial.suggest_int("neighbours", 5, 500, log=True),
+                "neighbour_weight": trial.suggest_float("neighbour_weight", 0.0, 1.0),
             },
         )
     if model == "blend":

@@ -1,4 +1,8 @@
-"""Recommenders behind one protocol: implicit ALS, BPR and item-kNN, popularity, repeat-purchase and a blend.
+"""Recommenders behind one protocol: implicit ALS, BPR and item-kNN, EASE, RP3beta, repurchase timing (TIFU),
+popularity, repeat-purchase and a blend.
+
+The arithmetic of EASE, RP3beta and TIFU lives in :mod:`nextbest.training.item_models`; this module holds their
+configs and protocol classes beside the others, because the blend's config must name every kind of part.
 
 Every model follows implicit's calling convention::
 
@@ -30,7 +34,9 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 
 import numpy as np
 import scipy.sparse as sp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+from nextbest.training import item_models
 
 FORMAT = "nextbest-recommender"
 FORMAT_VERSION = 1
@@ -134,7 +140,116 @@ class RepeatConfig(_Config):
     half_life_days: float = Field(30.0, gt=0)
 
 
-CFConfig = Annotated[ALSConfig | BPRConfig | ItemKNNConfig, Field(discriminator="kind")]
+class EASEConfig(_Config):
+    """EASE (Steck 2019): a closed-form item×item linear model, ``B = I − P·diag(1/diag(P))``, ``P = (XᵀX + λI)⁻¹``.
+
+    The item×item matrix is dense, so it is learned on the ``max_items`` items bought by the most customers
+    (8,000 items: a 256 MB float32 matrix). Items outside that set rank after every item inside it, by
+    popularity; ``n_items_used`` on the fitted model says how many were kept.
+
+    Attributes:
+        l2: λ, the ridge penalty (Complete Journey: 800 on binary purchases).
+        max_items: items the model is learned on (the most bought ones).
+        binary: learn from and score 1/0 purchases instead of the interaction weights.
+    """
+
+    kind: Literal["ease"] = "ease"
+    l2: float = Field(800.0, gt=0)
+    max_items: int = Field(8000, ge=1, le=40_000)
+    binary: bool = True
+
+
+class RP3BetaConfig(_Config):
+    """RP3beta (Paudel et al. 2017; Dacrema et al. 2019): a two-step random walk item → customer → item, with
+    the steps' probabilities raised to ``alpha`` and the target item's popularity penalised by ``beta``.
+
+    Attributes:
+        alpha: exponent on the transition probabilities (1 = plain random walk).
+        beta: popularity penalty: the walk's weight of item j is divided by (customers of j) ** beta.
+        K: neighbours kept per item.
+    """
+
+    kind: Literal["rp3beta"] = "rp3beta"
+    alpha: float = Field(1.0, gt=0, le=3)
+    beta: float = Field(0.5, ge=0, le=2)
+    K: int = Field(100, ge=1)
+
+
+class TIFUConfig(_Config):
+    """Repurchase timing, TIFU-kNN style (Hu et al. 2020): a time-decayed repeat vector per customer, weighted
+    by how due each item is, mixed with the same vectors of the most similar customers.
+
+    An item's own score is its time-decayed purchase count (each purchase counts ``0.5 ** (age /
+    half_life_days)``; only the latest purchase's age is stored, the others are taken as spread evenly over the
+    customer's tenure) × ``due ** due_weight``. ``due`` compares the days since the last purchase with the
+    customer's usual interval for the item (tenure / purchases; the item's typical interval across customers
+    when they bought it once): ``min(1, (days since + horizon) / interval) × 0.5 ** (intervals overdue /
+    lapse_intervals)`` — an item due now beats one bought yesterday, and a habit long overdue fades. The
+    customer's vector, scaled to a maximum of 1, is mixed with the mean vector of their ``neighbours`` most
+    similar customers: ``(1 − neighbour_weight) · own + neighbour_weight · neighbours``; the neighbour part also
+    scores items the customer never bought (TIFU's discovery side).
+
+    Interaction weights are read as purchase counts in units of the smallest positive weight in the fitted
+    matrix (5 per purchase on Complete Journey → counts). Customers without purchase ages (not fitted on, or
+    fitted without ``recency``) are scored by their plain counts.
+
+    Attributes:
+        half_life_days: age at which a purchase counts half.
+        horizon_days: how far ahead a recommendation should hold.
+        lapse_intervals: usual intervals overdue that halve the due factor.
+        due_weight: exponent on the due factor (0 = decayed frequency only).
+        neighbours: similar customers mixed in (0 = the customer's own vector only).
+        neighbour_weight: weight of the neighbours' mean vector.
+    """
+
+    kind: Literal["tifu"] = "tifu"
+    half_life_days: float = Field(90.0, gt=0)
+    horizon_days: float = Field(30.0, gt=0)
+    lapse_intervals: float = Field(4.0, gt=0)
+    due_weight: float = Field(0.5, ge=0, le=1)
+    neighbours: int = Field(100, ge=0)
+    neighbour_weight: float = Field(0.3, ge=0, le=1)
+
+
+def _kind_or(default: str) -> Callable[[Any], str]:
+    """A discriminator that reads ``kind`` and falls back to ``default``: configs written before a part could
+    be of several kinds carry no ``kind`` for it, and must keep loading as they did."""
+
+    def kind(value: Any) -> str:
+        if isinstance(value, dict):
+            return str(value.get("kind", default))
+        return str(getattr(value, "kind", default))
+
+    return kind
+
+
+CFConfig = Annotated[
+    Annotated[ALSConfig, Tag("als")]
+    | Annotated[BPRConfig, Tag("bpr")]
+    | Annotated[ItemKNNConfig, Tag("itemknn")]
+    | Annotated[EASEConfig, Tag("ease")]
+    | Annotated[RP3BetaConfig, Tag("rp3beta")]
+    | Annotated[TIFUConfig, Tag("tifu")],
+    Discriminator(_kind_or("als")),
+]
+"""A blend's collaborative part: any model that scores items a customer has not bought."""
+
+SecondCFConfig = Annotated[
+    Annotated[ALSConfig, Tag("als")]
+    | Annotated[BPRConfig, Tag("bpr")]
+    | Annotated[ItemKNNConfig, Tag("itemknn")]
+    | Annotated[EASEConfig, Tag("ease")]
+    | Annotated[RP3BetaConfig, Tag("rp3beta")]
+    | Annotated[TIFUConfig, Tag("tifu")],
+    Discriminator(_kind_or("itemknn")),
+]
+"""A blend's second discovery part: the same kinds as ``cf``; without a ``kind`` it is item-kNN."""
+
+RepeatPartConfig = Annotated[
+    Annotated[RepeatConfig, Tag("repeat")] | Annotated[TIFUConfig, Tag("tifu")],
+    Discriminator(_kind_or("repeat")),
+]
+"""A blend's repeat part: frequency and recency (``repeat``) or repurchase timing (``tifu``)."""
 
 
 class BlendConfig(_Config):
@@ -151,22 +266,32 @@ class BlendConfig(_Config):
 
     Attributes:
         repeat_weight: weight of the repeat score (both parts lie in [0, 1]).
-        repeat: the repeat part.
-        cf: the collaborative part (ALS, BPR or item-kNN config; its ``kind`` picks the model).
-        knn: an optional item-kNN part mixed into the CF score.
+        repeat: the repeat part (``repeat`` or ``tifu``; without a ``kind`` it is ``repeat``).
+        cf: the collaborative part (ALS, BPR, item-kNN, EASE, RP3beta or TIFU config; its ``kind`` picks the
+            model; without a ``kind`` it is ALS).
+        knn: an optional second discovery part mixed into the CF score: item-kNN (without a ``kind``), or any
+            model ``cf`` can be (EASE and RP3beta make different mistakes from a factor model too).
         knn_weight: its weight within the CF score (ignored without ``knn``).
     """
 
     kind: Literal["blend"] = "blend"
     repeat_weight: float = Field(0.5, ge=0, le=1)
-    repeat: RepeatConfig = Field(default_factory=RepeatConfig)
+    repeat: RepeatPartConfig = Field(default_factory=RepeatConfig)
     cf: CFConfig = Field(default_factory=ALSConfig)
-    knn: ItemKNNConfig | None = None
+    knn: SecondCFConfig | None = None
     knn_weight: float = Field(0.3, ge=0, le=1)
 
 
 RecommenderConfig = Annotated[
-    ALSConfig | BPRConfig | ItemKNNConfig | PopularityConfig | RepeatConfig | BlendConfig,
+    ALSConfig
+    | BPRConfig
+    | ItemKNNConfig
+    | PopularityConfig
+    | RepeatConfig
+    | BlendConfig
+    | EASEConfig
+    | RP3BetaConfig
+    | TIFUConfig,
     Field(discriminator="kind"),
 ]
 
@@ -785,6 +910,231 @@ class ItemKNNRecommender(_ImplicitRecommender):
         return sim
 
 
+class EASERecommender(Recommender):
+    """EASE on the most bought items (see :class:`EASEConfig`); scores any history, fitted on or not.
+
+    Attributes:
+        items_used: indices of the items the model was learned on (ascending).
+        weights: the (items used × items used) EASE matrix, zero diagonal.
+    """
+
+    name = "ease"
+    config_class = EASEConfig
+    config: EASEConfig
+
+    def __init__(self, config: BaseModel | None = None, *, seed: int = 0, threads: int = 0) -> None:
+        super().__init__(config, seed=seed, threads=threads)
+        self.items_used: np.ndarray | None = None
+        self.weights: np.ndarray | None = None
+
+    @property
+    def n_items_used(self) -> int:
+        """How many items the item×item matrix covers (at most ``config.max_items``)."""
+        self._require_fitted()
+        assert self.items_used is not None
+        return len(self.items_used)
+
+    def _input(self, m: sp.csr_matrix) -> sp.csr_matrix:
+        assert self.items_used is not None
+        sub = sp.csr_matrix(m[:, self.items_used])
+        if self.config.binary:
+            return item_models.binary(sub)
+        sub = sub.copy()
+        sub.data = np.maximum(sub.data, 0)
+        return sub
+
+    def _fit(self, matrix, *, recency, progress, callback) -> None:
+        from threadpoolctl import threadpool_limits
+
+        self.items_used = item_models.most_bought_items(matrix, self.config.max_items)
+        # The inverse is one big BLAS/LAPACK call: let it use the cores implicit would have used.
+        with threadpool_limits(limits=self.threads or None, user_api="blas"):
+            self.weights = item_models.ease_weights(self._input(matrix), self.config.l2)
+
+    def _scores(self, users, user_items, *, recalculate_user):
+        assert self.items_used is not None and self.weights is not None
+        x = self._input(user_items)
+        inside = np.asarray(x @ self.weights, dtype=np.float32)
+        out = np.zeros((len(users), self.n_items), dtype=np.float32)
+        signal = np.diff(x.indptr) > 0
+        if signal.any() and self.items_used.size:
+            # Items outside the learned set rank below every item inside it (ties among them: popularity).
+            floor = inside[signal].min(axis=1, keepdims=True) - 1.0
+            rows = out[signal]
+            rows[:] = floor
+            rows[:, self.items_used] = inside[signal]
+            out[signal] = rows
+        return out
+
+    def _item_similarity(self, items: np.ndarray) -> np.ndarray:
+        assert self.items_used is not None and self.weights is not None
+        sim = np.full((len(items), self.n_items), -np.inf, dtype=np.float32)
+        position = np.full(self.n_items, -1, dtype=np.int64)
+        position[self.items_used] = np.arange(len(self.items_used))
+        inside = position[items] >= 0
+        if inside.any():
+            rows = sim[inside]
+            rows[:, self.items_used] = self.weights[position[items[inside]]]
+            sim[inside] = rows
+        sim[~inside] = self.popularity_scores()
+        return sim
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        assert self.items_used is not None and self.weights is not None
+        return {"items_used": self.items_used, "weights": self.weights}
+
+    def _load_state(self, arrays, directory) -> None:
+        self.items_used = arrays["items_used"]
+        self.weights = arrays["weights"]
+
+
+class RP3BetaRecommender(Recommender):
+    """RP3beta item-item walk (see :class:`RP3BetaConfig`); scores any history, fitted on or not.
+
+    Attributes:
+        similarity: items × items CSR, top ``K`` per row (row = an item in the history).
+    """
+
+    name = "rp3beta"
+    config_class = RP3BetaConfig
+    config: RP3BetaConfig
+
+    def __init__(self, config: BaseModel | None = None, *, seed: int = 0, threads: int = 0) -> None:
+        super().__init__(config, seed=seed, threads=threads)
+        self.similarity: sp.csr_matrix | None = None
+
+    def _fit(self, matrix, *, recency, progress, callback) -> None:
+        c = self.config
+        self.similarity = item_models.rp3beta_similarity(matrix, alpha=c.alpha, beta=c.beta, k=c.K)
+
+    def _scores(self, users, user_items, *, recalculate_user):
+        assert self.similarity is not None
+        return np.asarray((item_models.binary(user_items) @ self.similarity).toarray(), dtype=np.float32)
+
+    def _item_similarity(self, items: np.ndarray) -> np.ndarray:
+        assert self.similarity is not None
+        sim = self.similarity[items].toarray().astype(np.float32)
+        sim[sim <= 0] = -np.inf
+        return sim
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        assert self.similarity is not None
+        return _csr_arrays("similarity", self.similarity)
+
+    def _load_state(self, arrays, directory) -> None:
+        self.similarity = _csr_from(arrays, "similarity")
+
+
+class TIFURecommender(Recommender):
+    """Repurchase timing with neighbours (see :class:`TIFUConfig`).
+
+    Customers the model was fitted on are scored from their ``user_items`` history with the purchase ages and
+    tenure of the fit; customers it was not fitted on (and pairs newer than the fit) have no ages, so their own
+    part is the purchase rate alone. Without ``recency`` at fit time every customer is scored that way.
+
+    Attributes:
+        recency: fitted customers × items, days since the latest purchase (as given to ``fit``).
+        tenure: per fitted customer, the days observed (the oldest latest-purchase age in their row; NaN
+            without recency).
+        item_interval: per item, the typical interval in days across customers.
+        unit: the interaction weight that counts as one purchase.
+        vectors: fitted customers' own timing vectors, each scaled to a maximum of 1 (the neighbours).
+    """
+
+    name = "tifu"
+    config_class = TIFUConfig
+    config: TIFUConfig
+
+    def __init__(self, config: BaseModel | None = None, *, seed: int = 0, threads: int = 0) -> None:
+        super().__init__(config, seed=seed, threads=threads)
+        self.recency: sp.csr_matrix | None = None
+        self.tenure: np.ndarray | None = None
+        self.item_interval: np.ndarray | None = None
+        self.unit: float = 1.0
+        self.vectors: sp.csr_matrix | None = None
+
+    def _fit(self, matrix, *, recency, progress, callback) -> None:
+        positive = matrix.copy()
+        positive.data = np.maximum(positive.data, 0)
+        positive.eliminate_zeros()
+        self.unit = float(positive.data.min()) if positive.nnz else 1.0
+        self.recency = recency
+        tenure = np.full(matrix.shape[0], np.nan, dtype=np.float32)
+        if recency is not None and recency.nnz:
+            rows_with = np.diff(recency.indptr) > 0
+            tenure[rows_with] = np.maximum.reduceat(recency.data, recency.indptr[:-1][rows_with])
+        self.tenure = tenure
+        r = np.repeat(np.arange(positive.shape[0]), np.diff(positive.indptr))
+        self.item_interval = item_models.typical_intervals(
+            positive.indices, positive.data / self.unit, tenure[r].astype(np.float64), matrix.shape[1]
+        )
+        self.vectors = item_models.row_max_scaled(self._own(np.arange(matrix.shape[0]), positive))
+
+    def _own(self, users: np.ndarray, user_items: sp.csr_matrix) -> sp.csr_matrix:
+        """Timing scores on each customer's history items (sparse, same pattern as the positive history)."""
+        assert self.tenure is not None and self.item_interval is not None
+        hist = sp.csr_matrix(user_items, dtype=np.float32, copy=True)
+        hist.data = np.maximum(hist.data, 0)
+        hist.eliminate_zeros()
+        r = np.repeat(np.arange(hist.shape[0]), np.diff(hist.indptr))
+        fitted = (users >= 0) & (users < len(self.tenure))
+        ages = np.full(hist.nnz, np.nan)
+        tenure = np.full(hist.nnz, np.nan)
+        if self.recency is not None and fitted.any() and hist.nnz:
+            sel = np.where(fitted, users, 0)
+            rows = sp.csr_matrix(sp.diags(fitted.astype(np.float32)) @ self.recency[sel])
+            found = np.asarray(rows[r, hist.indices]).ravel()
+            # Stored ages are at least one second, so 0 means "no age for this pair".
+            ages = np.where(found > 0, found, np.nan)
+            tenure = np.where(fitted, self.tenure[sel], np.nan)[r]
+        c = self.config
+        params = item_models.TimingParameters(
+            c.half_life_days, c.horizon_days, c.lapse_intervals, c.due_weight
+        )
+        hist.data = item_models.purchase_timing(
+            hist.data / self.unit, ages, tenure, self.item_interval[hist.indices], params
+        )
+        return hist
+
+    def repeat_scores(self, users: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
+        """The own timing part: scores in [0, 1] on each customer's history items, 0 elsewhere."""
+        return np.asarray(
+            item_models.row_max_scaled(self._own(users, user_items)).toarray(), dtype=np.float32
+        )
+
+    def _scores(self, users, user_items, *, recalculate_user):
+        own = item_models.row_max_scaled(self._own(users, user_items))
+        w = self.config.neighbour_weight
+        scores = np.asarray(own.toarray(), dtype=np.float32)
+        if w > 0 and self.config.neighbours > 0:
+            assert self.vectors is not None
+            fitted = (users >= 0) & (users < self.vectors.shape[0])
+            neighbours = item_models.neighbour_mean(
+                own, self.vectors, self.config.neighbours, exclude=np.where(fitted, users, -1)
+            )
+            scores = (1 - w) * scores + w * neighbours
+        return scores
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        assert self.tenure is not None and self.item_interval is not None and self.vectors is not None
+        arrays = {
+            "tenure": self.tenure,
+            "item_interval": self.item_interval,
+            "unit": np.asarray(self.unit, dtype=np.float64),
+            **_csr_arrays("vectors", self.vectors),
+        }
+        if self.recency is not None:
+            arrays.update(_csr_arrays("recency", self.recency))
+        return arrays
+
+    def _load_state(self, arrays, directory) -> None:
+        self.tenure = arrays["tenure"]
+        self.item_interval = arrays["item_interval"]
+        self.unit = float(arrays["unit"])
+        self.vectors = _csr_from(arrays, "vectors")
+        self.recency = _csr_from(arrays, "recency") if "recency_data" in arrays else None
+
+
 class BlendRecommender(Recommender):
     """Repeat scores plus min-max scaled CF (and item-kNN) scores (see :class:`BlendConfig`)."""
 
@@ -794,19 +1144,21 @@ class BlendRecommender(Recommender):
 
     def __init__(self, config: BaseModel | None = None, *, seed: int = 0, threads: int = 0) -> None:
         super().__init__(config, seed=seed, threads=threads)
-        self.repeat = RepeatRecommender(self.config.repeat, seed=seed, threads=threads)
+        self.repeat: Recommender = make_recommender(
+            self.config.repeat.kind, self.config.repeat, seed=seed, threads=threads
+        )
         self.cf = make_recommender(self.config.cf.kind, self.config.cf, seed=seed, threads=threads)
         self.knn: Recommender | None = (
             None
             if self.config.knn is None
-            else make_recommender("itemknn", self.config.knn, seed=seed, threads=threads)
+            else make_recommender(self.config.knn.kind, self.config.knn, seed=seed, threads=threads)
         )
 
     @classmethod
     def from_parts(
         cls,
         config: BlendConfig,
-        repeat: RepeatRecommender,
+        repeat: RepeatRecommender | TIFURecommender,
         cf: Recommender,
         knn: Recommender | None = None,
     ) -> BlendRecommender:
@@ -868,6 +1220,7 @@ class BlendRecommender(Recommender):
             knn = self._scaled(self.knn._scores(users, user_items, recalculate_user=recalculate_user))
             cf = (1 - self.config.knn_weight) * cf + self.config.knn_weight * knn
         w = self.config.repeat_weight
+        assert isinstance(self.repeat, RepeatRecommender | TIFURecommender)
         return w * self.repeat.repeat_scores(users, user_items) + (1 - w) * cf
 
     def _item_similarity(self, items: np.ndarray) -> np.ndarray:
@@ -882,7 +1235,7 @@ class BlendRecommender(Recommender):
     def _load_state(self, arrays, directory) -> None:
         repeat = load_recommender(directory / "repeat")
         cf = load_recommender(directory / "cf")
-        assert isinstance(repeat, RepeatRecommender)
+        assert isinstance(repeat, RepeatRecommender | TIFURecommender)
         self.repeat, self.cf = repeat, cf
         self.knn = load_recommender(directory / "knn") if self.config.knn is not None else None
 
@@ -898,6 +1251,9 @@ RECOMMENDERS: dict[str, type[Recommender]] = {
         PopularityRecommender,
         RepeatRecommender,
         BlendRecommender,
+        EASERecommender,
+        RP3BetaRecommender,
+        TIFURecommender,
     )
 }
 MODEL_NAMES: tuple[str, ...] = tuple(RECOMMENDERS)
@@ -928,7 +1284,8 @@ def make_recommender(
     """An unfitted recommender.
 
     Args:
-        name: one of ``als``, ``bpr``, ``itemknn``, ``popularity``, ``repeat``, ``blend``.
+        name: one of ``als``, ``bpr``, ``itemknn``, ``popularity``, ``repeat``, ``blend``, ``ease``,
+            ``rp3beta``, ``tifu``.
         config: its config (typed, a dict, or ``None`` for the defaults).
         seed: random seed (ALS, BPR).
         threads: implicit's threads (0 = all cores).

@@ -655,6 +655,15 @@ def register_logged_model(
     return out
 
 
+def set_version_tags(tracking_uri: str, registered_model: str, version: str, tags: Mapping[str, str]) -> None:
+    """Tag one registered version (e.g. ``refit`` and ``data_until``: which data the model saw)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri, tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, str(version), key, str(value))
+
+
 def sync_alias_tags(client: Any, registered_model: str) -> dict[str, str | None]:
     """Set every run's ``nextbest.alias`` tag to the alias its versions of ``registered_model`` hold now
     (the first of :data:`ALIAS_PRECEDENCE`), and remove it from runs whose versions hold none.
