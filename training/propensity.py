@@ -34,16 +34,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nextbest.features.schema import ACTION_ID, RESPONDED
+from nextbest.training.affinity import AFFINITY, ActionAffinity
 from nextbest.training.device import select_device
-from nextbest.training.propensity_data import (
-    AFFINITY,
-    P_TRUE,
-    ActionAffinity,
-    EncodedRows,
-    EncoderState,
-    FeatureEncoder,
-    PropensityData,
-)
+from nextbest.training.encoder import EncodedRows, EncoderState, FeatureEncoder
+from nextbest.training.propensity_config import P_TRUE
+from nextbest.training.propensity_targets import PropensityData
 
 MODEL_FILE = "model.pt"
 META_FILE = "model.json"

@@ -22,6 +22,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +312,30 @@ def _load_data(
     return load_propensity_data(ds, data_config, progress=progress, recommender_label=label)
 
 
+DATA_SECTION = "data"
+"""Key of a run config file's training-table settings (:class:`PropensityDataConfig`) beside the model's."""
+
+
+def split_run_config(
+    config: PropensityConfig | Mapping[str, Any] | None, data_config: PropensityDataConfig | None = None
+) -> tuple[PropensityConfig, PropensityDataConfig]:
+    """The model and training-table configs of a run config (what ``--config FILE`` holds): the model's
+    hyperparameters, and optionally a ``"data"`` object of :class:`PropensityDataConfig` fields (campaign
+    inputs, snapshot days, …). Fields set explicitly on ``data_config`` (command-line flags such as
+    ``--test-fraction``) win over the file's.
+
+    Raises:
+        pydantic.ValidationError: a field is unknown or out of range (the message names it).
+    """
+    if isinstance(config, PropensityConfig):
+        return config, data_config or PropensityDataConfig()
+    raw = dict(config or {})
+    from_file = dict(raw.pop(DATA_SECTION, None) or {})
+    typed = PropensityConfig.model_validate(raw)
+    explicit = data_config.model_dump(include=data_config.model_fields_set) if data_config else {}
+    return typed, PropensityDataConfig.model_validate({**from_file, **explicit})
+
+
 def train_propensity(
     data: Dataset | str | Path,
     config: PropensityConfig | dict[str, Any] | None = None,
@@ -326,7 +351,8 @@ def train_propensity(
 
     Args:
         data: the dataset directory (an action log, or events and items for derived targets).
-        config: hyperparameters (typed, dict, or None for defaults).
+        config: hyperparameters (typed, dict, or None for defaults); a dict may carry a ``"data"`` object of
+            training-table settings (see :func:`split_run_config`).
         data_config: how the training table is built and split.
         tracking: MLflow settings (``TrackingConfig(enabled=False)`` to skip tracking); the registered model
             defaults to ``nextbest-propensity``.
@@ -342,8 +368,7 @@ def train_propensity(
         and, when tracked, ``run_id``, ``experiment``, ``tracking_uri``, ``model_uri``, ``version``, ``alias``.
     """
     ds = _dataset(data)
-    typed = config if isinstance(config, PropensityConfig) else PropensityConfig.model_validate(config or {})
-    data_config = data_config or PropensityDataConfig()
+    typed, data_config = split_run_config(config, data_config)
     tracking = propensity_tracking(tracking)
     table = prepared or _load_data(ds, data_config, tracking, progress=progress)
     fit = fit_propensity(table, typed, device=device, progress=progress)
