@@ -398,7 +398,7 @@ def build_features(
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
         "dataset": str(ds.root),
-        "built_at": datetime.now().isoformat(timespec="seconds"),
+        "built_at": datetime.now().isoformat(timespec="microseconds"),
         "code_version": code_version(),
         "as_of": as_of.isoformat(),
         "inputs": _inputs(ds),

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from nextbest.serving.contact import ContactEntry
+from nextbest.serving.decision_log import ResponseKind
 from nextbest.serving.decisions import ScoredAction
 from nextbest.serving.explain import ItemFilters
 from nextbest.serving.policy import LeverChange
@@ -57,6 +58,7 @@ def _whole_number(value: Any) -> Any:
 WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
 """An integer field: a JSON number with no fractional part (``5`` or ``5.0``); never ``true`` or ``"5"``."""
 EventId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)]
+DecisionId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_ID_LENGTH)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 ContextValue = ShortText | int | float | bool | None
@@ -190,7 +192,7 @@ class NextBestActionRequest(_Request):
     context: Context = Field(default_factory=dict)
     record_contact: StrictBool = True
     """Record the chosen action as a contact and the decision in the decision log (turn off to preview a
-    decision without counting or logging it)."""
+    decision without counting or logging it; a preview never explores)."""
     explain: StrictBool = False
     """Also return the actions that were filtered out, each with its reason."""
 
@@ -210,6 +212,10 @@ class NextBestActionResponse(BaseModel):
     contact_recorded: bool
     filtered: list[ScoredAction] = Field(default_factory=list)
     """With ``explain``: every action not offered, with the reason."""
+    explored: bool = False
+    """The first action was chosen by the policy's exploration (ε-greedy or Thompson), not as the best by score."""
+    probability: float = 1.0
+    """The probability with which the first action was chosen (1.0 without exploration), as logged."""
 
 
 # --- /events ---------------------------------------------------------------------------------------------------
@@ -234,16 +240,50 @@ class EventIn(_Request):
 
 
 class OfferResponseIn(_Request):
-    """The customer's answer to an action they were offered (updates the contact policy state)."""
+    """What the customer did with an action they were offered: ``shown``, ``accepted``, ``dismissed`` or
+    ``converted`` (give ``kind``; ``accepted: true/false`` alone, the earlier form, means accepted/dismissed).
+
+    With ``decision_id`` (the id ``/next_best_action`` answered) the response is tied to that decision: it must be
+    about the decision's customer and an action the decision offered, and a decision takes one response of each
+    kind per action (a second is refused with 409). Accepted, converted and dismissed responses also count in
+    the contact policy (acceptances reset the rejection streak, dismissals extend it).
+    """
 
     customer_id: CustomerId
     action_id: ActionId
-    accepted: StrictBool
+    decision_id: DecisionId | None = None
+    """The ``decision_id`` of the ``/next_best_action`` answer that offered the action (unknown ids: 404)."""
+    kind: ResponseKind | None = None
+    accepted: StrictBool | None = None
+    """The earlier form of ``kind``: true = accepted, false = dismissed (when both are given they must agree)."""
+    value: StrictFloat | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
+    """What the response was worth, e.g. the basket of a conversion."""
     event_id: EventId | None = None
     """As for events: a retry with an id already stored is acknowledged and not stored again."""
     channel: Channel | None = None
     timestamp: datetime | None = None
     """Bounded like an event's timestamp."""
+
+    @model_validator(mode="after")
+    def _kind_or_accepted(self) -> OfferResponseIn:
+        if self.kind is None and self.accepted is None:
+            raise ValueError(
+                "give kind (shown, accepted, dismissed or converted) or accepted (true or false)"
+            )
+        if self.kind is not None and self.accepted is not None:
+            agrees = self.kind in ("accepted", "converted") if self.accepted else self.kind == "dismissed"
+            if not agrees:
+                raise ValueError(
+                    f"accepted: {str(self.accepted).lower()} contradicts kind {self.kind!r} (give one of them)"
+                )
+        return self
+
+    @property
+    def response_kind(self) -> ResponseKind:
+        """``kind``, or what ``accepted`` means."""
+        if self.kind is not None:
+            return self.kind
+        return "accepted" if self.accepted else "dismissed"
 
 
 class EventsRequest(_Request):
@@ -263,7 +303,7 @@ class EventsResponse(BaseModel):
     accepted: int
     """Events stored (durably) and applied."""
     responses: int
-    """Offer responses stored and applied to the contact policy state."""
+    """Offer responses stored (and applied to the contact policy state)."""
     duplicates: int = 0
     """Events and responses whose ``event_id`` was stored before: acknowledged, not stored again."""
     customers: list[str]
@@ -303,6 +343,8 @@ class ProfileResponse(BaseModel):
     """Events received by the service."""
     contacts: list[ContactEntry]
     decisions: list[dict[str, Any]]
+    responses: list[dict[str, Any]] = Field(default_factory=list)
+    """The customer's responses to decisions (shown, accepted, dismissed, converted), oldest first."""
     arm: str
 
 
@@ -318,6 +360,7 @@ class ForgetResponse(BaseModel):
     events_removed: int
     contacts_removed: int
     decisions_removed: int
+    responses_removed: int = 0
     erasure_log: str
     """Where the erasure is recorded (by keyed digest), so the next feature build and training leave the ids
     out."""

@@ -558,11 +558,149 @@ def cmd_report_decisions(args: argparse.Namespace) -> None:
     _emit(args, {"command": "report decisions", "log": str(log), "rows": rows}, lines)
 
 
+def cmd_report_policy(args: argparse.Namespace) -> None:
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.pipeline import PROFILES_FILE
+    from nextbest.serving.policy import DEFAULT_POLICY_PATH, attach_catalog, load_policy
+    from nextbest.serving.policy_eval import parse_since, policy_report, report_lines
+    from nextbest.serving.state_store import STATE_DB, StateStore, StateStoreError, default_state_url, redact
+
+    state = Path(args.state_dir) if args.state_dir else Path(args.data) / "service"
+    given = args.state_url or os.environ.get("NEXTBEST_STATE_URL")
+    url = given or default_state_url(state)
+    if not given and not (state / STATE_DB).exists():
+        raise UsageError(
+            f"no state store at {state / STATE_DB}: serve with 'nextbest serve --data {args.data}' and ask for "
+            "decisions first"
+        )
+    since = parse_since(args.since) if args.since else None
+    ds = Dataset.at(args.data)
+    catalog = ds.read("action_catalog") if ds.has_table("action_catalog") else None
+    policy = load_policy(args.policy or os.environ.get("NEXTBEST_POLICY") or DEFAULT_POLICY_PATH)
+    if catalog is not None:
+        policy = attach_catalog(policy, catalog)
+    try:
+        store = StateStore(url, create=False)
+    except StateStoreError as e:
+        raise UsageError(str(e)) from None
+    rows = policy_report(
+        store,
+        policy,
+        args.candidate or [],
+        catalog=catalog,
+        profiles_path=ds.features_dir / PROFILES_FILE,
+        since=since,
+        resamples=args.resamples,
+        seed=args.seed,
+    )
+    log = redact(url)
+    lines = [
+        f"offline policy evaluation of the decisions in {log} (95% bootstrap intervals):",
+        *report_lines(rows),
+    ]
+    _emit(args, {"command": "report policy", "log": str(log), "rows": rows}, lines)
+
+
 def cmd_dashboard(args: argparse.Namespace) -> None:
     from nextbest.serving.dashboard import write_dashboard
 
-    result = write_dashboard(args.data, args.out, tracking_uri=args.tracking_uri)
+    result = write_dashboard(
+        args.data,
+        args.out,
+        tracking_uri=args.tracking_uri,
+        policy=args.policy or os.environ.get("NEXTBEST_POLICY"),
+        policy_candidates=args.candidate or ("epsilon:0.1",),
+    )
     _emit(args, {"command": "dashboard", **result.to_dict()}, [f"dashboard: {result.path}", *result.notes])
+
+
+# --- retraining from what the service saw ----------------------------------------------------------------
+
+
+def cmd_retrain(args: argparse.Namespace) -> None:
+    from datetime import timedelta
+
+    from nextbest.features.dataset import Dataset
+    from nextbest.features.dataset_lock import RetrainLockedError
+    from nextbest.features.live_fold import FoldError
+    from nextbest.features.privacy import ErasureKeyError
+    from nextbest.serving.retrain import RetrainError, retrain
+    from nextbest.serving.state_store import STATE_DB, StateStore, StateStoreError, default_state_url
+
+    ds = Dataset.at(args.data).require()
+    state = Path(args.state_dir) if args.state_dir else ds.root / "service"
+    given = args.state_url or os.environ.get("NEXTBEST_STATE_URL")
+    url = given or default_state_url(state)
+    if not given and not (state / STATE_DB).exists():
+        raise UsageError(
+            f"no state store at {state / STATE_DB}: nothing the service saw to fold (serve with "
+            f"'nextbest serve --data {args.data}', or name the store with --state-url)"
+        )
+    delivered = [c.strip() for c in (args.delivered_channels or "").split(",") if c.strip()]
+    try:
+        store = StateStore(url, create=False)
+    except StateStoreError as e:
+        raise UsageError(str(e)) from None
+    try:
+        report = retrain(
+            ds,
+            store,
+            tracking_uri=_absolute_tracking_uri(args.tracking_uri),
+            window=timedelta(days=args.window_days),
+            delivered_channels=delivered,
+            force=args.force,
+            progress=_progress(args),
+        )
+    except (RetrainLockedError, RetrainError, FoldError, ErasureKeyError, StateStoreError) as e:
+        raise UsageError(str(e)) from None
+    finally:
+        store.close()
+    summary: dict[str, Any] = {"command": "retrain", **report.to_dict()}
+    lines = report.lines()
+    if not args.no_bento and not report.skipped and len(report.failed) < len(report.models):
+        try:
+            bento, bento_lines = _export_to_bento(args)
+        except UsageError as exc:
+            summary |= {"bento_error": str(exc)}
+            lines.append(f"  not exported to the BentoML model store: {exc}")
+        else:
+            summary |= bento
+            lines += bento_lines
+    _emit(args, summary, lines)
+    if report.failed:
+        raise UsageError(f"retrain: {', '.join(report.failed)} not retrained (see the summary)")
+
+
+def _add_retrain(sub: Any) -> None:
+    rt = sub.add_parser(
+        "retrain",
+        help="fold what the service saw into the dataset, rebuild features, retrain, promote through the gate",
+    )
+    rt.add_argument("--data", default=str(DEFAULT_DATA))
+    rt.add_argument("--state-dir", help="the service's state folder (default DATA/service)")
+    rt.add_argument(
+        "--state-url", help="the service's state store (default NEXTBEST_STATE_URL, else STATE_DIR/state.db)"
+    )
+    rt.add_argument(
+        "--tracking-uri", help="MLflow registry (default MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)"
+    )
+    rt.add_argument(
+        "--window-days",
+        type=float,
+        default=7.0,
+        help="how long after a decision a response may still come; a shown decision is folded once it has "
+        "an accepted, dismissed or converted response, or once this has passed (default: %(default)s)",
+    )
+    rt.add_argument(
+        "--delivered-channels",
+        help="comma-separated channels whose decisions count as shown without a response (e.g. email)",
+    )
+    rt.add_argument(
+        "--force", action="store_true", help="rebuild and retrain even when nothing new was folded"
+    )
+    _no_bento(rt)
+    _common(rt)
+    rt.set_defaults(func=cmd_retrain)
 
 
 # --- the main job -----------------------------------------------------------------------------------------
@@ -764,6 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
     fg.set_defaults(func=cmd_forget)
 
     _add_training(sub)
+    _add_retrain(sub)
 
     sv = sub.add_parser("serve", help="serve recommendations and next best actions over HTTP (BentoML)")
     sv.add_argument("--data", default=str(DEFAULT_DATA))
@@ -803,17 +942,48 @@ def build_parser() -> argparse.ArgumentParser:
     _common(rd)
     rd.set_defaults(func=cmd_report_decisions)
 
+    rpol = rp.add_parser("policy", help="offline evaluation of candidate policies on the decision log")
+    rpol.add_argument("--data", default=str(DEFAULT_DATA))
+    rpol.add_argument(
+        "--candidate",
+        action="append",
+        metavar="SPEC",
+        help="policy:PATH.toml, levers:{JSON} or levers:PATH.json, epsilon:EPS[:SPEC] (repeatable; the "
+        "current policy is always included)",
+    )
+    rpol.add_argument(
+        "--policy", help="the current policy TOML (default NEXTBEST_POLICY, else the shipped one)"
+    )
+    rpol.add_argument("--state-dir", help="the service's state folder (default DATA/service)")
+    rpol.add_argument(
+        "--state-url", help="the service's state store (default NEXTBEST_STATE_URL, else STATE_DIR/state.db)"
+    )
+    rpol.add_argument("--since", help="only decisions at or after this date (YYYY-MM-DD or ISO date-time)")
+    rpol.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    rpol.add_argument("--seed", type=int, default=0, help="seeds the bootstrap")
+    _common(rpol)
+    rpol.set_defaults(func=cmd_report_policy)
+
     db = sub.add_parser("dashboard", help="write the customer dashboard (one self-contained HTML page)")
     db.add_argument("--data", default=str(DEFAULT_DATA))
     db.add_argument("--out", help="output file (default DATA/dashboard.html)")
     db.add_argument("--tracking-uri", help="registry of the champion recommender (default as for training)")
+    db.add_argument(
+        "--policy", help="the current policy TOML (default NEXTBEST_POLICY, else the shipped one)"
+    )
+    db.add_argument(
+        "--candidate",
+        action="append",
+        metavar="SPEC",
+        help="a policy for the offline evaluation beside the current one (repeatable; default epsilon:0.1)",
+    )
     _common(db)
     db.set_defaults(func=cmd_dashboard)
     return parser
 
 
 def _add_training(sub: Any) -> None:
-    models = ["als", "bpr", "itemknn", "popularity", "repeat", "blend"]
+    models = ["als", "bpr", "itemknn", "popularity", "repeat", "blend", "ease", "rp3beta", "tifu"]
 
     def tracked(p: argparse.ArgumentParser) -> None:
         p.add_argument(

@@ -122,9 +122,11 @@ class ContactLedger:
         at: datetime,
         channel: str | None = None,
         event_id: str | None = None,
+        connection: Connection | None = None,
     ) -> ContactEntry | None:
         """Record the customer's response to ``action_id``: accepted, or rejected; None (nothing recorded) when a
-        response with the same ``event_id`` is recorded already."""
+        response with the same ``event_id`` is recorded already. With ``connection`` the entry is stored in its
+        transaction (the caller refreshes the customer when that transaction rolls back)."""
         return self._add(
             ContactEntry(
                 type="response",
@@ -134,7 +136,8 @@ class ContactLedger:
                 at=naive_utc(at),
                 accepted=bool(accepted),
                 event_id=event_id,
-            )
+            ),
+            connection,
         )
 
     def customers(self) -> list[str]:

@@ -13,7 +13,8 @@ of inline JavaScript make the tables sortable. Sections:
   champion was trained on another dataset), the fallback is popularity within the segment: the items the most
   of the segment's customers interacted with (the same fallback the service uses without a model answer).
 * **Next best actions** — when a decision log exists: acceptance by chosen action and by champion/challenger arm
-  (:func:`serving.decision_log.summarise_decisions`, responses from the service's contact ledger).
+  (:func:`serving.decision_log.summarise_decisions`, responses from the service's contact ledger), and beside
+  it the offline policy evaluation of the current policy and candidates (:mod:`serving.policy_eval`).
 
 :func:`render_dashboard` is pure (dataset and models in, HTML text out); :func:`write_dashboard` finds the
 champion and the service's decision log, renders and writes the file (``nextbest dashboard --data DIR``).
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -707,8 +708,69 @@ def _recommendations(
     )
 
 
+DEFAULT_POLICY_CANDIDATES: tuple[str, ...] = ("epsilon:0.1",)
+"""Candidates the offline policy evaluation shows beside the current policy unless others are given."""
+
+
+def _policy_evaluation(
+    decision_log: Any,
+    ds: Dataset,
+    catalog: pl.DataFrame,
+    policy: str | Path | None,
+    candidates: Sequence[str],
+) -> str:
+    """The "Offline policy evaluation" part of the next-best-action section (:mod:`serving.policy_eval`)."""
+    from nextbest.serving.policy import DEFAULT_POLICY_PATH, attach_catalog, load_policy
+    from nextbest.serving.policy_eval import evaluation_table, policy_report
+    from nextbest.serving.state_store import StateStore
+
+    head = '<h3 id="policy-evaluation">Offline policy evaluation</h3>'
+    if not isinstance(decision_log, StateStore):
+        return head + '<p class="note" data-empty="policy-evaluation">Needs the service\'s state store.</p>'
+    try:
+        current = load_policy(policy or DEFAULT_POLICY_PATH)
+        known = None if catalog.is_empty() else catalog
+        if known is not None:
+            current = attach_catalog(current, known)
+        rows = policy_report(
+            decision_log, current, candidates, catalog=known, profiles_path=ds.features_dir / PROFILES_FILE
+        )
+    except ValueError as e:  # PolicyError, CandidateSpecError, PolicyEvalError: a note, never a broken page
+        return head + f'<p class="note" data-empty="policy-evaluation">{_e(" ".join(str(e).split()))}</p>'
+    table = evaluation_table(rows).to_dicts()
+    for r in table:
+        for metric, fmt in (("acceptance", _fmt_pct), ("value", lambda v: _fmt_num(v, 2))):
+            low, high = r[f"{metric}_low"], r[f"{metric}_high"]
+            r[f"{metric}_interval"] = "–" if low is None or high is None else f"{fmt(low)} – {fmt(high)}"
+    return (
+        head
+        + '<p class="note">What the current policy and each candidate would have achieved on the logged decisions, '
+        "estimated from the decision log and the responses (IPS, self-normalised IPS and doubly robust, 95 % "
+        "bootstrap intervals; <i>support</i>: decisions where the candidate could have made the logged choice). "
+        "More candidates: <code>nextbest report policy --candidate SPEC</code>.</p>"
+        + html_table(
+            "policy-evaluation",
+            [
+                Column("candidate", "candidate"),
+                Column("estimator", "estimator"),
+                Column("acceptance", "acceptance", _fmt_pct, numeric=True),
+                Column("95 % interval", "acceptance_interval"),
+                Column("value / decision", "value", lambda v: _fmt_num(v, 2), numeric=True),
+                Column("95 % interval", "value_interval"),
+                Column("decisions", "decisions", _fmt_int, numeric=True),
+                Column("support", "support", _fmt_int, numeric=True),
+            ],
+            table,
+        )
+    )
+
+
 def _decisions(
-    decision_log: Any, responses: pl.DataFrame | None, catalog: pl.DataFrame, window_days: float
+    decision_log: Any,
+    responses: pl.DataFrame | None,
+    catalog: pl.DataFrame,
+    window_days: float,
+    evaluation: Callable[[], str] | None = None,
 ) -> str:
     from nextbest.serving.state_store import StateStore
 
@@ -791,7 +853,7 @@ def _decisions(
         + f'<p class="note">From <code>{_e(_source_name(decision_log))}</code>: every decision by arm and chosen action; '
         "<i>offers</i> leave out decisions to do nothing; an offer is accepted when the customer's response "
         f"to that action was recorded within {window_days:g} days.</p>"
-        f'<div class="grid">{panels}</div>{table}</section>'
+        f'<div class="grid">{panels}</div>{table}{evaluation() if evaluation is not None else ""}</section>'
     )
 
 
@@ -869,6 +931,8 @@ def render_dashboard(
     churn_limit: int = 25,
     window_days: float = 7.0,
     generated_at: datetime | None = None,
+    policy: str | Path | None = None,
+    policy_candidates: Sequence[str] = DEFAULT_POLICY_CANDIDATES,
 ) -> str:
     """The dashboard of a dataset as one self-contained HTML page (see the module docstring).
 
@@ -887,6 +951,8 @@ def render_dashboard(
         churn_limit: customers in the churn-risk list.
         window_days: how long after a decision a response counts as its acceptance.
         generated_at: the time printed in the footer (default now).
+        policy: the current policy file, for the offline policy evaluation (default the shipped one).
+        policy_candidates: SPECs evaluated beside it (:func:`serving.policy_replay.parse_candidate`).
 
     Raises:
         DatasetError: ``data`` is not a dataset.
@@ -903,7 +969,13 @@ def render_dashboard(
         _preferences(inputs.profiles),
         _churn(inputs.profiles, churn_limit),
         _recommendations(inputs, segment, top_n, recommender, recommender_label, fallback_reason),
-        _decisions(decision_log, responses, catalog, window_days),
+        _decisions(
+            decision_log,
+            responses,
+            catalog,
+            window_days,
+            lambda: _policy_evaluation(decision_log, ds, catalog, policy, policy_candidates),
+        ),
     ]
     nav = "".join(
         f'<a href="#{key}">{label}</a>'
@@ -1046,6 +1118,8 @@ def write_dashboard(
     top_n: int = 5,
     churn_limit: int = 25,
     window_days: float = 7.0,
+    policy: str | Path | None = None,
+    policy_candidates: Sequence[str] = DEFAULT_POLICY_CANDIDATES,
 ) -> DashboardResult:
     """Render the dashboard of ``data`` and write it (``nextbest dashboard --data DIR [--out FILE]``).
 
@@ -1061,6 +1135,8 @@ def write_dashboard(
         top_n: items per segment.
         churn_limit: customers in the churn-risk list.
         window_days: how long after a decision a response counts as its acceptance.
+        policy: the current policy file, for the offline policy evaluation (default the shipped one).
+        policy_candidates: SPECs evaluated beside it.
 
     Returns:
         where the page went and what it shows.
@@ -1102,6 +1178,8 @@ def write_dashboard(
         top_n=top_n,
         churn_limit=churn_limit,
         window_days=window_days,
+        policy=policy,
+        policy_candidates=policy_candidates,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

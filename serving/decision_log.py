@@ -1,20 +1,24 @@
 """The decision log: every next-best-action decision stored durably in the state store, erasable, and summarised.
 
-Each line records the customer, every candidate with its P, V, L and score (and why it was filtered), the chosen
-action, the model versions, the champion/challenger arm and the latency, so policies can be audited and
-evaluated offline. :func:`summarise_decisions` joins the log with the responses that followed and reports
-acceptance by arm and by action (what ``nextbest report decisions`` prints).
+Each line records the customer, every candidate with its P, V, L and score (and why it was filtered), whether it
+was an arm (passed every check) and its probability of being chosen, the chosen action with the probability
+with which it was chosen and whether the choice explored, the model versions, the champion/challenger arm and
+the latency, so policies can be audited and evaluated offline (with the responses that name the decision:
+:meth:`StateStore.responses_frame`). :func:`check_responses` ties responses to their decisions;
+:func:`summarise_decisions` joins the log with the responses that followed and reports acceptance by arm and by
+action (what ``nextbest report decisions`` prints).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, Literal
 
 import polars as pl
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from sqlalchemy.engine import Connection
 
 from nextbest.features.schema import (
@@ -28,10 +32,20 @@ from nextbest.features.schema import (
 from nextbest.serving.decisions import Decision
 from nextbest.serving.jsonl import read_lines
 from nextbest.serving.policy import NO_ACTION_KIND
-from nextbest.serving.state_store import StateStore
+from nextbest.serving.state_store import ResponseConflict, StateStore
 
 ALL_ACTIONS = "(all actions)"
 """The ``action_id`` of the per-arm total rows in :func:`summarise_decisions`."""
+ResponseKind = Literal["shown", "accepted", "dismissed", "converted"]
+RESPONSE_KINDS: tuple[str, ...] = ("shown", "accepted", "dismissed", "converted")
+"""What a customer did with an offered action: saw it, took it, turned it down, bought through it."""
+_RANKED_OUT = ("scores ", "ranked below the top ")
+"""How the reasons of actions that passed every check but were not offered begin (records before version 2)."""
+
+
+def new_decision_id() -> str:
+    """A fresh decision id (32 hexadecimal digits)."""
+    return uuid.uuid4().hex
 
 
 class CandidateRecord(BaseModel):
@@ -46,6 +60,10 @@ class CandidateRecord(BaseModel):
     """In the returned ranking (the no-action entry included)."""
     reason: str | None = None
     """Why it was not offered."""
+    eligible: bool = False
+    """An arm: it passed every rule, consent and contact check (offered, or ranked out)."""
+    probability: float = 0.0
+    """Its probability of being chosen under the policy that decided (0 for an action that was not an arm)."""
 
 
 class DecisionRecord(BaseModel):
@@ -63,6 +81,30 @@ class DecisionRecord(BaseModel):
     chosen: str | None
     chosen_kind: str | None
     latency_ms: float
+    probability: float = 1.0
+    """The probability with which ``chosen`` was chosen: 1.0 for a deterministic choice; with ε-greedy
+    exploration 1 − ε + ε / k for the best of k arms, ε / k for another."""
+    explored: bool = False
+    """The choice was an exploration draw."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_records(cls, data: Any) -> Any:
+        # Records logged before exploration (store version 1) were deterministic: the chosen action had
+        # probability 1; the arms were the offered actions and those ranked out.
+        if not isinstance(data, Mapping) or not isinstance(data.get("candidates"), list):
+            return data
+        if all(isinstance(c, Mapping) and "eligible" in c for c in data["candidates"]):
+            return data
+        chosen = data.get("chosen")
+        candidates = []
+        for c in data["candidates"]:
+            if isinstance(c, Mapping) and "eligible" not in c:
+                reason = c.get("reason")
+                arm = bool(c.get("offered")) or (isinstance(reason, str) and reason.startswith(_RANKED_OUT))
+                c = {**c, "eligible": arm, "probability": 1.0 if c.get("action_id") == chosen else 0.0}
+            candidates.append(c)
+        return {**data, "candidates": candidates}
 
     @classmethod
     def from_decision(
@@ -75,7 +117,9 @@ class DecisionRecord(BaseModel):
         decision_id: str | None = None,
         timestamp: datetime | None = None,
     ) -> DecisionRecord:
-        """The log record of an :func:`~serving.decisions.arbitrate` result."""
+        """The log record of an :func:`~serving.decisions.arbitrate` (or :func:`~serving.decisions.explore`)
+        result."""
+        arms = set(decision.arms)
         candidates = [
             CandidateRecord(
                 action_id=a.action_id,
@@ -85,12 +129,14 @@ class DecisionRecord(BaseModel):
                 score=a.score,
                 offered=a.reason is None,
                 reason=a.reason,
+                eligible=a.action_id in arms,
+                probability=decision.arm_probabilities.get(a.action_id, 0.0),
             )
             for a in [*decision.actions, *decision.filtered]
         ]
         chosen = decision.actions[0] if decision.actions else None
         return cls(
-            decision_id=decision_id or uuid.uuid4().hex,
+            decision_id=decision_id or new_decision_id(),
             timestamp=timestamp or datetime.now(UTC).replace(tzinfo=None),
             customer_id=decision.customer_id,
             channel=decision.channel,
@@ -102,6 +148,8 @@ class DecisionRecord(BaseModel):
             chosen=chosen.action_id if chosen else None,
             chosen_kind=chosen.kind if chosen else None,
             latency_ms=latency_ms,
+            probability=decision.probability,
+            explored=decision.explored,
         )
 
 
@@ -115,9 +163,12 @@ class DecisionLog:
         """Store one decision; durable when this returns (or when ``connection``'s transaction commits)."""
         self.store.add_decision(record.model_dump(mode="json"), connection=connection)
 
-    def records(self) -> list[DecisionRecord]:
-        """Every logged decision, oldest first."""
-        return [DecisionRecord.model_validate(r) for r in self.store.all_decisions()]
+    def records(self, since: datetime | None = None) -> list[DecisionRecord]:
+        """Every logged decision (at or after ``since``, naive UTC, when given), oldest first."""
+        if since is None:
+            return [DecisionRecord.model_validate(r) for r in self.store.all_decisions()]
+        frame = self.store.decisions_frame(since)
+        return [DecisionRecord.model_validate_json(r) for r in frame["record"]]
 
     def records_of(self, customer_id: str) -> list[DecisionRecord]:
         """The decisions about one customer, oldest first, read through the index (no scan of the log)."""
@@ -126,6 +177,91 @@ class DecisionLog:
     def customers(self) -> list[str]:
         """Every customer with a logged decision."""
         return self.store.decision_customers()
+
+
+# --- responses to decisions ----------------------------------------------------------------------------------
+
+
+class ResponseError(ValueError):
+    """A response that cannot be tied to its decision; the message names the response's field and value."""
+
+
+class UnknownDecision(ResponseError):
+    """The response names a decision the log does not hold."""
+
+
+class ResponseMismatch(ResponseError):
+    """The response is about another customer, or an action the decision did not offer."""
+
+
+class RepeatedResponse(ResponseError, ResponseConflict):
+    """The decision has a response of the same kind for the same action already."""
+
+
+def check_responses(
+    rows: Sequence[Mapping[str, Any]],
+    decisions: Mapping[str, DecisionRecord],
+    recorded: set[tuple[str, str, str]],
+    known_ids: set[str],
+) -> list[int]:
+    """Tie responses to their decisions: which of ``rows`` to store, or the first reason none may be.
+
+    A response whose ``response_id`` is stored already (``known_ids``) or given earlier in ``rows`` is a retry:
+    acknowledged, left out, not checked again. Every other response that names a decision must name a logged
+    one, about the same customer, and an action that decision offered; a decision takes one response of each
+    kind per action.
+
+    Args:
+        rows: responses, each with ``response_id``, ``decision_id`` (None: tied to no decision),
+            ``customer_id``, ``action_id`` and ``kind``.
+        decisions: the logged decisions the rows name, by id (those missing are unknown).
+        recorded: ``(decision_id, action_id, kind)`` of the responses stored already.
+        known_ids: the response ids stored already.
+
+    Returns:
+        the positions in ``rows`` to store.
+
+    Raises:
+        UnknownDecision: ``decision_id`` is not in the log.
+        ResponseMismatch: the response's customer is not the decision's, or its action was not offered.
+        RepeatedResponse: a second response of one kind for one decision and action.
+    """
+    positions: list[int] = []
+    seen_ids = set(known_ids)
+    seen_kinds = set(recorded)
+    for k, row in enumerate(rows):
+        response_id = row["response_id"]
+        if response_id in seen_ids:
+            continue
+        seen_ids.add(response_id)
+        decision_id, action_id, kind = row["decision_id"], row["action_id"], row["kind"]
+        if decision_id is not None:
+            record = decisions.get(decision_id)
+            if record is None:
+                raise UnknownDecision(
+                    f"responses[{k}].decision_id: no decision {decision_id!r} is logged (a preview is not logged; "
+                    "an erased customer's decisions and those past the retention window are gone)"
+                )
+            if record.customer_id != row["customer_id"]:
+                raise ResponseMismatch(
+                    f"responses[{k}].customer_id: {row['customer_id']!r} is not the customer decision "
+                    f"{decision_id!r} was made for"
+                )
+            offered = [c.action_id for c in record.candidates if c.offered]
+            if action_id not in offered:
+                raise ResponseMismatch(
+                    f"responses[{k}].action_id: {action_id!r} was not offered in decision {decision_id!r} "
+                    f"(offered: {', '.join(offered) or 'nothing'})"
+                )
+            key = (decision_id, action_id, kind)
+            if key in seen_kinds:
+                raise RepeatedResponse(
+                    f"responses[{k}].kind: decision {decision_id!r} has a {kind!r} response for {action_id!r} "
+                    "already (give each response an event_id: a retry with the same id is acknowledged)"
+                )
+            seen_kinds.add(key)
+        positions.append(k)
+    return positions
 
 
 _LOG_SCHEMA = {
@@ -148,9 +284,7 @@ def read_decisions(source: StateStore | str | Path) -> pl.DataFrame:
         LogError: a line other than a torn last one is not a JSON object.
     """
     if isinstance(source, StateStore):
-        rows = [{k: r.get(k) for k in _LOG_SCHEMA} for r in source.all_decisions()]
-        frame = pl.DataFrame(rows, schema=_LOG_SCHEMA)
-        return frame.with_columns(parse_timestamp(pl.col("timestamp")).alias("timestamp"))
+        return source.decisions_frame().select(list(_LOG_SCHEMA))
     path = Path(source)
     if not path.exists() or path.stat().st_size == 0:
         frame = pl.DataFrame(schema=_LOG_SCHEMA)

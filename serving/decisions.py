@@ -9,21 +9,32 @@ channel. The no-action alternative (kind ``none``) competes with its own P × V 
 probability × the value of that purchase) and skips consent and contact checks. The ranking is score descending;
 ties go to the no-action alternative, then to the smaller action_id, so a decision is reproducible. Actions that
 score below no-action are not offered ("no action" is the better answer for them).
+
+Exploration (:func:`explore`, after :func:`arbitrate`) chooses among the k *arms* — the actions that passed every
+check above, no-action included — from a generator seeded by the decision's id. ε-greedy draws whether it
+explores (probability ε) and which arm it then takes, uniformly; Thompson sampling draws each arm's propensity from
+a Beta around the model's P and takes the arm with the best drawn score. The chosen arm is put first; the rest of
+the ranking follows. Each arm's probability of being chosen is recorded (ε-greedy: 1 − ε + ε / k for the best,
+ε / k for the others; Thompson: the share of its draws each arm wins), so that the decision log can evaluate other
+policies offline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import numpy as np
 import polars as pl
 from pydantic import BaseModel, Field
 
 from nextbest.features.schema import CHANNEL, CUSTOMER_ID, ITEM_ID
-from nextbest.serving.policy import NO_ACTION_KIND, ActionPolicy, RuleScope
+from nextbest.serving.policy import NO_ACTION_KIND, ActionPolicy, Exploration, RuleScope
 
 MARKETING = "marketing"
 PERSONALISATION = "personalisation"
@@ -82,6 +93,20 @@ class Decision(BaseModel):
     """Offered actions, best first (at most n; ends at the no-action entry when that ranks within n)."""
     filtered: list[ScoredAction]
     """Everything else, each with its reason, in candidate order."""
+    arms: list[str] = Field(default_factory=list)
+    """Every action that passed every check (the no-action alternative included), best first: what exploration
+    chooses among."""
+    arm_probabilities: dict[str, float] = Field(default_factory=dict)
+    """Each arm's probability of being chosen under the policy that decided (the best arm 1.0 without
+    exploration)."""
+    explored: bool = False
+    """The choice was an exploration draw (uniform among the arms; two arms or more)."""
+
+    @property
+    def probability(self) -> float:
+        """The probability with which :attr:`chosen` was chosen (1.0 when nothing is chosen)."""
+        chosen = self.chosen
+        return 1.0 if chosen is None else self.arm_probabilities.get(chosen.action_id, 1.0)
 
     @property
     def chosen(self) -> ScoredAction | None:
@@ -256,7 +281,116 @@ def arbitrate(
         personalised=bool(consent.get(PERSONALISATION, False)),
         actions=offered,
         filtered=filtered,
+        arms=[a.action_id for a in passing],
+        arm_probabilities={a.action_id: 1.0 if k == 0 else 0.0 for k, a in enumerate(passing)},
     )
+
+
+def decision_rng(decision_id: str, seed: int = 0) -> random.Random:
+    """The random generator of one decision: the same id (and seed) always draws the same numbers."""
+    digest = hashlib.blake2b(f"{seed}:{decision_id}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "big"))
+
+
+def epsilon_greedy_probabilities(arms: Sequence[str], epsilon: float) -> dict[str, float]:
+    """Each arm's probability of being chosen by ε-greedy: 1 − ε + ε / k for the first (best), ε / k for the
+    others (k arms)."""
+    k = len(arms)
+    out = {a: epsilon / k for a in arms}
+    if arms:
+        out[arms[0]] = (1.0 - epsilon) + epsilon / k
+    return out
+
+
+def thompson_draws(
+    propensities: Sequence[float],
+    payoffs: Sequence[float],
+    prior_strength: float,
+    samples: int,
+    rng: np.random.Generator,
+) -> tuple[int, dict[int, float]]:
+    """Thompson sampling over k arms: each arm's P is drawn from Beta(P·s, (1 − P)·s), its score is the drawn P ×
+    its payoff (V × L); the best drawn score wins.
+
+    Returns:
+        the arm the first draw chooses, and each arm's share of the ``samples`` draws it wins (its probability
+        of being chosen, estimated; ties go to the earlier arm).
+    """
+    p = np.clip(np.asarray(propensities, dtype=np.float64), 1e-6, 1 - 1e-6)
+    draws = rng.beta(p * prior_strength, (1 - p) * prior_strength, size=(samples, len(p)))
+    winners = (draws * np.asarray(payoffs, dtype=np.float64)).argmax(axis=1)
+    counts = np.bincount(winners, minlength=len(p))
+    return int(winners[0]), {k: float(c) / samples for k, c in enumerate(counts)}
+
+
+def explore(
+    decision: Decision,
+    exploration: Exploration,
+    decision_id: str,
+    n: int,
+    *,
+    may_explore: bool = True,
+) -> Decision:
+    """The decision after exploration: ε-greedy (the best arm, or — with probability ε — a uniformly drawn one) or
+    Thompson sampling (:func:`thompson_draws`), as the policy's ``[exploration]`` says.
+
+    The draws come from :func:`decision_rng` (ε-greedy: whether to explore, then which arm; Thompson: a numpy
+    generator seeded from it), so the same decision id always gives the same answer. Exploration chooses among
+    :attr:`Decision.arms` only: an action filtered by a rule, consent or the contact policy is never chosen.
+    The explored arm becomes rank 1 and the best arms follow (ending at the no-action alternative, at most n);
+    one explored to no-action stands alone, as no-action always does.
+
+    Args:
+        decision: what :func:`arbitrate` answered.
+        exploration: the policy's ``[exploration]``.
+        decision_id: the id the decision is logged under.
+        n: the most actions to return (as given to :func:`arbitrate`).
+        may_explore: False when the budget is spent or the decision is not logged (a preview): the best arm,
+            with probability 1.0.
+
+    Returns:
+        a new decision (``decision`` is left as it is) with :attr:`Decision.arm_probabilities` and
+        :attr:`Decision.explored` set.
+    """
+    arms = decision.arms
+    if not (may_explore and exploration.active and arms):
+        return decision
+    rng = decision_rng(decision_id, exploration.seed)
+    scored = {a.action_id: a for a in [*decision.filtered, *decision.actions]}
+    if exploration.method == "thompson":
+        first, shares = thompson_draws(
+            [scored[a].propensity for a in arms],
+            [scored[a].value * scored[a].lever for a in arms],
+            exploration.prior_strength,
+            exploration.samples,
+            np.random.default_rng(rng.getrandbits(64)),
+        )
+        pick = arms[first]
+        probabilities = {a: shares[k] for k, a in enumerate(arms)}
+        explored = pick != arms[0]
+    else:
+        fires = rng.random() < exploration.epsilon
+        drawn = arms[rng.randrange(len(arms))]
+        probabilities = epsilon_greedy_probabilities(arms, exploration.epsilon)
+        pick = drawn if fires else arms[0]
+        explored = fires and len(arms) > 1
+    update: dict[str, Any] = {"arm_probabilities": probabilities, "explored": explored}
+    if pick == arms[0]:
+        return decision.model_copy(update=update)
+    picked = scored[pick].model_copy(
+        update={"reason": None, "rules_passed": [*scored[pick].rules_passed, "exploration"]}
+    )
+    rest = [] if picked.kind == NO_ACTION_KIND else [a for a in decision.actions if a.action_id != pick]
+    offered = [picked, *rest[: n - 1]]
+    offered = [a.model_copy(update={"rank": k + 1}) for k, a in enumerate(offered)]
+    why = "not offered: exploration chose no action" if not rest else f"ranked below the top {n}"
+    pushed_out = [
+        a.model_copy(update={"rank": None, "reason": why})
+        for a in decision.actions
+        if a.action_id != pick and a.action_id not in {o.action_id for o in offered}
+    ]
+    filtered = [a for a in decision.filtered if a.action_id != pick] + pushed_out
+    return decision.model_copy(update={**update, "actions": offered, "filtered": filtered})
 
 
 def bought_attributes(

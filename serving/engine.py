@@ -22,7 +22,7 @@ answer says so); a customer the model was fitted on gets the model's ranking, th
 (ALS ``recalculate_user``); a customer the model never saw gets item similarity to the items of their history
 and session; a customer with nothing known gets segment popularity — never an error.
 
-Errors a client can fix raise :class:`ServiceError` subclasses carrying an HTTP status (400, 401, 403, 404);
+Errors a client can fix raise :class:`ServiceError` subclasses carrying an HTTP status (400, 401, 403, 404, 409);
 start-up problems raise :class:`EngineLoadError` with one line saying what to run first.
 """
 
@@ -36,7 +36,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,6 +48,7 @@ import scipy.sparse as sp
 from nextbest.features.dataset import Dataset, DatasetError
 from nextbest.features.identity import UNLINKED_SEPARATOR
 from nextbest.features.interactions import Interactions
+from nextbest.features.live_fold import FoldError, features_watermark
 from nextbest.features.pipeline import (
     CONSENT_FILE,
     PROFILES_FILE,
@@ -79,8 +80,23 @@ from nextbest.features.schema import (
 from nextbest.serving import api
 from nextbest.serving.arms import CHAMPION, Arm, assign_arm
 from nextbest.serving.contact import ContactLedger, naive_utc
-from nextbest.serving.decision_log import DecisionLog, DecisionRecord
-from nextbest.serving.decisions import MARKETING, PERSONALISATION, ActionCandidate, Decision, arbitrate
+from nextbest.serving.decision_log import (
+    DecisionLog,
+    DecisionRecord,
+    RepeatedResponse,
+    ResponseMismatch,
+    UnknownDecision,
+    check_responses,
+    new_decision_id,
+)
+from nextbest.serving.decisions import (
+    MARKETING,
+    PERSONALISATION,
+    ActionCandidate,
+    Decision,
+    arbitrate,
+    explore,
+)
 
 # The configuration, the named errors and the model loading live in their own modules; the rest of the service,
 # the CLI and the tests import them from here too.
@@ -89,6 +105,7 @@ from nextbest.serving.engine_config import (  # noqa: F401
     PROPENSITY_MODEL,
     RECOMMENDER_MODEL,
     BadRequest,
+    Conflict,
     EngineConfig,
     EngineLoadError,
     Forbidden,
@@ -121,7 +138,15 @@ from nextbest.serving.policy import (
     load_policy,
     unpoliced_actions,
 )
-from nextbest.serving.state_store import EVENT_COLUMNS, StateStore, StateStoreError, import_state_dir, redact
+from nextbest.serving.state_store import (
+    EVENT_COLUMNS,
+    ResponseConflict,
+    StateStore,
+    StateStoreError,
+    import_state_dir,
+    redact,
+    store_key,
+)
 
 logger = logging.getLogger("nextbest.serving")
 
@@ -228,6 +253,7 @@ class ServingData:
         popularity: distinct consenting customers per item.
         segment_popularity: the same within each segment (``segment_column`` value).
         channels: event channels whose shares are activity features of the propensity models.
+        item_references: the catalogue's reference prices (computed once; live profile refreshes reuse them).
     """
 
     dataset: Dataset
@@ -253,6 +279,7 @@ class ServingData:
     segment_column: str
     channels: list[str]
     value_thresholds: tuple[float, float]
+    item_references: pl.DataFrame | None = None
 
     @classmethod
     def load(
@@ -274,7 +301,7 @@ class ServingData:
         Raises:
             EngineLoadError: the dataset or its features are missing (the message says what to run).
         """
-        from nextbest.training.propensity_data import customer_activity
+        from nextbest.training.propensity_data import customer_activity, item_reference_prices
 
         try:
             dataset.require()
@@ -349,8 +376,13 @@ class ServingData:
         # Activity features (what the propensity model reads besides the profile) of every profiled customer,
         # from their events before the dataset's "now".
         profiled = events.join(profiles.select(CUSTOMER_ID), on=CUSTOMER_ID, how="semi")
+        references = item_reference_prices(items)
         activity = customer_activity(
-            profiled, items.lazy(), as_of=as_of + timedelta(microseconds=1), channels=list(channels)
+            profiled,
+            items.lazy(),
+            as_of=as_of + timedelta(microseconds=1),
+            channels=list(channels),
+            reference=references,
         )
         features = profiles.join(activity, on=CUSTOMER_ID, how="left")
 
@@ -406,6 +438,7 @@ class ServingData:
             segment_column=segment_column,
             channels=list(channels),
             value_thresholds=(float(thresholds[0]), float(thresholds[1])),
+            item_references=references,
         )
 
     @property
@@ -750,7 +783,7 @@ class Engine:
         self.erasures = ErasureQueue(self.store, lambda ids: erase_customers(self.data.dataset, ids))
         self._sync_lock = threading.Lock()
         self._seen, rows = self.store.snapshot()
-        replay = self.event_log.frame(rows)
+        replay = self.event_log.frame(self._not_folded(rows, self.data))
         erased = self._forget_logged_erasures(set(replay[CUSTOMER_ID].to_list()))
         if erased:
             replay = replay.filter(~pl.col(CUSTOMER_ID).is_in(sorted(erased)))
@@ -863,7 +896,9 @@ class Engine:
             stamp = features_stamp(self.config.data)
             new_data = stamp != self._served.features
             if not (force or new_data or wanted != before):
-                return api.ReloadResponse(swapped=False, models=before, previous=before, features_reloaded=False)
+                return api.ReloadResponse(
+                    swapped=False, models=before, previous=before, features_reloaded=False
+                )
             models = load_serving_models(self.config)
             served = self._serve(models, None if new_data else self._served.data)
             with self._swap.writing():
@@ -873,7 +908,7 @@ class Engine:
                     self.channels = sorted(set(self.policy.named_channels()) | set(served.data.channels))
                     with self._lock:
                         self._live.clear()
-                    replay = self.event_log.frame(self.store.snapshot()[1])
+                    replay = self.event_log.frame(self._not_folded(self.store.snapshot()[1], served.data))
                     erased = {c for c in set(replay[CUSTOMER_ID].to_list()) if self._is_erased(c)}
                     if erased:
                         replay = replay.filter(~pl.col(CUSTOMER_ID).is_in(sorted(erased)))
@@ -1030,8 +1065,8 @@ class Engine:
         return min(self.now(), self.data.as_of) - timedelta(days=self.data.feature_config.retention_days)
 
     def trim_logs(self) -> dict[str, int]:
-        """Drop what fell out of the retention window from the state store's events, contacts, decisions and
-        erasure states; returns how many entries each lost."""
+        """Drop what fell out of the retention window from the state store's events, contacts, decisions,
+        responses and erasure states; returns how many entries each lost."""
         before = self.retention_start()
         with self._lock:
             removed = self.store.trim(before)
@@ -1680,8 +1715,12 @@ class Engine:
             "propensity": plan.pslot.registered.label,
         }
 
-        def decide() -> Decision:
-            return arbitrate(
+        # The id comes first: it seeds the decision's exploration draw, so the decision can be replayed.
+        decision_id = new_decision_id()
+        exploration = self.policy.exploration
+
+        def decide(may_explore: bool) -> Decision:
+            ranked = arbitrate(
                 candidates,
                 self.policy,
                 self._rule_profile(view, now),
@@ -1693,6 +1732,14 @@ class Engine:
                 customer_id=cid,
                 now=now,
             )
+            return explore(ranked, exploration, decision_id, request.n, may_explore=may_explore)
+
+        def within_budget(tx: Any) -> bool:
+            if not exploration.active or not exploration.budgeted:
+                return exploration.active
+            day = datetime(now.year, now.month, now.day)
+            decided, explored = self.store.exploration_counts(day, day + timedelta(days=1), connection=tx)
+            return exploration.may_explore(decided, explored)
 
         def logged(decision: Decision) -> DecisionRecord:
             return DecisionRecord.from_decision(
@@ -1700,6 +1747,7 @@ class Engine:
                 arm=plan.arm,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 model_versions=versions,
+                decision_id=decision_id,
                 timestamp=now,
             )
 
@@ -1712,7 +1760,7 @@ class Engine:
                 try:
                     with self.store.deciding(cid) as tx:
                         self.ledger.refresh(cid, connection=tx)
-                        decision = decide()
+                        decision = decide(within_budget(tx))
                         chosen = decision.chosen
                         if chosen is not None and not decision.is_no_action:
                             self.ledger.record_contact(
@@ -1725,7 +1773,7 @@ class Engine:
                     self.ledger.refresh(cid)  # the transaction was rolled back: so is the contact in memory
                     raise
             else:
-                decision = decide()
+                decision = decide(False)  # a preview never explores
                 record = logged(decision)
         return api.NextBestActionResponse(
             decision_id=record.decision_id,
@@ -1739,6 +1787,8 @@ class Engine:
             arm=plan.arm,
             contact_recorded=recorded,
             filtered=decision.filtered if request.explain else [],
+            explored=decision.explored,
+            probability=decision.probability,
         )
 
     # --- /events ----------------------------------------------------------------------------------------------
@@ -1748,11 +1798,19 @@ class Engine:
         """Store events and offer responses durably, then apply them to the live state at once.
 
         A retry is safe: entries whose ``event_id`` was stored before are acknowledged and not stored again.
+        Responses are stored in the responses table (one transaction for all of them); accepted, converted and
+        dismissed ones also go to the contact ledger. A response naming a ``decision_id`` is checked against the
+        decision log (:func:`~serving.decision_log.check_responses`) before anything of the request is stored.
 
         Raises:
             BadRequest: an invalid event or response (named by position and field): a time more than
                 :data:`FUTURE_TOLERANCE` ahead or before the retention window, a channel or an action not in
-                the policy. Nothing of the request is stored.
+                the policy, a response about another customer than its decision's or an action the decision
+                did not offer. Nothing of the request is stored.
+            NotFound: a response names a decision the log does not hold (nothing of the request is stored).
+            Conflict: a second response of one kind for one decision and action (nothing of the request is
+                stored, unless another request stored the same response at the same moment: then the events
+                are stored, and a retry acknowledges them).
             Gone: an entry is about an erased customer (nothing of the request is stored).
         """
         now = self.now()
@@ -1783,25 +1841,67 @@ class Engine:
                             f"{what}[{k}].customer_id: this customer was erased; the service stores nothing more "
                             "about the id (nothing of this request was stored)"
                         )
-            accepted, duplicates = pl.DataFrame(), 0
+            answers = [
+                {
+                    "response_id": r.event_id or new_decision_id(),
+                    "decision_id": r.decision_id,
+                    "customer_id": r.customer_id,
+                    "action_id": r.action_id,
+                    "kind": r.response_kind,
+                    "value": r.value,
+                    "timestamp": at,
+                    "channel": r.channel,
+                }
+                for r, at in responses
+            ]
+            named = [a["decision_id"] for a in answers if a["decision_id"] is not None]
+            decided = {
+                d: DecisionRecord.model_validate(v) for d, v in self.store.decisions_by_id(named).items()
+            }
+            known = self.store.known_response_ids([r.event_id for r, _ in responses if r.event_id])
+            try:
+                keep = check_responses(answers, decided, self.store.response_kinds(named), known)
+            except UnknownDecision as e:
+                raise NotFound(f"{e} (nothing of this request was stored)") from None
+            except ResponseMismatch as e:
+                raise BadRequest(f"{e} (nothing of this request was stored)") from None
+            except RepeatedResponse as e:
+                raise Conflict(f"{e} (nothing of this request was stored)") from None
+            accepted, duplicates = pl.DataFrame(), len(answers) - len(keep)
             if rows:
                 try:
-                    accepted, duplicates = self.event_log.append(rows)
+                    accepted, repeated = self.event_log.append(rows)
+                    duplicates += repeated
                 except EventRejected as e:
                     raise BadRequest("; ".join(e.reasons)) from None
                 except StateStoreError as e:
                     raise NotReady(f"the state store cannot take the events now: {e}") from None
             stored = 0
-            for r, at in responses:
-                if r.event_id is not None and self.ledger.has_event(r.event_id):
-                    duplicates += 1
-                    continue
-                if self.ledger.record_response(
-                    r.customer_id, r.action_id, r.accepted, at, channel=r.channel, event_id=r.event_id
-                ):
-                    stored += 1
-                else:
-                    duplicates += 1
+            touched = {answers[k]["customer_id"] for k in keep}
+            try:
+                with self.store.transaction() if keep else nullcontext() as tx:
+                    for k in keep:
+                        answer, event_id = answers[k], responses[k][0].event_id
+                        if not self.store.add_response(answer, connection=tx):
+                            duplicates += 1  # the same response, stored by another request a moment ago
+                            continue
+                        stored += 1
+                        if answer["kind"] != "shown":
+                            self.ledger.record_response(
+                                answer["customer_id"],
+                                answer["action_id"],
+                                answer["kind"] != "dismissed",
+                                answer["timestamp"],
+                                channel=answer["channel"],
+                                event_id=event_id,
+                                connection=tx,
+                            )
+            except Exception as e:
+                for customer_id in touched:  # rolled back: so are the ledger's entries in memory
+                    self.ledger.refresh(customer_id)
+                if isinstance(e, ResponseConflict):
+                    raise Conflict(str(e)) from None
+                raise
         # Applied through the change feed, in commit order with every other replica's events: the next answer
         # reflects them.
         self.sync()
@@ -1899,7 +1999,11 @@ class Engine:
                     value_thresholds=data.value_thresholds,
                 ).collect()
                 activity = customer_activity(
-                    events, data.items.lazy(), as_of=as_of + timedelta(microseconds=1), channels=data.channels
+                    events,
+                    data.items.lazy(),
+                    as_of=as_of + timedelta(microseconds=1),
+                    channels=data.channels,
+                    reference=data.item_references,
                 )
                 row = profile.row(0, named=True) if profile.height else {CUSTOMER_ID: customer_id}
                 if activity.height:
@@ -1922,6 +2026,7 @@ class Engine:
         vocab = self.data.item_vocab
         held = self.data.customer_events(cid) if not self._is_erased(cid) else self.data.events.clear()
         decisions = [r.model_dump(mode="json") for r in self.decision_log.records_of(cid)]
+        responses = [_json_row(r) or {} for r in self.store.responses_of(cid)]
         return api.ProfileResponse(
             customer_id=cid,
             known=view.known,
@@ -1939,6 +2044,7 @@ class Engine:
             live_events=[_json_row(r) or {} for r in view.live_events],
             contacts=self.ledger.entries(cid),
             decisions=decisions,
+            responses=responses,
             arm=self.arm(cid),
         )
 
@@ -1962,8 +2068,8 @@ class Engine:
 
     @_serving
     def forget(self, request: api.CustomerRequest, authorization: str | None) -> api.ForgetResponse:
-        """Erase a customer everywhere: at once from the live state, the event log, the contact ledger and the
-        decision log, under their id, every id linked to it and those ids' unlinked forms; the erasure is logged
+        """Erase a customer everywhere: at once from the live state, the event log, the contact ledger, the
+        decision log and the responses, under their id, every id linked to it and those ids' unlinked forms; the erasure is logged
         by keyed digest, so that nothing more is stored about any of the ids (before or after a restart); and
         the dataset's erasure is queued (:class:`~serving.erasure_queue.ErasureQueue`)."""
         self.check_admin(authorization)
@@ -1991,6 +2097,7 @@ class Engine:
             events_removed=removed["events"],
             contacts_removed=removed["contacts"],
             decisions_removed=removed["decisions"],
+            responses_removed=removed["responses"],
             erasure_log=str(ds.root / ERASURE_LOG),
             erasure_id=queued.erasure_id,
             dataset=queued.state,
@@ -2007,6 +2114,26 @@ class Engine:
         if status is None:
             raise NotFound(f"erasure_id: no erasure {request.erasure_id!r}")
         return status
+
+    def _not_folded(self, rows: list[dict[str, Any]], data: ServingData) -> list[dict[str, Any]]:
+        """Stored events less those ``nextbest retrain`` folded into the dataset before its features were built:
+        the features count them already, and replaying them as live events would count them twice."""
+        try:
+            watermark = features_watermark(
+                data.dataset, store_key(self.store.url), data.manifest.get("built_at")
+            )
+        except FoldError as exc:
+            logger.warning("cannot read what retrain folded (%s): replaying every stored event", exc)
+            return rows
+        if not watermark:
+            return rows
+        folded = self.store.events_through(watermark)
+        kept = [r for r in rows if r.get("seq") not in folded]
+        logger.info(
+            "%d stored events are in the features already (folded by retrain): not replayed",
+            len(rows) - len(kept),
+        )
+        return kept
 
     def _forget_logged_erasures(self, live_ids: set[str]) -> set[str]:
         """Hide customers whose erasure was logged (by the service, another replica or ``nextbest forget``) and

@@ -52,6 +52,12 @@ class NotFound(ServiceError):
     status = 404
 
 
+class Conflict(ServiceError):
+    """The request repeats something stored already that may be stored once (a second response of one kind)."""
+
+    status = 409
+
+
 class Gone(ServiceError):
     """The request is about a customer who was erased: the service stores nothing more about the id."""
 

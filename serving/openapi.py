@@ -4,7 +4,7 @@ BentoML's document names the endpoints, but its schemas drop the ``null`` that o
 with ``"filters": null`` is valid; an answer's ``channel`` may be null) and it lists only BentoML's own errors.
 :func:`complete_spec` puts in, for each endpoint of :data:`serving.api.ROUTES`, the request and answer schemas
 exactly as pydantic validates and writes them, a required JSON body, the error body
-(:class:`serving.api.ErrorResponse`) for 400, 401, 403, 404, 410, 413, 415, 500 and 503, and the bearer
+(:class:`serving.api.ErrorResponse`) for 400, 401, 403, 404, 409, 410, 413, 415, 500 and 503, and the bearer
 credential it takes; and declares OpenAPI 3.1, whose JSON Schema has ``null``. ``GET /docs.json`` serves it
 (:class:`serving.gate.RequestGate`); the tests check real answers against it, and schemathesis fuzzes it.
 """
@@ -21,7 +21,10 @@ ERROR_STATUSES: dict[int, str] = {
     400: "The body is not valid JSON, or a field is invalid (named in `error`, listed in `detail`)",
     401: "Missing or wrong key (`Authorization: Bearer <key>`)",
     403: "Admin endpoints are disabled (no NEXTBEST_ADMIN_TOKEN)",
-    404: "An item the request names is unknown",
+    404: "Something the request names is unknown: an item, an erasure, or the decision a response names "
+    "(`POST /events`: never logged, erased, or past the retention window)",
+    409: "`POST /events`: a response of a kind the decision already has for that action (a retry with the "
+    "same `event_id` is acknowledged instead); nothing of the request is stored",
     410: "The customer was erased: nothing more is stored about the id",
     413: "The body is larger than the service takes",
     415: "The body is not JSON (send Content-Type: application/json)",

@@ -14,6 +14,12 @@ A policy file looks like this (``serving/policies/default.toml`` is the one for 
     max_contacts = 3
     period_days = 7
 
+    [exploration]                     # off unless a method is named (the default is method = "none")
+    method = "epsilon_greedy"         # "none", "epsilon_greedy" or "thompson"
+    epsilon = 0.05                    # explore in 5 % of decisions: a uniform draw among the allowed actions
+    budget = 0.1                      # at most 10 % of a UTC day's logged decisions explore …
+    budget_per_day = 500              # … and at most 500 a day (either, both or neither)
+
     [kinds.discount]                  # a template for every catalogue action of kind "discount"
     value = { margin = 0.40, discount_pct_attribute = "discount_pct" }
     channels = ["web", "app", "email"]
@@ -56,6 +62,23 @@ comparison (the reason says so), except ``is null``, so a rule never lets an act
 contact itself goes through (contact limits count there). Templates in ``[kinds.*]`` become actions when
 :func:`attach_catalog` meets the catalogue. Levers can be changed at run time through :class:`PolicyState`,
 which persists them to a JSON file.
+
+Exploration (:class:`Exploration`, the ``[exploration]`` table; off by default): with ``method =
+"epsilon_greedy"`` a decision explores with probability ``epsilon``: it then chooses uniformly among the k
+*arms*, the actions that passed every rule, consent and contact check (the no-action alternative included when
+it passed), instead of the best one; rules are never explored away. With ``method = "thompson"`` each arm's
+propensity is drawn from Beta(P·s, (1 − P)·s) (s = ``prior_strength``, how many responses the model's P is
+worth: the smaller, the more exploration) and the arm with the best drawn P × V × L is chosen; ``samples`` draws
+estimate each arm's probability of being chosen (the first draw chooses). The draws come from a random
+generator seeded by ``seed`` and the decision's id, so a decision can be replayed. Every logged decision
+records the probability with which its chosen action was chosen: for ε-greedy 1 − ε + ε / k for the best arm,
+ε / k for any other; for Thompson the share of the draws it wins (1.0 when exploration is off, when one arm
+passed, or when the budget is spent). A decision *explored* when ε-greedy's draw fired, or when Thompson chose
+another arm than the best. ``budget`` caps the share of a UTC
+day's logged decisions that explore (a decision may explore only while fewer than ``budget`` × the day's
+decisions so far, this one included, have), ``budget_per_day`` their number; once spent, decisions are the best
+arm with probability 1.0 until the day ends (the count is the state store's: replicas deciding at the same moment
+may each take the last unit). Previews (``record_contact = false``) never explore.
 """
 
 from __future__ import annotations
@@ -574,6 +597,59 @@ class ActionRule(BaseModel):
         return [(g, name, c) for g in RULE_GROUPS for name, c in getattr(self, g).items()]
 
 
+class Exploration(BaseModel):
+    """The ``[exploration]`` table: how decisions explore, and how many may (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: Literal["none", "epsilon_greedy", "thompson"] = "none"
+    epsilon: float = Field(default=0.0, ge=0, le=1)
+    """The probability that a decision explores (ε-greedy)."""
+    prior_strength: float = Field(default=100.0, gt=0)
+    """Thompson: how many responses a propensity is worth; each arm's P is drawn from Beta(P·s, (1 − P)·s)."""
+    samples: int = Field(default=1000, ge=100, le=100_000)
+    """Thompson: the draws that estimate each arm's probability of being chosen (the first one chooses)."""
+    budget: float | None = Field(default=None, gt=0, le=1)
+    """At most this share of a UTC day's logged decisions explore (None: no cap but ε)."""
+    budget_per_day: int | None = Field(default=None, ge=0)
+    """At most this many logged decisions explore per UTC day (None: no cap)."""
+    seed: int = Field(default=0, ge=0)
+    """Mixed with the decision id into the seed of the decision's random draw."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Exploration:
+        if self.method != "epsilon_greedy" and self.epsilon > 0:
+            raise ValueError(
+                f"epsilon = {self.epsilon:g} needs method = 'epsilon_greedy' (the method is {self.method!r})"
+            )
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether any decision may explore."""
+        if self.budget_per_day == 0:
+            return False
+        return self.method == "thompson" or (self.method == "epsilon_greedy" and self.epsilon > 0)
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a budget caps exploration (the day's decisions must be counted)."""
+        return self.budget is not None or self.budget_per_day is not None
+
+    def may_explore(self, decided_today: int, explored_today: int) -> bool:
+        """Whether the budget leaves room for one more exploring decision.
+
+        Args:
+            decided_today: decisions logged so far this UTC day (this one left out).
+            explored_today: how many of them explored.
+        """
+        if not self.active:
+            return False
+        if self.budget_per_day is not None and explored_today >= self.budget_per_day:
+            return False
+        return self.budget is None or explored_today < self.budget * (decided_today + 1)
+
+
 class ActionPolicy(BaseModel):
     """A whole policy file: version, defaults, channel caps, actions and per-kind templates (defaults applied).
 
@@ -590,6 +666,7 @@ class ActionPolicy(BaseModel):
     channel_caps: dict[str, ChannelCap] = Field(default_factory=dict)
     actions: dict[str, ActionRule] = Field(default_factory=dict)
     kinds: dict[str, ActionRule] = Field(default_factory=dict)
+    exploration: Exploration = Field(default_factory=Exploration)
 
     @model_validator(mode="before")
     @classmethod

@@ -10,8 +10,10 @@ One implementation (SQLAlchemy Core) behind two URLs:
   same moment cannot both spend the last contact the policy allows.
 
 What it holds: the events received live (idempotent by ``event_id``), the contact ledger (contacts and
-responses), the decision log, the levers and their history, the erasures (by keyed digest), the erasure queue
-and its states. Every write also appends to ``changes``, in the same transaction: a replica asks for the
+responses), the decision log (with each decision's logging probability and whether it explored), the responses
+to decisions (shown, accepted, dismissed, converted: idempotent by ``response_id``, at most one of each kind per
+decision and action), the levers and their history, the erasures (by keyed digest), the erasure queue and its
+states. Every write also appends to ``changes``, in the same transaction: a replica asks for the
 changes after the last one it applied (:meth:`StateStore.changes_since`), one indexed query, and so learns of
 another replica's events, contacts, erasures and lever changes.
 
@@ -32,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -46,16 +49,18 @@ from nextbest.features.schema import (
     TIMESTAMP_COL,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the first; 2: the ``responses`` table, and ``explored`` and ``probability`` on ``decisions``."""
 STATE_DB = "state.db"
 """The embedded store's file in the state directory."""
-
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
-"""Version N → the step that brings a store of version N to N + 1 (none yet: version 1 is the first)."""
 
 
 class StateStoreError(RuntimeError):
     """The store cannot be used as it is; the message says what to run or set."""
+
+
+class ResponseConflict(ValueError):
+    """A response of the same kind for the same decision and action is stored already."""
 
 
 def _utcnow() -> datetime:
@@ -73,6 +78,18 @@ def redact(url: str) -> str:
         return sa.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
         return "(an invalid URL)"
+
+
+def store_key(url: str) -> str:
+    """How a store is named where its changes are remembered (the fold manifest of ``nextbest retrain``): its URL
+    without password, a SQLite path made absolute."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return redact(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return f"sqlite:///{Path(parsed.database).resolve().as_posix()}"
+    return redact(url)
 
 
 # --- the schema ----------------------------------------------------------------------------------------------
@@ -129,6 +146,24 @@ decisions = sa.Table(
     sa.Column("customer_id", Id, nullable=False, index=True),
     sa.Column("timestamp", sa.DateTime, nullable=False, index=True),
     sa.Column("record", sa.Text, nullable=False),
+    # Version 2. Also in ``record``; as columns so that the exploration budget counts without reading records.
+    sa.Column("explored", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("probability", sa.Float, nullable=False, server_default=sa.text("1.0")),
+)
+responses = sa.Table(
+    "responses",
+    metadata,
+    sa.Column("seq", Seq, primary_key=True, autoincrement=True),
+    sa.Column("response_id", Id, nullable=False, unique=True),
+    sa.Column("decision_id", Id),  # null: a response that names no decision (the form of earlier versions)
+    sa.Column("customer_id", Id, nullable=False, index=True),
+    sa.Column("action_id", Id, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("value", sa.Float),
+    sa.Column("timestamp", sa.DateTime, nullable=False, index=True),
+    sa.Column("channel", sa.String(32)),
+    # Also the index by decision: its first column is decision_id.
+    sa.UniqueConstraint("decision_id", "action_id", "kind", name="responses_once_per_kind"),
 )
 levers = sa.Table(
     "levers",
@@ -175,6 +210,72 @@ EVENT_COLUMNS: tuple[str, ...] = (
 )
 """The columns of an event the service keeps: the contract's, less ``source_system`` (ids arrive resolved)."""
 CONTACT_COLUMNS = ("type", "customer_id", "action_id", "channel", "at", "accepted", "event_id")
+RESPONSE_COLUMNS: tuple[str, ...] = (
+    "response_id",
+    "decision_id",
+    "customer_id",
+    "action_id",
+    "kind",
+    "value",
+    "timestamp",
+    "channel",
+)
+"""The columns of :meth:`StateStore.responses_frame`, in order."""
+RESPONSES_SCHEMA: dict[str, pl.DataType] = {
+    "response_id": pl.String(),
+    "decision_id": pl.String(),
+    "customer_id": pl.String(),
+    "action_id": pl.String(),
+    "kind": pl.String(),
+    "value": pl.Float64(),
+    "timestamp": pl.Datetime("us"),
+    "channel": pl.String(),
+}
+DECISIONS_SCHEMA: dict[str, pl.DataType] = {
+    "decision_id": pl.String(),
+    "timestamp": pl.Datetime("us"),
+    "customer_id": pl.String(),
+    "arm": pl.String(),
+    "chosen": pl.String(),
+    "chosen_kind": pl.String(),
+    "policy_version": pl.String(),
+    "explored": pl.Boolean(),
+    "probability": pl.Float64(),
+    "record": pl.String(),
+}
+"""The columns of :meth:`StateStore.decisions_frame`; ``record`` is the whole decision record as JSON
+(:class:`~serving.decision_log.DecisionRecord` reads it back)."""
+
+
+# --- migrations ------------------------------------------------------------------------------------------------
+
+
+def _migrate_1_to_2(c: Connection) -> None:
+    """Version 2: the ``responses`` table (the responses of the contact ledger copied in, tied to no decision),
+    and ``explored`` / ``probability`` on ``decisions`` (every earlier decision was deterministic: false, 1.0)."""
+    responses.create(c)
+    c.execute(sa.text("ALTER TABLE decisions ADD COLUMN explored BOOLEAN NOT NULL DEFAULT false"))
+    c.execute(sa.text("ALTER TABLE decisions ADD COLUMN probability FLOAT NOT NULL DEFAULT 1.0"))
+    kind = sa.case((contacts.c.accepted, "accepted"), else_="dismissed")
+    response_id = sa.func.coalesce(
+        contacts.c.event_id, sa.literal("contact-", sa.String) + sa.cast(contacts.c.seq, sa.String)
+    )
+    earlier = sa.select(
+        response_id.label("response_id"),
+        sa.literal(None, Id).label("decision_id"),
+        contacts.c.customer_id,
+        contacts.c.action_id,
+        kind.label("kind"),
+        sa.literal(None, sa.Float).label("value"),
+        contacts.c.at.label("timestamp"),
+        contacts.c.channel,
+    ).where(contacts.c.type == "response")
+    columns = [responses.c[name] for name in RESPONSE_COLUMNS]
+    c.execute(responses.insert().from_select(columns, earlier))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}
+"""Version N → the step that brings a store of version N to N + 1."""
 
 
 def _lock_key(customer_id: str) -> int:
@@ -191,7 +292,7 @@ class Change:
 
     seq: int
     kind: str
-    """``event``, ``contact``, ``decision``, ``lever``, ``erasure``, ``forget`` or ``trim``."""
+    """``event``, ``contact``, ``decision``, ``response``, ``lever``, ``erasure``, ``forget`` or ``trim``."""
     customer_id: str | None
     ref: int | None
     """The row the change wrote (events, contacts), where there is one."""
@@ -385,6 +486,15 @@ class StateStore:
             )
         return [dict(r) for r in rows]
 
+    def events_through(self, change: int) -> set[int]:
+        """The event rows (``events.seq``) recorded by the changes up to and including ``change``: the events a
+        reader that has read the changes up to ``change`` has seen (what ``nextbest retrain`` folded)."""
+        with self.readers.connect() as c:
+            query = sa.select(changes.c.ref).where(
+                changes.c.kind == "event", changes.c.seq <= change, changes.c.ref.is_not(None)
+            )
+            return {int(r) for r in c.execute(query).scalars()}
+
     def events_by_seq(self, seqs: Iterable[int]) -> list[dict[str, Any]]:
         wanted = sorted(set(seqs))
         out: list[dict[str, Any]] = []
@@ -464,9 +574,149 @@ class StateStore:
                     customer_id=record["customer_id"],
                     timestamp=_as_datetime(record["timestamp"]),
                     record=json.dumps(record, ensure_ascii=False, default=str),
+                    explored=bool(record.get("explored", False)),
+                    probability=float(record.get("probability", 1.0)),
                 )
             )
             self._changed(c, "decision", record["customer_id"])
+
+    def decisions_by_id(self, decision_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored records of those of ``decision_ids`` that are stored, by id."""
+        wanted = sorted(set(decision_ids))
+        out: dict[str, dict[str, Any]] = {}
+        with self.readers.connect() as c:
+            for start in range(0, len(wanted), 500):
+                query = sa.select(decisions.c.decision_id, decisions.c.record).where(
+                    decisions.c.decision_id.in_(wanted[start : start + 500])
+                )
+                out.update({r.decision_id: json.loads(r.record) for r in c.execute(query)})
+        return out
+
+    def decisions_frame(self, since: datetime | None = None) -> pl.DataFrame:
+        """The decision log as a frame, oldest first: one row per decision (:data:`DECISIONS_SCHEMA`).
+
+        Args:
+            since: only decisions at or after this time (naive UTC); None: all of them.
+        """
+        query = sa.select(decisions.c.record, decisions.c.explored, decisions.c.probability).order_by(
+            decisions.c.seq
+        )
+        if since is not None:
+            query = query.where(decisions.c.timestamp >= _as_datetime(since))
+        rows = []
+        with self.readers.connect() as c:
+            for r in c.execute(query):
+                record = json.loads(r.record)
+                rows.append(
+                    {
+                        "decision_id": record["decision_id"],
+                        "timestamp": _as_datetime(record["timestamp"]),
+                        "customer_id": record["customer_id"],
+                        "arm": record.get("arm"),
+                        "chosen": record.get("chosen"),
+                        "chosen_kind": record.get("chosen_kind"),
+                        "policy_version": record.get("policy_version"),
+                        "explored": bool(r.explored),
+                        "probability": float(r.probability),
+                        "record": r.record,
+                    }
+                )
+        return pl.DataFrame(rows, schema=DECISIONS_SCHEMA)
+
+    def exploration_counts(
+        self, start: datetime, end: datetime, connection: Connection | None = None
+    ) -> tuple[int, int]:
+        """How many decisions were logged in ``[start, end)``, and how many of them explored."""
+        explored = sa.func.coalesce(sa.func.sum(sa.case((decisions.c.explored, 1), else_=0)), 0)
+        query = sa.select(sa.func.count(), explored).where(
+            decisions.c.timestamp >= start, decisions.c.timestamp < end
+        )
+        with self._reading(connection) as c:
+            total, n_explored = c.execute(query).one()
+        return int(total), int(n_explored)
+
+    # --- responses to decisions -----------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One writing transaction: pass its connection to the writes that must commit (or fail) together."""
+        with self._writing() as c:
+            yield c
+
+    def known_response_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are stored already: as a response's id, or as the event id of a response in the
+        contact ledger (what versions before 2 stored)."""
+        wanted = list(dict.fromkeys(ids))
+        with self.readers.connect() as c:
+            return self._known(c, responses.c.response_id, wanted) | self._known(
+                c, contacts.c.event_id, wanted
+            )
+
+    def response_kinds(self, decision_ids: Sequence[str]) -> set[tuple[str, str, str]]:
+        """``(decision_id, action_id, kind)`` of every response stored for ``decision_ids``."""
+        wanted = sorted(set(decision_ids))
+        out: set[tuple[str, str, str]] = set()
+        with self.readers.connect() as c:
+            for start in range(0, len(wanted), 500):
+                query = sa.select(responses.c.decision_id, responses.c.action_id, responses.c.kind).where(
+                    responses.c.decision_id.in_(wanted[start : start + 500])
+                )
+                out |= {(r.decision_id, r.action_id, r.kind) for r in c.execute(query)}
+        return out
+
+    def add_response(self, row: Mapping[str, Any], connection: Connection | None = None) -> bool:
+        """Store one response (the :data:`RESPONSE_COLUMNS` of ``row``).
+
+        Returns:
+            False (nothing stored) when its ``response_id`` is stored already (a retry).
+
+        Raises:
+            ResponseConflict: the decision has a response of this kind for this action already.
+        """
+        values = {col: row.get(col) for col in RESPONSE_COLUMNS}
+        values["timestamp"] = _as_datetime(values["timestamp"])
+        with self._writing(connection) as c:
+            if self._known(c, responses.c.response_id, [values["response_id"]]):
+                return False
+            if values["decision_id"] is not None:
+                same = sa.select(responses.c.seq).where(
+                    responses.c.decision_id == values["decision_id"],
+                    responses.c.action_id == values["action_id"],
+                    responses.c.kind == values["kind"],
+                )
+                if c.execute(same).first() is not None:
+                    raise ResponseConflict(
+                        f"decision {values['decision_id']!r} has a {values['kind']!r} response for "
+                        f"{values['action_id']!r} already"
+                    )
+            seq = c.execute(responses.insert().values(**values)).inserted_primary_key[0]
+            self._changed(c, "response", values["customer_id"], seq)
+        return True
+
+    def responses_of(self, customer_id: str) -> list[dict[str, Any]]:
+        """A customer's responses (:data:`RESPONSE_COLUMNS`), oldest first, read through the index."""
+        query = (
+            sa.select(*(responses.c[name] for name in RESPONSE_COLUMNS))
+            .where(responses.c.customer_id == customer_id)
+            .order_by(responses.c.timestamp, responses.c.seq)
+        )
+        with self.readers.connect() as c:
+            return [dict(r) for r in c.execute(query).mappings()]
+
+    def responses_frame(self, since: datetime | None = None) -> pl.DataFrame:
+        """Every stored response, oldest first, with exactly the :data:`RESPONSE_COLUMNS`.
+
+        Args:
+            since: only responses at or after this time (naive UTC); None: all of them.
+        """
+        query = sa.select(*(responses.c[name] for name in RESPONSE_COLUMNS)).order_by(
+            responses.c.timestamp, responses.c.seq
+        )
+        if since is not None:
+            query = query.where(responses.c.timestamp >= _as_datetime(since))
+        with self.readers.connect() as c:
+            rows = [tuple(r) for r in c.execute(query)]
+        return pl.DataFrame(rows, schema=RESPONSES_SCHEMA, orient="row")
 
     def decisions_of(self, customer_id: str) -> list[dict[str, Any]]:
         query = (
@@ -515,12 +765,17 @@ class StateStore:
     # --- erasure --------------------------------------------------------------------------------------------
 
     def forget(self, ids: Sequence[str], digests: Sequence[str]) -> dict[str, int]:
-        """Erase ``ids`` from events, contacts and decisions and record their keyed ``digests`` as erased, in one
-        transaction; returns the rows removed per table."""
+        """Erase ``ids`` from events, contacts, decisions and responses and record their keyed ``digests`` as
+        erased, in one transaction; returns the rows removed per table."""
         removed: dict[str, int] = {}
         now = _utcnow()
         with self._writing() as c:
-            for name, table in (("events", events), ("contacts", contacts), ("decisions", decisions)):
+            for name, table in (
+                ("events", events),
+                ("contacts", contacts),
+                ("decisions", decisions),
+                ("responses", responses),
+            ):
                 removed[name] = c.execute(table.delete().where(table.c.customer_id.in_(list(ids)))).rowcount
             known = self._known(c, erased.c.digest, list(digests))
             for d in digests:
@@ -607,12 +862,13 @@ class StateStore:
     # --- retention ------------------------------------------------------------------------------------------
 
     def trim(self, before: datetime) -> dict[str, int]:
-        """Drop what is older than ``before`` from events, contacts, decisions and erasure states."""
+        """Drop what is older than ``before`` from events, contacts, decisions, responses and erasure states."""
         with self._writing() as c:
             removed = {
                 "events": c.execute(events.delete().where(events.c.timestamp < before)).rowcount,
                 "contacts": c.execute(contacts.delete().where(contacts.c.at < before)).rowcount,
                 "decisions": c.execute(decisions.delete().where(decisions.c.timestamp < before)).rowcount,
+                "responses": c.execute(responses.delete().where(responses.c.timestamp < before)).rowcount,
                 "erasures": c.execute(erasures.delete().where(erasures.c.requested_at < before)).rowcount,
             }
             c.execute(changes.delete().where(changes.c.at < before))

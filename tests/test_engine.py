@@ -441,13 +441,13 @@ def test_the_service_logs_keep_to_the_retention_window(trained, tmp_path):
         engine.next_best_action(
             api.NextBestActionRequest(customer_id=who, channel="web", context={"now": at.isoformat()})
         )
-    assert engine.trim_logs() == {"events": 1, "contacts": 1, "decisions": 1, "erasures": 0}
+    assert engine.trim_logs() == {"events": 1, "contacts": 1, "decisions": 1, "responses": 0, "erasures": 0}
     held = stored_state(state)["events"]
     assert old not in held and recent in held
     assert [e.customer_id for e in engine.ledger.entries(recent)] == [recent]
     assert engine.ledger.entries(old) == []
     assert engine.decision_log.records_of(old) == [] and len(engine.decision_log.records_of(recent)) == 1
-    assert engine.trim_logs() == {"events": 0, "contacts": 0, "decisions": 0, "erasures": 0}
+    assert engine.trim_logs() == {"events": 0, "contacts": 0, "decisions": 0, "responses": 0, "erasures": 0}
 
 
 def test_events_outside_the_accepted_time_range_are_refused(engine):

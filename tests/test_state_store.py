@@ -146,7 +146,7 @@ def test_contacts_decisions_and_their_retention(url):
     assert [d["decision_id"] for d in store.decisions_of("C1")] == ["C1-0", "C1-2"]
     store.append_events([event("C1", hours=0), event("C1", hours=600)], [None, None])
     removed = store.trim(T0 + timedelta(hours=100))
-    assert removed == {"events": 1, "contacts": 3, "decisions": 2, "erasures": 0}
+    assert removed == {"events": 1, "contacts": 3, "decisions": 2, "responses": 0, "erasures": 0}
     assert [d["decision_id"] for d in store.all_decisions()] == ["C1-2"] and store.contacts_of("C1") == []
 
 
@@ -156,14 +156,14 @@ def test_erasure_removes_every_id_and_is_recorded_by_digest(url):
     store.add_contact(contact("C1"))
     store.add_decision(decision("W1", 1))
     removed = store.forget(["C1", "W1", "web:W1"], ["d1", "d2", "d3"])
-    assert removed == {"events": 2, "contacts": 1, "decisions": 1}
+    assert removed == {"events": 2, "contacts": 1, "decisions": 1, "responses": 0}
     assert [r["customer_id"] for r in store.events_after()] == ["C2"]
     assert store.erased_digests() == {"d1", "d2", "d3"}
     with store.engine.connect() as c:
         assert not c.execute(
             sa.text("SELECT count(*) FROM changes WHERE customer_id IN ('C1', 'W1', 'web:W1')")
         ).scalar()
-    assert store.forget(["C1"], ["d1"]) == {"events": 0, "contacts": 0, "decisions": 0}
+    assert store.forget(["C1"], ["d1"]) == {"events": 0, "contacts": 0, "decisions": 0, "responses": 0}
 
 
 def test_the_erasure_queue_holds_an_id_only_until_its_erasure_is_done(url):
