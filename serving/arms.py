@@ -7,7 +7,7 @@ import math
 from typing import Literal
 
 Arm = Literal["champion", "challenger"]
-CHAMPION: Arm = "champion"
+CHAMPION: Arm = "champion"  # the registry aliases (nextbest.training.registry) name the arms
 CHALLENGER: Arm = "challenger"
 
 

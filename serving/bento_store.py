@@ -277,11 +277,10 @@ def export_champions(
     Raises:
         BentoStoreError: no registry, no registered model or no champion (the message names the command).
     """
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from nextbest.training.tracking import quiet_mlflow, resolve_tracking_uri, sqlite_path, version_by_alias
+    from nextbest.training.tracking import resolve_tracking_uri, sqlite_path, version_by_alias
 
     uri = tracking_uri or resolve_tracking_uri()
     db = sqlite_path(uri)
@@ -290,8 +289,6 @@ def export_champions(
             f"no MLflow registry at {uri}: train and promote the models first ('nextbest train cf', "
             "'nextbest promote recommender') or set MLFLOW_TRACKING_URI"
         )
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)
     out: list[ExportedModel] = []
     for kind, name in (models or SERVED_MODELS).items():
@@ -314,14 +311,12 @@ def export_champions(
         if challenger is not None and str(challenger.version) != str(champion.version):
             roles.append((CHALLENGER, challenger))
         roles.append((CHAMPION, champion))  # last, so that it is the latest version of its name
-        out += _export_roles(client, uri, name, roles, quiet_mlflow)
+        out += _export_roles(client, uri, name, roles)
     return out
 
 
-def _export_roles(
-    client: Any, uri: str, name: str, roles: list[tuple[str, Any]], quiet: Any
-) -> list[ExportedModel]:
-    import mlflow
+def _export_roles(client: Any, uri: str, name: str, roles: list[tuple[str, Any]]) -> list[ExportedModel]:
+    from nextbest.training.registry import download_version
 
     wanted = {(str(v.version), v.run_id or ""): alias for alias, v in roles}
     stored = {(s.mlflow_version, s.run_id): s for s in stored_models(name)}
@@ -350,10 +345,7 @@ def _export_roles(
             tag = _version_tag(name, v, run_id)
 
             def fill(folder: Path, v: str = v) -> None:
-                with quiet():
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=f"models:/{name}/{v}", dst_path=str(folder)
-                    )
+                download_version(uri, name, v, folder)
 
             _write(tag, labels, metadata, fill)
             action = "exported"

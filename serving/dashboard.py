@@ -1032,9 +1032,9 @@ def load_champion_recommender(
         registered_model: the registered model name; default ``nextbest-recommender``.
         alias: the alias to resolve.
     """
+    from nextbest.training.registry import download_version
     from nextbest.training.tracking import (
         REGISTERED_MODEL,
-        quiet_mlflow,
         resolve_tracking_uri,
         sqlite_path,
         version_by_alias,
@@ -1044,7 +1044,6 @@ def load_champion_recommender(
     db = sqlite_path(uri)
     if db is not None and not db.exists():
         return None
-    import mlflow
     from mlflow import MlflowClient
 
     from nextbest.training.recommender_bundle import find_bundle
@@ -1053,11 +1052,7 @@ def load_champion_recommender(
     version = version_by_alias(MlflowClient(uri, uri), name, alias)
     if version is None:
         return None
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with quiet_mlflow():
-        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}"))
-    bundle = find_bundle(root)
+    bundle = find_bundle(download_version(uri, name, version.version))
     if bundle is None:
         return None
     kind = bundle.metadata.get("model") or (version.tags or {}).get("model")

@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-RECOMMENDER_MODEL = "nextbest-recommender"
-PROPENSITY_MODEL = "nextbest-propensity"
+from nextbest.training.registry import PROPENSITY, RECOMMENDER
+
+RECOMMENDER_MODEL = RECOMMENDER
+PROPENSITY_MODEL = PROPENSITY
 DEFAULT_STATE_DIR = "service"
 """The state directory's default name, inside the dataset directory."""
 

@@ -232,20 +232,17 @@ def _load_from_store(config: EngineConfig, source: str) -> ServingModels:
 
 
 def _load_from_registry(config: EngineConfig) -> ServingModels:
-    import mlflow
     from mlflow import MlflowClient
 
-    from nextbest.training.tracking import quiet_mlflow, resolve_tracking_uri, version_by_alias
+    from nextbest.training.registry import download_version
+    from nextbest.training.tracking import resolve_tracking_uri, version_by_alias
 
     check_registry(config)
     uri = config.tracking_uri or resolve_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)
 
     def loaded(kind: str, name: str, version: str) -> Any:
-        with quiet_mlflow():
-            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+        root = download_version(uri, name, version)
         return _LOADERS[kind](root, f"{name} version {version}")
 
     out: dict[str, dict[str, RegisteredModel]] = {}

@@ -225,13 +225,17 @@ def test_bentoml_build_packages_both_champions_and_serves_them_without_mlflow(pa
             tracking_uri=packaged.tracking_uri,
             model_source="mlflow",
             state_dir=tmp_path / "reference",
+            model_poll_seconds=0,
         )
     )
     customers = known_customers(packaged.ds, 5)
-    expected = {
-        c: reference.recommend(api.RecommendRequest(customer_id=c, n=5)).model_dump(mode="json")
-        for c in customers
-    }
+    try:
+        expected = {
+            c: reference.recommend(api.RecommendRequest(customer_id=c, n=5)).model_dump(mode="json")
+            for c in customers
+        }
+    finally:
+        reference.close()
 
     # An empty registry: MLflow would create its tables in it on first use.
     unreachable = tmp_path / "no-registry" / "mlflow.db"

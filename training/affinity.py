@@ -27,6 +27,7 @@ from nextbest.features.schema import (
 )
 from nextbest.training.propensity_config import SNAPSHOT_AT, PropensityDataConfig, PropensityDataError
 from nextbest.training.recommenders import ALSConfig
+from nextbest.training.registry import CHAMPION, RECOMMENDER
 
 # --- customer–action affinity from a collaborative-filtering model -----------------------------------------
 
@@ -436,17 +437,17 @@ def registered_recommender(
     ds: Dataset,
     *,
     tracking_uri: str | None = None,
-    name: str = "nextbest-recommender",
-    alias: str = "champion",
+    name: str = RECOMMENDER,
+    alias: str = CHAMPION,
 ) -> tuple[Any, str] | None:
     """The registered recommender ``name@alias`` as a bundle with its ``name/version`` label, when the registry
     has one trained on ``ds`` whose model can fold customers in; None otherwise (no registry, no such version,
     another dataset, a model without item factors)."""
-    import mlflow
     from mlflow import MlflowClient
 
     from nextbest.training.recommender_bundle import find_bundle
-    from nextbest.training.tracking import quiet_mlflow, resolve_tracking_uri, sqlite_path, version_by_alias
+    from nextbest.training.registry import download_version
+    from nextbest.training.tracking import resolve_tracking_uri, sqlite_path, version_by_alias
 
     uri = tracking_uri or resolve_tracking_uri()
     db = sqlite_path(uri)
@@ -458,14 +459,7 @@ def registered_recommender(
     tags = dict(version.tags or {})
     if tags.get("dataset") and Path(tags["dataset"]) != ds.root.resolve():
         return None
-    previous = mlflow.get_tracking_uri()
-    try:
-        mlflow.set_tracking_uri(uri)
-        with quiet_mlflow():
-            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}"))
-    finally:
-        mlflow.set_tracking_uri(previous)
-    bundle = find_bundle(root)
+    bundle = find_bundle(download_version(uri, name, version.version))
     if bundle is None or foldable_factor_model(bundle.model) is None:
         return None
     trained_on = bundle.metadata.get("dataset")

@@ -48,6 +48,7 @@ from nextbest.training.propensity_data import (
     champion_affinity_config,
     load_propensity_data,
 )
+from nextbest.training.registry import PROPENSITY
 from nextbest.training.tracking import (
     DataManifest,
     PromotionDecision,
@@ -69,7 +70,7 @@ from nextbest.training.tracking import (
     version_description,
 )
 
-REGISTERED_MODEL = "nextbest-propensity"
+REGISTERED_MODEL = PROPENSITY
 MODEL_TAG = "propensity"
 """The ``nextbest.model`` tag and the first word of the run names."""
 MODEL_NAME_IN_RUN = "model"

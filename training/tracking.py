@@ -38,11 +38,14 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict
 
 from nextbest.features.dataset import Dataset
+from nextbest.training.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    version_by_alias,
+)
+from nextbest.training.registry import RECOMMENDER as REGISTERED_MODEL
 
-REGISTERED_MODEL = "nextbest-recommender"
-CHALLENGER = "challenger"
-CHAMPION = "champion"
-PREVIOUS_CHAMPION = "previous-champion"
 MODEL_NAME_IN_RUN = "model"
 MODEL_CODE = Path(__file__).with_name("recommender_model_code.py")
 CONFIG_ARTIFACT = "config.json"
@@ -716,17 +719,6 @@ class PromotionDecision(BaseModel):
     champion_version: str | None = None
     challenger_value: float | None = None
     champion_value: float | None = None
-
-
-def version_by_alias(client: Any, name: str, alias: str) -> Any | None:
-    """The version of registered model ``name`` that ``alias`` points at; None when there is none (no such
-    model or alias)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
 
 
 def _logged_metric(client: Any, version: Any, metric: str) -> float | None:
