@@ -49,6 +49,7 @@ from nextbest.training.propensity_tuning import train_propensity
 from nextbest.training.tracking import TrackingConfig
 
 pytestmark = [
+    pytest.mark.slow,  # bentoml build and serve
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211"),

@@ -64,6 +64,7 @@ def test_user_errors_are_one_line_with_exit_2(tiny_dataset, capsys, argv, messag
     assert len(err) == 1 and err[0].startswith("nextbest: error: ") and message in err[0]
 
 
+@pytest.mark.slow  # a subprocess
 def test_console_script_runs_as_a_program(tiny_dataset):
     proc = subprocess.run(
         [

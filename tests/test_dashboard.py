@@ -563,6 +563,7 @@ PAGE_FACTS = """
 """
 
 
+@pytest.mark.slow  # a browser process
 def test_dashboard_in_headless_chromium(world, decision_log, tmp_path):
     binary = chromium_path()
     if binary is None:

@@ -20,6 +20,7 @@ from nextbest.serving.server import start
 from tests.conftest import RunningService, stored_state
 
 pytestmark = [
+    pytest.mark.slow,  # a real bentoml serve
     pytest.mark.filterwarnings("ignore::UserWarning"),
     # BentoML 1.4 and its dependency pathspec warn about APIs they use themselves, on import.
     pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning"),

@@ -208,6 +208,7 @@ def _decide_many(url: str, customer: str, attempts: int, limit: int, out: multip
     out.put(made)
 
 
+@pytest.mark.slow  # processes
 def test_two_processes_deciding_for_one_customer_never_exceed_the_limit(url):
     StateStore(url).close()
     ctx = multiprocessing.get_context("spawn")
@@ -240,6 +241,7 @@ WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a writer process killed
 def test_an_acknowledged_event_survives_kill_9_and_nothing_half_written_is_read_back(url, tmp_path):
     StateStore(url).close()
     script = tmp_path / "writer.py"

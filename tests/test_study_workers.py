@@ -16,7 +16,7 @@ from nextbest.features.generate import WorldConfig, generate_world
 from nextbest.features.pipeline import build_features
 from nextbest.training.tracking import REGISTERED_MODEL, TAG_STAGE
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]  # worker processes
 
 WORKERS = 2
 TRIALS = 3
