@@ -10,7 +10,8 @@ channel):
   suppressed for D days from the R-th rejection; when that ends the count starts again from zero.
 
 Every contact and response is stored in the state store (:mod:`serving.state_store`) before the call returns, so
-a restart (or another replica) reads the same state.
+a restart (or another replica) reads the same state. :func:`offer_responses` reads the recorded responses back
+as a table (from the store, or from a JSON-lines export of the ledger) for reports and the dashboard.
 Timestamps are naive UTC, like every timestamp in the data contract.
 """
 
@@ -18,12 +19,17 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+import polars as pl
 from pydantic import BaseModel
 from sqlalchemy.engine import Connection
 
+from nextbest.features.schema import ACTION_ID, CUSTOMER_ID, RESPONDED, TIMESTAMP_COL, parse_timestamp
+from nextbest.serving.jsonl import read_lines
 from nextbest.serving.policy import ActionPolicy
 from nextbest.serving.state_store import StateStore
 from nextbest.serving.times import UtcDateTime, naive_utc
@@ -237,3 +243,50 @@ class ContactLedger:
                 else:
                     del self._entries[cid]
             return removed
+
+
+# --- reading the ledger back ------------------------------------------------------------------------------------
+
+LEDGER_EXPORT = "contacts.jsonl"
+"""The name of a JSON-lines export of the ledger, beside an export of the decision log."""
+
+
+def ledger_beside(decision_log: StateStore | str | Path) -> StateStore | Path:
+    """Where the contact ledger of a decision log is: the state store holds both; a JSON-lines export of the
+    decision log has the ledger's export (:data:`LEDGER_EXPORT`) in its folder."""
+    return (
+        decision_log if isinstance(decision_log, StateStore) else Path(decision_log).with_name(LEDGER_EXPORT)
+    )
+
+
+def response_rows(entries: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
+    """The responses among ledger entries (rows of the store's ``contacts`` table or of an export, with ``type``,
+    ``customer_id``, ``action_id``, ``at`` and ``accepted``) as ``customer_id, action_id, timestamp, responded``.
+
+    ``at`` may be a datetime or ISO text; a response without ``accepted`` counts as not accepted.
+    """
+    schema = {CUSTOMER_ID: pl.String, ACTION_ID: pl.String, TIMESTAMP_COL: pl.String, RESPONDED: pl.Boolean}
+    rows = [
+        {
+            CUSTOMER_ID: r.get(CUSTOMER_ID),
+            ACTION_ID: r.get(ACTION_ID),
+            TIMESTAMP_COL: r["at"].isoformat() if isinstance(r.get("at"), datetime) else r.get("at"),
+            RESPONDED: bool(r.get("accepted")),
+        }
+        for r in entries
+        if r.get("type") == "response"
+    ]
+    return pl.DataFrame(rows, schema=schema).with_columns(parse_timestamp(pl.col(TIMESTAMP_COL)))
+
+
+def offer_responses(source: StateStore | str | Path) -> pl.DataFrame:
+    """The offer responses recorded in the contact ledger, as ``customer_id, action_id, timestamp, responded``
+    rows in the ledger's order (what :func:`serving.decision_log.summarise_decisions` joins on).
+
+    Args:
+        source: the :class:`~serving.state_store.StateStore`, or a JSON-lines export of the ledger (no
+            responses when the file is missing).
+    """
+    return response_rows(
+        source.all_contacts() if isinstance(source, StateStore) else read_lines(Path(source))
+    )

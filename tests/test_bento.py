@@ -213,6 +213,7 @@ def test_bentoml_build_packages_both_champions_and_serves_them_without_mlflow(pa
     for f in (
         "serving/engine.py",
         "serving/policies/default.toml",
+        "serving/templates/dashboard.html.j2",
         "features/profiles.py",
         "training/propensity.py",
     ):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from nextbest.serving.contact import ContactLedger
+from nextbest.serving.contact import ContactLedger, ledger_beside, offer_responses
 from nextbest.serving.policy import PolicyError, policy_from_dict
 from nextbest.serving.state_store import StateStore, default_state_url
 
@@ -217,3 +218,43 @@ def test_a_response_with_a_known_event_id_is_recognised_after_a_restart(tmp_path
     assert all(r["at"].tzinfo is None for r in rows)
     assert ContactLedger(store(tmp_path), POLICY).entries("C1")[0].at == day(1)
     assert ContactLedger(store(tmp_path), POLICY).entries("C2")[0].at == day(1)
+
+
+# --- reading the responses back ---------------------------------------------------------------------------------
+
+
+def test_offer_responses_from_the_store_and_from_an_export_agree(tmp_path):
+    ledger = ContactLedger(store(tmp_path), POLICY)
+    ledger.record_contact("C1", "offer", "email", day(0))  # a contact is not a response
+    ledger.record_response("C1", "offer", True, day(1))
+    ledger.record_response("C2", "other", False, day(2) + timedelta(hours=6))
+    expected = [("C1", "offer", day(1), True), ("C2", "other", day(2) + timedelta(hours=6), False)]
+    from_store = offer_responses(store(tmp_path))
+    assert from_store.columns == ["customer_id", "action_id", "timestamp", "responded"]
+    assert from_store.rows() == expected
+    export = tmp_path / "export" / "decisions.jsonl"
+    export.parent.mkdir()
+    lines = [
+        {
+            "type": "contact",
+            "customer_id": "C1",
+            "action_id": "offer",
+            "channel": "email",
+            "at": "2026-01-01T00:00:00",
+        },
+        {
+            "type": "response",
+            "customer_id": "C1",
+            "action_id": "offer",
+            "at": "2026-01-02T00:00:00",
+            "accepted": True,
+        },
+        {"type": "response", "customer_id": "C2", "action_id": "other", "at": "2026-01-03T06:00:00"},
+    ]
+    ledger_beside(export).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert ledger_beside(export) == tmp_path / "export" / "contacts.jsonl"
+    assert offer_responses(ledger_beside(export)).rows() == expected  # no "accepted": not accepted
+    # No export: no responses (the same columns).
+    missing = offer_responses(tmp_path / "nowhere" / "contacts.jsonl")
+    assert missing.is_empty() and missing.schema == from_store.schema
+    assert ledger_beside(s := store(tmp_path)) is s

@@ -42,6 +42,16 @@ from nextbest.serving.dashboard import (
     segment_counts,
     write_dashboard,
 )
+from nextbest.serving.dashboard_data import (
+    acceptance_by_action,
+    acceptance_by_arm,
+    acceptance_scale,
+    acceptance_table,
+    identity_counts,
+    overview_numbers,
+    with_item_details,
+)
+from nextbest.serving.dashboard_view import Recommendations, bar_chart_view, render_macro
 from nextbest.serving.decision_log import CandidateRecord, DecisionLog, DecisionRecord
 from nextbest.serving.policy import load_policy
 from nextbest.serving.state_store import StateStore, default_state_url
@@ -219,7 +229,7 @@ def test_popular_by_segment_known_answer():
     )
     inter = Interactions(matrix, Vocabulary(("u0", "u1", "u2")), Vocabulary(("i0", "i1", "i2")))
     prof = pl.DataFrame({"customer_id": ["u0", "u1", "u2"], "seg": ["x", "x", "y"]})
-    top = popular_by_segment(inter, prof, "seg", n=2)
+    top = popular_by_segment(inter, prof, "seg", n=2, min_customers=1)
     x = top.filter(pl.col("segment_value") == "x")
     # i0 and i2 both have two customers in x: the tie goes to the smaller id.
     assert x["item_id"].to_list() == ["i0", "i2"]
@@ -228,6 +238,22 @@ def test_popular_by_segment_known_answer():
     # Only i1 has an interaction in y: items nobody touched are not listed.
     assert y["item_id"].to_list() == ["i1"]
     assert y["segment_customers"].to_list() == [1]
+    assert not top["fallback"].any()
+
+    # The service's minimum (features.popularity): y (one customer) is too small and shows everyone's
+    # popularity (i0: 2, i2: 2, i1: 1), as the service answers its customers; x (two) keeps its own.
+    top = popular_by_segment(inter, prof, "seg", n=2, min_customers=2)
+    assert top.rows() == [
+        ("x", 1, "i0", 2, 2, False),
+        ("x", 2, "i2", 2, 2, False),
+        ("y", 1, "i0", 2, 1, True),
+        ("y", 2, "i2", 2, 1, True),
+    ]
+    # A customer without a segment is in none (no "unknown" segment), as in the service.
+    top = popular_by_segment(
+        inter, prof.with_columns(seg=pl.Series(["x", "x", None])), "seg", min_customers=1
+    )
+    assert top["segment_value"].unique().to_list() == ["x"]
 
 
 class FixedLists:
@@ -261,6 +287,86 @@ def test_recommended_by_segment_counts_lists_and_samples():
     s2 = top.filter(pl.col("segment_value") == "s2")
     assert s2["item_id"].to_list() == ["B", "C"]
     assert [len(a) for a in model.asked] == [2, 2]
+
+
+def test_overview_numbers_and_identity_counts_known_answer():
+    p = pl.DataFrame({"customer_id": ["a", "b", "c", "d"], "churn_risk_flag": [True, None, False, True]})
+    n = overview_numbers(p, {"raw_events": 120, "interaction_items": 9}, pl.DataFrame({"item_id": ["x"]}))
+    assert (n.customers, n.events, n.items, n.at_risk) == (4, 120, 1, 2)
+    assert n.at_risk_share == 0.5
+    # No items table: the matrix's item count.
+    assert overview_numbers(p, {"interaction_items": 9}, pl.DataFrame()).items == 9
+    ids = pl.DataFrame(
+        {
+            "source_system": ["web", "crm", "web", "web", "crm"],
+            "source_id": ["w1", "c1", "w2", "w3", "c2"],
+            "customer_id": ["a", "a", "a", "b", None],  # an unresolved id does not count
+        }
+    )
+    assert identity_counts(ids, unlinked=7).rows() == [
+        ("crm", 1, 1),
+        ("web", 3, 2),
+        ("unlinked ids in events", 7, None),
+    ]
+    assert identity_counts(pl.DataFrame()).is_empty()
+
+
+def test_acceptance_table_and_series_known_answer():
+    summary = pl.DataFrame(
+        {
+            "arm": ["challenger", "challenger", "champion", "champion", "champion"],
+            "action_id": ["newsletter", "(all actions)", "apex", None, "(all actions)"],
+            "decisions": [2, 2, 2, 1, 3],
+            "offers": [2, 2, 2, 0, 2],
+            "accepted": [1, 1, 2, 0, 2],
+            "acceptance_rate": [0.5, 0.5, 1.0, None, 1.0],
+        }
+    )
+    catalog = pl.DataFrame({"action_id": ["apex", "newsletter"], "description": ["Apex discount", None]})
+    table = acceptance_table(summary, catalog)
+    assert table["action_id"].to_list() == [
+        "newsletter",
+        "(all actions)",
+        "apex",
+        "(nothing chosen)",
+        "(all actions)",
+    ]
+    assert table["description"].to_list() == ["", "", "Apex discount", "", ""]
+    assert acceptance_by_arm(table) == [("challenger", 0.5), ("champion", 1.0)]
+    # Only actions that were offered: "nothing chosen" made no offer.
+    assert acceptance_by_action(table, "champion") == [("apex", 1.0)]
+    assert acceptance_scale(table) == 1.0
+    assert acceptance_scale(table.with_columns(acceptance_rate=pl.lit(None, pl.Float64))) == 1.0
+    assert acceptance_scale(table.with_columns(acceptance_rate=pl.lit(0.25))) == 0.25
+    assert acceptance_table(summary, pl.DataFrame())["description"].to_list() == [""] * 5
+
+
+def test_item_details_join_beside_the_table():
+    top = pl.DataFrame({"rank": [1, 2], "item_id": ["i2", "i9"]})
+    items = pl.DataFrame({"item_id": ["i2"], "name": ["Red shoe"], "price": [9.5], "stock": [3]})
+    assert with_item_details(top, items).rows() == [(1, "i2", "Red shoe", 9.5), (2, "i9", None, None)]
+    assert with_item_details(top, pl.DataFrame({"item_id": ["i2"]})).equals(top)
+
+
+def test_bar_geometry_known_answer():
+    chart = bar_chart_view("c", [("a", 2.0), ("b" * 30, 1.0), ("tiny", 0.001), ("none", 0.0)], title="t")
+    # Bars scale to the largest value over the drawable width (320 - 4); a value above 0 stays visible.
+    assert [b.length for b in chart.bars] == [316.0, 158.0, 1.0, 0.0]
+    assert [b.y for b in chart.bars] == [6, 28, 50, 72]
+    assert chart.bars[1].short_label == "b" * 21 + "…" and chart.bars[1].label == "b" * 30
+    assert (chart.width, chart.height) == (550, 6 * 2 + 22 * 4)
+    # A fixed full-width value (one scale across charts), and colours per bar.
+    shared = bar_chart_view("c", [("a", 0.5)], title="t", max_value=1.0, colours=["red"])
+    assert shared.bars[0].length == 158.0 and shared.bars[0].fill == "red"
+
+
+def test_sections_escape_text_too():
+    section = render_macro(
+        "sections.html.j2",
+        "recommendations",
+        Recommendations(segment="<seg>", problem="The profiles have no column <seg>."),
+    )
+    assert "<seg>" not in section and "no column &lt;seg&gt;." in section
 
 
 def test_table_and_chart_escape_text():
