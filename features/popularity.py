@@ -5,11 +5,10 @@ profile column (the service uses ``age_band``); customers whose value is null be
 of fewer than :data:`MIN_SEGMENT_CUSTOMERS` interacting customers is too small to say what it likes, so it falls
 back to the popularity among all customers.
 
-The service's segment fallback (``serving/engine.py``, ``ServingData.load``) and the dashboard's per-segment
-table (``serving/dashboard_data.py``, ``popular_by_segment``) must both compute it here: the rule was once written
-twice and the copies drifted apart (the dashboard counted null segments as ``unknown`` and had no minimum). The
-dashboard calls it; the engine must call it too (until it does, ``tests/test_popularity.py`` pins the engine's
-own copy to this rule).
+The service's segment fallback (``serving/serving_data.py``, ``ServingData.load``) and the dashboard's
+per-segment table (``serving/dashboard_data.py``, ``popular_by_segment``) both compute it here: the rule was once
+written twice and the copies drifted apart (the dashboard counted null segments as ``unknown`` and had no
+minimum). ``tests/test_popularity.py`` feeds the same customers through the service's path and this one.
 """
 
 from __future__ import annotations

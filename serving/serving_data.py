@@ -16,6 +16,13 @@ from nextbest.features.dataset import Dataset, DatasetError
 from nextbest.features.identity import UNLINKED_SEPARATOR
 from nextbest.features.interactions import Interactions
 from nextbest.features.pipeline import CONSENT_FILE, PROFILES_FILE, FeatureConfig, resolved_events
+from nextbest.features.popularity import (
+    interaction_pairs,
+    item_popularity,
+    popularity_vector,
+    segment_vectors,
+)
+from nextbest.features.popularity import segment_popularity as popularity_per_segment
 from nextbest.features.privacy import apply_retention
 from nextbest.features.schema import (
     CONSENT_PURPOSES,
@@ -240,33 +247,15 @@ class ServingData:
         )
         features = profiles.join(activity, on=CUSTOMER_ID, how="left")
 
-        binary = inter.copy()
-        binary.data = (binary.data > 0).astype(np.float32)
-        popularity = np.asarray(binary.sum(axis=0)).ravel().astype(np.float32)
+        # Overall and per-segment popularity: the one rule (features/popularity.py) the dashboard shows too.
+        pairs = interaction_pairs(inter, interactions.customers, item_vocab)
+        popularity = popularity_vector(item_popularity(pairs).collect(), item_vocab)
         segment_popularity: dict[str, np.ndarray] = {}
-        if segment_column in profiles.columns and inter.shape[0]:
-            seg = (
-                pl.DataFrame({CUSTOMER_ID: list(interactions.customers.ids)})
-                .join(
-                    profiles.select(CUSTOMER_ID, pl.col(segment_column).cast(pl.String)),
-                    on=CUSTOMER_ID,
-                    how="left",
-                )
-                .get_column(segment_column)
+        if segment_column in profiles.columns:
+            per_segment = popularity_per_segment(
+                pairs, profiles.lazy(), column=segment_column, min_customers=min_segment_customers
             )
-            values = sorted(v for v in seg.unique().to_list() if v is not None)
-            code = {v: k for k, v in enumerate(values)}
-            codes = np.array([code.get(v, -1) for v in seg.to_list()], dtype=np.int64)
-            has = codes >= 0
-            indicator = sp.csr_matrix(
-                (np.ones(int(has.sum()), np.float32), (codes[has], np.flatnonzero(has))),
-                shape=(len(values), inter.shape[0]),
-            )
-            per_segment = np.asarray((indicator @ binary).todense())
-            sizes = np.bincount(codes[has], minlength=len(values))
-            for k, v in enumerate(values):
-                if sizes[k] >= min_segment_customers:
-                    segment_popularity[v] = per_segment[k].astype(np.float32)
+            segment_popularity = segment_vectors(per_segment.collect(), item_vocab)
         thresholds = manifest.get("value_tier_thresholds") or [0.0, 0.0]
         return cls(
             dataset=dataset,
