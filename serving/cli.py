@@ -703,6 +703,51 @@ def _add_retrain(sub: Any) -> None:
     rt.set_defaults(func=cmd_retrain)
 
 
+# --- the closed loop, simulated ----------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from nextbest.serving.simulate import SimulationConfig, simulate
+
+    fields: dict[str, Any] = {"customers": args.customers, "days": args.days, "seed": args.seed}
+    for name in ("history_days", "epsilon", "resamples"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.candidate:
+        fields["candidates"] = args.candidate
+    config = SimulationConfig(**fields)
+    out = Path(args.out or f"data/simulate-{config.customers}x{config.days}-s{config.seed}")
+    tracking = None if args.no_tracking else _absolute_tracking_uri(args.tracking_uri)
+    report = simulate(config, out, tracking_uri=tracking, progress=_progress(args))
+    _emit(args, report.to_dict(), report.lines())
+
+
+def _add_simulate(sub: Any) -> None:
+    sm = sub.add_parser(
+        "simulate",
+        help="run the closed loop (decide, respond, retrain, swap) on a generated world with planted truth",
+    )
+    sm.add_argument("--customers", type=int, default=5000)
+    sm.add_argument("--days", type=int, default=28, help="simulated days (a retrain each night)")
+    sm.add_argument("--seed", type=int, default=42)
+    sm.add_argument("--history-days", type=int, help="days of history before the first day (default 180)")
+    sm.add_argument("--epsilon", type=float, help="share of decisions that explore (default 0.1)")
+    sm.add_argument(
+        "--candidate", action="append", metavar="SPEC", help="a policy to evaluate offline (repeatable)"
+    )
+    sm.add_argument(
+        "--resamples", type=int, help="bootstrap resamples of the offline estimates (default 1000)"
+    )
+    sm.add_argument("--out", help="working folder (default data/simulate-CUSTOMERSxDAYS-sSEED; replaced)")
+    sm.add_argument(
+        "--tracking-uri",
+        help="where the run is logged (default MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
+    )
+    sm.add_argument("--no-tracking", action="store_true", help="log no MLflow run")
+    _common(sm)
+    sm.set_defaults(func=cmd_simulate)
+
+
 # --- the main job -----------------------------------------------------------------------------------------
 
 
@@ -903,6 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_training(sub)
     _add_retrain(sub)
+    _add_simulate(sub)
 
     sv = sub.add_parser("serve", help="serve recommendations and next best actions over HTTP (BentoML)")
     sv.add_argument("--data", default=str(DEFAULT_DATA))
