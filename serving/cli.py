@@ -529,23 +529,37 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"bentoml serve exited with status {code}")
 
 
+def _state_url(args: argparse.Namespace, data: Path, hint: str) -> str:
+    """The service's state store a report or a retrain reads: ``--state-url``, else ``NEXTBEST_STATE_URL``, else
+    the embedded file in ``--state-dir`` (default ``DATA/service``), which must exist (``hint`` says what to do)."""
+    from nextbest.serving.state_store import STATE_DB, default_state_url
+
+    state = Path(args.state_dir) if args.state_dir else data / "service"
+    given = args.state_url or os.environ.get("NEXTBEST_STATE_URL")
+    if not given and not (state / STATE_DB).exists():
+        raise UsageError(f"no state store at {state / STATE_DB}: {hint}")
+    return given or default_state_url(state)
+
+
+def _open_store(url: str) -> Any:
+    """The existing state store at ``url`` (never created here); its errors are one-line user errors."""
+    from nextbest.serving.state_store import StateStore, StateStoreError
+
+    try:
+        return StateStore(url, create=False)
+    except StateStoreError as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_report_decisions(args: argparse.Namespace) -> None:
     from nextbest.serving.dashboard import offer_responses
     from nextbest.serving.decision_log import summarise_decisions
-    from nextbest.serving.state_store import STATE_DB, StateStore, StateStoreError, default_state_url, redact
+    from nextbest.serving.state_store import redact
 
-    state = Path(args.state_dir) if args.state_dir else Path(args.data) / "service"
-    given = args.state_url or os.environ.get("NEXTBEST_STATE_URL")
-    url = given or default_state_url(state)
-    if not given and not (state / STATE_DB).exists():
-        raise UsageError(
-            f"no state store at {state / STATE_DB}: serve with 'nextbest serve --data {args.data}' and ask for "
-            "decisions first"
-        )
-    try:
-        store = StateStore(url, create=False)
-    except StateStoreError as e:
-        raise UsageError(str(e)) from None
+    url = _state_url(
+        args, Path(args.data), f"serve with 'nextbest serve --data {args.data}' and ask for decisions first"
+    )
+    store = _open_store(url)
     log = redact(url)
     table = summarise_decisions(store, offer_responses(store), window_days=args.window_days)
     rows = table.to_dicts()
@@ -563,26 +577,18 @@ def cmd_report_policy(args: argparse.Namespace) -> None:
     from nextbest.features.pipeline import PROFILES_FILE
     from nextbest.serving.policy import DEFAULT_POLICY_PATH, attach_catalog, load_policy
     from nextbest.serving.policy_eval import parse_since, policy_report, report_lines
-    from nextbest.serving.state_store import STATE_DB, StateStore, StateStoreError, default_state_url, redact
+    from nextbest.serving.state_store import redact
 
-    state = Path(args.state_dir) if args.state_dir else Path(args.data) / "service"
-    given = args.state_url or os.environ.get("NEXTBEST_STATE_URL")
-    url = given or default_state_url(state)
-    if not given and not (state / STATE_DB).exists():
-        raise UsageError(
-            f"no state store at {state / STATE_DB}: serve with 'nextbest serve --data {args.data}' and ask for "
-            "decisions first"
-        )
+    url = _state_url(
+        args, Path(args.data), f"serve with 'nextbest serve --data {args.data}' and ask for decisions first"
+    )
     since = parse_since(args.since) if args.since else None
     ds = Dataset.at(args.data)
     catalog = ds.read("action_catalog") if ds.has_table("action_catalog") else None
     policy = load_policy(args.policy or os.environ.get("NEXTBEST_POLICY") or DEFAULT_POLICY_PATH)
     if catalog is not None:
         policy = attach_catalog(policy, catalog)
-    try:
-        store = StateStore(url, create=False)
-    except StateStoreError as e:
-        raise UsageError(str(e)) from None
+    store = _open_store(url)
     rows = policy_report(
         store,
         policy,
@@ -625,22 +631,17 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     from nextbest.features.live_fold import FoldError
     from nextbest.features.privacy import ErasureKeyError
     from nextbest.serving.retrain import RetrainError, retrain
-    from nextbest.serving.state_store import STATE_DB, StateStore, StateStoreError, default_state_url
+    from nextbest.serving.state_store import StateStoreError
 
     ds = Dataset.at(args.data).require()
-    state = Path(args.state_dir) if args.state_dir else ds.root / "service"
-    given = args.state_url or os.environ.get("NEXTBEST_STATE_URL")
-    url = given or default_state_url(state)
-    if not given and not (state / STATE_DB).exists():
-        raise UsageError(
-            f"no state store at {state / STATE_DB}: nothing the service saw to fold (serve with "
-            f"'nextbest serve --data {args.data}', or name the store with --state-url)"
-        )
+    url = _state_url(
+        args,
+        ds.root,
+        f"nothing the service saw to fold (serve with 'nextbest serve --data {args.data}', or name the store "
+        "with --state-url)",
+    )
     delivered = [c.strip() for c in (args.delivered_channels or "").split(",") if c.strip()]
-    try:
-        store = StateStore(url, create=False)
-    except StateStoreError as e:
-        raise UsageError(str(e)) from None
+    store = _open_store(url)
     try:
         report = retrain(
             ds,
