@@ -616,6 +616,7 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
         tracking_uri=args.tracking_uri,
         policy=args.policy or os.environ.get("NEXTBEST_POLICY"),
         policy_candidates=args.candidate or ("epsilon:0.1",),
+        simulation=args.simulation,
     )
     _emit(args, {"command": "dashboard", **result.to_dict()}, [f"dashboard: {result.path}", *result.notes])
 
@@ -1023,6 +1024,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SPEC",
         help="a policy for the offline evaluation beside the current one (repeatable; default epsilon:0.1)",
+    )
+    db.add_argument(
+        "--simulation",
+        metavar="FILE",
+        help="a 'nextbest simulate' summary (OUT/simulation.json or OUT) to draw its per-day curve (default the "
+        "simulation's own when DATA is OUT/world)",
     )
     _common(db)
     db.set_defaults(func=cmd_dashboard)

@@ -20,6 +20,9 @@ the file. Sections:
   (:func:`serving.decision_log.summarise_decisions`, responses read from the service's contact ledger by
   :func:`serving.contact.offer_responses`), and beside it the offline policy evaluation of the current policy
   and candidates (:mod:`serving.policy_eval`).
+* **The loop, simulated** — when the dataset is a simulation's (``nextbest simulate``) or a summary is named:
+  the per-day curve of the learned, greedy, random and oracle policies, the nights a model was promoted and the
+  offline estimates beside their truth (:mod:`serving.dashboard_simulation`).
 
 :func:`render_dashboard` is pure (dataset and models in, HTML text out); :func:`write_dashboard` finds the
 champion and the service's decision log, renders and writes the file (``nextbest dashboard --data DIR``).
@@ -61,6 +64,12 @@ from nextbest.serving.dashboard_data import (
     recommended_by_segment,
     segment_counts,
     with_item_details,
+)
+from nextbest.serving.dashboard_simulation import (
+    SimulationSummaryError,
+    read_simulation,
+    simulation_beside,
+    simulation_view,
 )
 from nextbest.serving.dashboard_view import Column, bar_chart, html_table
 from nextbest.serving.state_store import StateStore, redact
@@ -396,6 +405,7 @@ def render_dashboard(
     policy: str | Path | None = None,
     policy_candidates: Sequence[str] = DEFAULT_POLICY_CANDIDATES,
     min_segment_customers: int = MIN_SEGMENT_CUSTOMERS,
+    simulation: str | Path | None = None,
 ) -> str:
     """The dashboard of a dataset as one self-contained HTML page (see the module docstring).
 
@@ -418,14 +428,22 @@ def render_dashboard(
         policy_candidates: SPECs evaluated beside it (:func:`serving.policy_replay.parse_candidate`).
         min_segment_customers: the popularity fallback's smallest segment, as the service's
             ``min_segment_customers``; smaller ones show the popularity among everyone.
+        simulation: a ``nextbest simulate`` summary (``simulation.json`` or its folder) for the section "The loop,
+            simulated"; None leaves the section out.
 
     Raises:
         DatasetError: ``data`` is not a dataset.
-        DashboardError: its features are not built.
+        DashboardError: its features are not built, or ``simulation`` is not a readable summary.
     """
     ds = data if isinstance(data, Dataset) else Dataset.at(data)
     inputs = _load(ds)
     catalog = ds.read("action_catalog", required=False)
+    simulated = None
+    if simulation is not None:
+        try:
+            simulated = simulation_view(read_simulation(simulation), str(simulation))
+        except SimulationSummaryError as e:
+            raise DashboardError(str(e)) from None
     page = view.Page(
         name=ds.root.resolve().name,
         customers=inputs.profiles.height,
@@ -445,6 +463,7 @@ def render_dashboard(
             window_days,
             lambda: _policy_evaluation_view(decision_log, ds, catalog, policy, policy_candidates),
         ),
+        simulation=simulated,
     )
     return view.render_page(page)
 
@@ -520,6 +539,8 @@ class DashboardResult:
     """Where the decision log was read: the state store's URL (password hidden), or a file."""
     customers: int
     notes: list[str] = field(default_factory=list)
+    simulation: str | None = None
+    """The ``nextbest simulate`` summary the page shows, if any."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -529,6 +550,7 @@ class DashboardResult:
             "recommender": self.recommender,
             "decision_log": self.decision_log,
             "customers": self.customers,
+            "simulation": self.simulation,
             "notes": list(self.notes),
         }
 
@@ -566,6 +588,7 @@ def write_dashboard(
     window_days: float = 7.0,
     policy: str | Path | None = None,
     policy_candidates: Sequence[str] = DEFAULT_POLICY_CANDIDATES,
+    simulation: str | Path | None = None,
 ) -> DashboardResult:
     """Render the dashboard of ``data`` and write it (``nextbest dashboard --data DIR [--out FILE]``).
 
@@ -583,6 +606,8 @@ def write_dashboard(
         window_days: how long after a decision a response counts as its acceptance.
         policy: the current policy file, for the offline policy evaluation (default the shipped one).
         policy_candidates: SPECs evaluated beside it.
+        simulation: a ``nextbest simulate`` summary to draw (``--simulation``); default the one beside ``DIR``
+            when ``DIR`` is a simulation's service dataset (``OUT/world``).
 
     Returns:
         where the page went and what it shows.
@@ -612,6 +637,8 @@ def write_dashboard(
         log_used = None
     else:
         log_used = log
+    if simulation is None:
+        simulation = simulation_beside(ds.root)
     page = render_dashboard(
         ds,
         decision_log=log_used,
@@ -624,6 +651,7 @@ def write_dashboard(
         window_days=window_days,
         policy=policy,
         policy_candidates=policy_candidates,
+        simulation=simulation,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -637,4 +665,5 @@ def write_dashboard(
         decision_log=_source_name(log_used) if log_used is not None else None,
         customers=int(customers),
         notes=notes,
+        simulation=str(simulation) if simulation is not None else None,
     )

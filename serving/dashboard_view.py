@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jinja2
 
@@ -165,6 +165,7 @@ class Bar:
 class BarChart:
     """A horizontal bar chart as the ``bar_chart`` macro draws it in inline SVG (sizes in pixels)."""
 
+    kind: ClassVar[str] = "bar"
     name: str
     title: str
     bars: Sequence[Bar]
@@ -224,6 +225,145 @@ def bar_chart_view(
     return BarChart(name, title, bars)
 
 
+@dataclass(frozen=True)
+class Tick:
+    """An axis tick (or a marked x position): where it lies in pixels and its text."""
+
+    at: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a line: its position in pixels, its x label and its value (raw and printed)."""
+
+    x: float
+    y: float
+    label: str
+    value: float
+    value_text: str
+
+
+@dataclass(frozen=True)
+class Line:
+    """One series of a line chart: its name, stroke colour and dash pattern ("" for solid), its SVG path (broken
+    where a value is missing) and its points."""
+
+    name: str
+    colour: str
+    dash: str
+    path: str
+    points: Sequence[Point]
+
+
+@dataclass(frozen=True)
+class LineChart:
+    """A line chart as the ``line_chart`` macro draws it in inline SVG (sizes in pixels): the lines, the axes'
+    ticks, vertical marks (e.g. the days a model was promoted) and the legend at the right."""
+
+    kind: ClassVar[str] = "line"
+    name: str
+    title: str
+    lines: Sequence[Line]
+    x_ticks: Sequence[Tick]
+    y_ticks: Sequence[Tick]
+    marks: Sequence[Tick] = ()
+    x_label: str = ""
+    width: int = 560
+    height: int = 260
+    left: int = 52
+    right: int = 92
+    top: int = 10
+    bottom: int = 38
+
+    @property
+    def plot_right(self) -> int:
+        return self.width - self.right
+
+    @property
+    def plot_bottom(self) -> int:
+        return self.height - self.bottom
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About ``count`` round values (steps of 1, 2 or 5 × 10^k) from the first at or below ``low`` to the first
+    at or above ``high``."""
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        high = low + 1.0
+    raw = (high - low) / max(count - 1, 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * (1 - 1e-9))
+    first = math.floor(low / step + 1e-9) * step
+    ticks = [first]
+    while ticks[-1] < high - 1e-9 * step:
+        ticks.append(first + len(ticks) * step)
+    return [round(t, 12) for t in ticks]
+
+
+def line_chart_view(
+    name: str,
+    x: Sequence[float],
+    series: Sequence[tuple[str, Sequence[float | None], str, str]],
+    *,
+    title: str,
+    value_format: Callable[[Any], str] = format_money,
+    x_label: str = "",
+    y_min: float | None = 0.0,
+    marks: Sequence[tuple[float, str]] = (),
+) -> LineChart:
+    """The lines of a line chart over shared ``x`` values.
+
+    Args:
+        name: the chart's ``data-chart`` name (tests and styles find it by this).
+        x: the x values (ascending), one per point of every series.
+        series: (name, values, colour, dash) per line; a value None leaves a gap.
+        title: the accessible title.
+        value_format: formats the y ticks and each point's value.
+        x_label: the x axis' caption.
+        y_min: the lowest value of the y axis (None: the lowest value drawn).
+        marks: (x, text) vertical marks.
+    """
+    chart = LineChart(name, title, [], [], [], x_label=x_label)
+    values = [float(v) for _, vs, _, _ in series for v in vs if v is not None and math.isfinite(v)]
+    lo = y_min if y_min is not None else min(values, default=0.0)
+    hi = max(values, default=lo + 1.0)
+    y_ticks = nice_ticks(min(lo, hi), max(hi, lo))
+    y_lo, y_hi = y_ticks[0], y_ticks[-1]
+    x_lo, x_hi = (min(x), max(x)) if x else (0.0, 1.0)
+    x_span = (x_hi - x_lo) or 1.0
+    plot_w, plot_h = chart.plot_right - chart.left, chart.plot_bottom - chart.top
+
+    def px(value: float) -> float:
+        return round(chart.left + (value - x_lo) / x_span * plot_w, 2)
+
+    def py(value: float) -> float:
+        return round(chart.plot_bottom - (value - y_lo) / ((y_hi - y_lo) or 1.0) * plot_h, 2)
+
+    lines = []
+    for label, vs, colour, dash in series:
+        points, parts, pen_down = [], [], False
+        for xv, v in zip(x, vs, strict=True):
+            if v is None or not math.isfinite(v):
+                pen_down = False
+                continue
+            point = Point(px(xv), py(float(v)), format_num(xv, 0), float(v), value_format(v))
+            parts.append(f"{'L' if pen_down else 'M'}{point.x},{point.y}")
+            points.append(point)
+            pen_down = True
+        lines.append(Line(label, colour, dash, " ".join(parts), points))
+    step = max(1, math.ceil(len(x) / 14))
+    x_ticks = [Tick(px(v), format_num(v, 0)) for v in x[::step]]
+    return LineChart(
+        name,
+        title,
+        lines,
+        x_ticks,
+        [Tick(py(t), value_format(t)) for t in y_ticks],
+        [Tick(px(at), text) for at, text in marks],
+        x_label=x_label,
+    )
+
+
 def preference_colours(values: Sequence[str]) -> list[str]:
     """Bar colours of preferred colours: the colour itself where CSS names it, else the accent."""
     return [v.lower() if v.lower() in CSS_COLOURS else ACCENT for v in values]
@@ -234,7 +374,7 @@ class Panel:
     """A captioned figure: a chart and, below it, its table."""
 
     caption: str
-    chart: BarChart | None
+    chart: BarChart | LineChart | None
     table: Table | None = None
 
 
@@ -318,6 +458,19 @@ class Decisions:
 
 
 @dataclass(frozen=True)
+class Simulation:
+    """The loop, simulated (``nextbest simulate``): where the summary is, what was simulated, the last week's
+    ratios, the per-day curves, the per-day table and the offline estimates beside their truth."""
+
+    source: str
+    text: str
+    cards: Sequence[Card]
+    panels: Sequence[Panel]
+    days: Table
+    ope: Table | None = None
+
+
+@dataclass(frozen=True)
 class Page:
     """The whole page: the dataset's name, its customers and date, when it was made, and every section."""
 
@@ -331,6 +484,7 @@ class Page:
     churn: Churn | None
     recommendations: Recommendations
     decisions: Decisions
+    simulation: Simulation | None = None
 
 
 # --- rendering ----------------------------------------------------------------------------------------------------

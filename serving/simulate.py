@@ -17,7 +17,10 @@
    propensities (:mod:`serving.simulate_eval`); at the end the offline estimates of candidate policies
    (:mod:`serving.policy_eval`) are set beside their true value on the same log.
 
-The result is logged as an MLflow run (per-day metrics with ``step = day``, the curve as ``simulation.png``).
+The result: ``OUT/simulation.json`` (the summary), ``OUT/simulation.png`` (the curve), ``OUT/dashboard.html`` (the
+service dataset's dashboard with the section "The loop, simulated": the same curve, the per-day table and the
+offline estimates) and an MLflow run (per-day metrics with ``step = day``, the plot, the dashboard and the summary as
+artifacts).
 """
 
 from __future__ import annotations
@@ -40,11 +43,21 @@ import polars as pl
 from nextbest.features.dataset import Dataset
 from nextbest.features.schema import CUSTOMER_ID, TIMESTAMP_COL
 from nextbest.serving import api
+from nextbest.serving.dashboard import DEFAULT_OUT_NAME as DASHBOARD_FILE
+from nextbest.serving.dashboard import write_dashboard
 from nextbest.serving.decision_log import DecisionRecord
 from nextbest.serving.engine import Engine, EngineConfig, ServiceError
 from nextbest.serving.policy import DEFAULT_POLICY_PATH, ActionPolicy
 from nextbest.serving.simulate_eval import DecisionTruth, candidate_truth, summarise, value_ratio
-from nextbest.serving.simulate_report import SimulationConfig, SimulationReport, log_simulation, plot_days
+from nextbest.serving.simulate_report import (
+    MARKER,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    SimulationConfig,
+    SimulationReport,
+    log_simulation,
+    plot_days,
+)
 from nextbest.serving.simulate_world import (
     PlantedTruth,
     canonical_ids,
@@ -53,8 +66,6 @@ from nextbest.serving.simulate_world import (
     split_world,
 )
 
-MARKER = ".nextbest-simulation"
-"""A file in the output folder saying simulate made it (so a second run may replace it)."""
 HOUR = timedelta(hours=1)
 RESPONSE_DELAY = timedelta(minutes=2)
 
@@ -489,10 +500,22 @@ def simulate(
         world = set_up(config, out, progress=progress)
         setup_seconds = time.perf_counter() - started
         days, ope, seconds = run_days(world, config, out, progress=progress)
-    seconds = {"setup": setup_seconds, **seconds, "total": time.perf_counter() - started}
+    seconds = {"setup": setup_seconds, **seconds}
     report = SimulationReport(config, out, days, ope, seconds, world.setup)
-    report.plot = plot_days(days, out / "simulation.png")
-    summary = out / "simulation.json"
+    report.plot = plot_days(days, out / PLOT_FILE)
+    summary = out / SUMMARY_FILE
+    summary.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    t0 = time.perf_counter()
+    _say(progress, f"writing the dashboard of {world.ds.root} with the simulation's curve")
+    report.dashboard = write_dashboard(
+        world.ds,
+        out / DASHBOARD_FILE,
+        tracking_uri=world.registry,
+        policy=out / "policy.toml",
+        simulation=summary,
+    ).path
+    seconds["dashboard"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - started
     summary.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     if tracking_uri:
         report.run_id = log_simulation(report, tracking_uri)
