@@ -7,7 +7,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -84,14 +84,47 @@ def filter_consented(
     return joined.filter(consent_granted(purpose, default=default)).select(columns)
 
 
+def consent_without_record(purpose: str, *, unlinked: bool, default: bool) -> bool:
+    """The consent for ``purpose`` of a customer without a record of it: ``default`` — except that ids of
+    unlinked source systems (``web:…``) are never profiled or marketed to (their own session may still be
+    personalised, as ``default`` says).
+
+    The one rule of consent without a record: :func:`consent_granted` (offline, over many customers) and
+    :func:`effective_consent` (online, one customer) both call it.
+    """
+    _check_purpose(purpose)
+    return default and (not unlinked or purpose == "personalisation")
+
+
 def consent_granted(purpose: str, *, default: bool) -> pl.Expr:
     """Whether the row's customer may be processed for ``purpose``, over a frame holding ``customer_id`` and the
-    purpose's column of :func:`consent_state` (null: no record): the record, else ``default`` — except that ids
-    of unlinked source systems are never profiled or marketed to."""
-    _check_purpose(purpose)
+    purpose's column of :func:`consent_state` (null: no record): the record, else
+    :func:`consent_without_record`."""
     unlinked = pl.col(CUSTOMER_ID).str.contains(UNLINKED_SEPARATOR, literal=True)
-    fallback = pl.when(unlinked).then(purpose == "personalisation" and default).otherwise(default)
+    fallback = (
+        pl.when(unlinked)
+        .then(consent_without_record(purpose, unlinked=True, default=default))
+        .otherwise(consent_without_record(purpose, unlinked=False, default=default))
+    )
     return pl.col(purpose).fill_null(fallback)
+
+
+def effective_consent(
+    customer_id: str, recorded: Mapping[str, bool | None] | None, *, default: bool
+) -> dict[str, bool]:
+    """The consent in force per purpose for one customer (the online path of :func:`consent_granted`): the
+    ``recorded`` value of each purpose (a row of :func:`consent_state`; None or a missing purpose: no record),
+    else :func:`consent_without_record`."""
+    unlinked = UNLINKED_SEPARATOR in customer_id
+    out = {}
+    for p in CONSENT_PURPOSES:
+        value = (recorded or {}).get(p)
+        out[p] = (
+            bool(value)
+            if value is not None
+            else consent_without_record(p, unlinked=unlinked, default=default)
+        )
+    return out
 
 
 def apply_retention(events: pl.LazyFrame, *, as_of: datetime, days: int) -> pl.LazyFrame:

@@ -21,6 +21,8 @@ from nextbest.serving.decisions import PERSONALISATION
 from nextbest.serving.live_state import LiveCustomer
 from nextbest.serving.model_slots import PropensitySlot
 from nextbest.serving.serving_data import PROFILING, ServingData, epoch_seconds, sparse_row
+from nextbest.training.affinity import AFFINITY
+from nextbest.training.propensity_data import model_sees
 
 
 @dataclass
@@ -143,14 +145,19 @@ def _demographics_and_profile(view: CustomerView) -> dict[str, Any]:
 
 
 def model_features(view: CustomerView) -> dict[str, Any]:
-    """What the propensity model sees: the whole profile, or only the segment without personalisation consent."""
+    """What the propensity model sees (:func:`training.propensity_data.model_sees`): the whole profile, or only
+    the segment without personalisation consent (its age band from the customers table's age when the profile
+    has none)."""
     merged = _demographics_and_profile(view)
-    if view.consent[PERSONALISATION]:
-        return merged
-    segment = {k: merged.get(k) for k in SEGMENT_FEATURES}
-    if segment.get("age_band") is None:
-        segment["age_band"] = age_band(merged.get("age"))
-    return segment
+    personalisation, profiling = view.consent[PERSONALISATION], view.consent[PROFILING]
+    seen = {
+        k: v for k, v in merged.items() if model_sees(k, personalisation=personalisation, profiling=profiling)
+    }
+    if not personalisation:
+        seen = {k: seen.get(k) for k in SEGMENT_FEATURES}
+        if seen.get("age_band") is None:
+            seen["age_band"] = age_band(merged.get("age"))
+    return seen
 
 
 def affinities(slot: PropensitySlot, view: CustomerView) -> dict[str, float] | None:
@@ -159,7 +166,9 @@ def affinities(slot: PropensitySlot, view: CustomerView) -> dict[str, float] | N
     consent to personalise and profile (training rows only see profiling-consented events)."""
     if slot.affinity_items is None or not view.items:
         return None
-    if not (view.consent[PERSONALISATION] and view.consent[PROFILING]):
+    if not model_sees(
+        AFFINITY, personalisation=view.consent[PERSONALISATION], profiling=view.consent[PROFILING]
+    ):
         return None
     base = np.fromiter(view.items.keys(), dtype=np.int64, count=len(view.items))
     weights = np.fromiter(view.items.values(), dtype=np.float64, count=len(view.items))

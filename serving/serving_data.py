@@ -13,7 +13,6 @@ import polars as pl
 import scipy.sparse as sp
 
 from nextbest.features.dataset import Dataset, DatasetError
-from nextbest.features.identity import UNLINKED_SEPARATOR
 from nextbest.features.interactions import Interactions
 from nextbest.features.pipeline import CONSENT_FILE, PROFILES_FILE, FeatureConfig, resolved_events
 from nextbest.features.popularity import (
@@ -23,7 +22,7 @@ from nextbest.features.popularity import (
     segment_vectors,
 )
 from nextbest.features.popularity import segment_popularity as popularity_per_segment
-from nextbest.features.privacy import apply_retention
+from nextbest.features.privacy import apply_retention, effective_consent
 from nextbest.features.schema import (
     CONSENT_PURPOSES,
     CUSTOMER_ID,
@@ -33,7 +32,6 @@ from nextbest.features.schema import (
     Vocabulary,
 )
 from nextbest.serving.contact import naive_utc
-from nextbest.serving.decisions import PERSONALISATION
 from nextbest.serving.engine_config import EngineLoadError
 from nextbest.serving.explain import ItemAttributes
 from nextbest.serving.state_store import EVENT_COLUMNS
@@ -295,17 +293,7 @@ class ServingData:
         customer has none)."""
         recorded = self.consent.get(customer_id) if not erased else None
         recorded_values = {p: (recorded or {}).get(p) for p in CONSENT_PURPOSES}
-        default = self.consent_default
-        unlinked = UNLINKED_SEPARATOR in customer_id
-        effective = {}
-        for p in CONSENT_PURPOSES:
-            value = recorded_values[p]
-            if value is None:
-                # As the feature pipeline decides: ids of unlinked source systems may be personalised (their own
-                # session) but are never profiled or marketed to.
-                value = default if (not unlinked or p == PERSONALISATION) else False
-            effective[p] = bool(value)
-        return effective, recorded_values
+        return effective_consent(customer_id, recorded_values, default=self.consent_default), recorded_values
 
     def customer_events(self, customer_id: str) -> pl.DataFrame:
         """The customer's retained events in the dataset (empty when none or erased)."""

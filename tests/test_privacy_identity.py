@@ -19,7 +19,9 @@ from nextbest.features.privacy import (
     ConsentError,
     ErasureKeyError,
     apply_retention,
+    consent_granted,
     consent_state,
+    effective_consent,
     erased_digests,
     erasure_ids,
     erasure_key,
@@ -176,6 +178,47 @@ def test_consent_state_takes_the_latest_record_whatever_the_file_order_and_the_l
     # As of day 2, A's later grant is not yet in force and C has no record at all.
     early = consent_state(records.lazy(), as_of=t[1]).collect().sort("customer_id")
     assert early.rows() == [("A", None, False, False), ("B", False, None, None)]
+
+
+@pytest.mark.parametrize("default", [True, False])
+def test_consent_is_one_rule_offline_and_online(default):
+    """The same customers through the offline path (``consent_state`` + ``consent_granted`` over a frame, as the
+    feature pipeline and the training rows apply it) and the online one (``effective_consent`` for one customer,
+    as the service applies it) get the same consent, purpose by purpose: records win, then the default, and ids
+    of unlinked source systems are never profiled or marketed to."""
+    t = datetime(2026, 1, 1)
+    records = pl.DataFrame(
+        {
+            "customer_id": ["A", "A", "A", "B", "C", "web:W7"],
+            "purpose": ["personalisation", "profiling", "marketing", "marketing", "profiling", "marketing"],
+            "granted": [True, True, True, False, False, True],
+            "timestamp": [t] * 6,
+        }
+    )
+    customers = ["A", "B", "C", "D", "web:W1", "web:W7"]
+    state = consent_state(records.lazy()).collect()
+    purposes = ("personalisation", "profiling", "marketing")
+    offline = (
+        pl.DataFrame({"customer_id": customers})
+        .join(state, on="customer_id", how="left", maintain_order="left")
+        .select("customer_id", *(consent_granted(p, default=default).alias(p) for p in purposes))
+    )
+    rows = {r["customer_id"]: r for r in state.iter_rows(named=True)}
+    for row in offline.iter_rows(named=True):
+        cid = row.pop("customer_id")
+        assert effective_consent(cid, rows.get(cid), default=default) == row, cid
+    # The known answer: a record wins; without one the default, except profiling and marketing of an unlinked id;
+    # a record of an unlinked id (W7's marketing) still wins.
+    got = {r[0]: r[1:] for r in offline.rows()}
+    d = default
+    assert got == {
+        "A": (True, True, True),
+        "B": (d, d, False),
+        "C": (d, False, d),
+        "D": (d, d, d),
+        "web:W1": (d, False, False),
+        "web:W7": (d, False, True),
+    }
 
 
 def test_erasure_ids_reach_the_owner_of_a_linked_id_and_every_form_of_their_ids():

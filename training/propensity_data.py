@@ -142,6 +142,7 @@ __all__ = [
     "item_reference_prices",
     "join_profiles_asof",
     "load_propensity_data",
+    "model_sees",
     "model_view",
     "period_cutoffs",
     "price_reference_columns",
@@ -154,6 +155,31 @@ __all__ = [
 ]
 
 EXPOSURE_COLUMNS = frozenset({EXPOSURE_ID, CUSTOMER_ID, ACTION_ID, CHANNEL, TIMESTAMP_COL, RESPONDED})
+
+
+def model_sees(column: str, *, personalisation: bool, profiling: bool) -> bool:
+    """Whether the propensity model may see a customer's ``column``, given the consent in force: with
+    personalisation, every customer column; without it, only the segment (:data:`SEGMENT_FEATURES`); the
+    customer–action affinity (:data:`AFFINITY`, made from the customer's interactions) only with both
+    personalisation and profiling.
+
+    The one rule of what the model sees: :func:`model_view` (offline, over training rows) and
+    :func:`serving.customer_view.model_features` (online, one customer) both call it.
+    """
+    if column == AFFINITY:
+        return personalisation and profiling
+    return personalisation or column in SEGMENT_FEATURES
+
+
+def _model_sees_expr(column: str, personalisation: pl.Expr, profiling: pl.Expr) -> pl.Expr:
+    """:func:`model_sees` over rows: the consent cases where it holds, as one boolean expression."""
+    cases = [
+        personalisation.eq(p) & profiling.eq(q)
+        for p in (True, False)
+        for q in (True, False)
+        if model_sees(column, personalisation=p, profiling=q)
+    ]
+    return pl.any_horizontal(cases) if cases else pl.lit(False)
 
 
 def model_view(
@@ -202,25 +228,18 @@ def model_view(
         work = work.join(renamed, on=CUSTOMER_ID, how="left", maintain_order="left")
     personal = consent_granted("personalisation", default=default)
     profiled = consent_granted("profiling", default=default)
-    filled = {
-        c: (pl.coalesce(pl.col(c), pl.col(f"__demo_{c}").cast(table.schema[c])) if c in demo else pl.col(c))
-        for c in customer_columns
-    }
-    segment: dict[str, pl.Expr] = {}
-    for c in customer_columns:
-        if c == "age_band" and "age" in loaded:
-            band = age_band(pl.col("__demo_age")).replace("unknown", None)
-            segment[c] = pl.coalesce(pl.col(c), band.cast(table.schema[c]))
-        elif c in SEGMENT_FEATURES:
-            segment[c] = filled[c]
-        else:
-            segment[c] = pl.lit(None, dtype=table.schema[c])
     exprs = []
     for c in customer_columns:
-        value = pl.when(personal).then(filled[c]).otherwise(segment[c])
-        if c == AFFINITY:
-            value = pl.when(personal & profiled).then(pl.col(c)).otherwise(None)
-        exprs.append(value.alias(c))
+        value = (
+            pl.coalesce(pl.col(c), pl.col(f"__demo_{c}").cast(table.schema[c])) if c in demo else pl.col(c)
+        )
+        if c == "age_band" and "age" in loaded:
+            # Without the profile (personalisation declined, or no events yet) the band of the customers
+            # table's age, as the service derives it.
+            band = age_band(pl.col("__demo_age")).replace("unknown", None)
+            value = pl.when(personal).then(value).otherwise(pl.coalesce(value, band.cast(table.schema[c])))
+        sees = _model_sees_expr(c, personal, profiled)
+        exprs.append(pl.when(sees).then(value).otherwise(pl.lit(None, dtype=table.schema[c])).alias(c))
     return work.with_columns(exprs).select(table.columns)
 
 
