@@ -11,7 +11,7 @@ model's item vocabulary, so a mask over tens of thousands of items costs microse
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,8 +227,55 @@ def item_reasons(
     return reasons[:max_reasons]
 
 
+SIMILARITY_TIE = 1e-6
+"""Cosine similarities this close count as a tie (which then goes to the smallest row): float32 unit vectors of
+parallel items differ in their last bits."""
+
+
+def unit_rows(factors: np.ndarray) -> np.ndarray:
+    """``factors`` with every row scaled to unit length (float32; a zero row stays zero), so that one matrix
+    product gives cosine similarities."""
+    norms = np.linalg.norm(factors, axis=1, keepdims=True)
+    return (factors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def most_similar_items(
+    recommended: Sequence[int] | np.ndarray, history: Iterable[int], unit_factors: np.ndarray
+) -> list[int | None]:
+    """For each recommended row, the history row whose factor vector is most similar (cosine) to it: one matrix
+    product for the whole list.
+
+    Args:
+        recommended: rows of the recommended items in ``unit_factors``.
+        history: rows of the items the customer interacted with.
+        unit_factors: items × factors scaled to unit length (:func:`unit_rows`).
+
+    Returns:
+        per recommended item, the most similar history row other than itself (the smallest on ties, see
+        :data:`SIMILARITY_TIE`), or None when no history row qualifies (only the item itself, or zero vectors).
+    """
+    ids = np.asarray(recommended, dtype=np.int64).reshape(-1)
+    rows = np.unique(np.fromiter(history, dtype=np.int64))  # sorted: the first of a tie is the smallest row
+    if ids.size == 0 or rows.size == 0:
+        return [None] * ids.size
+    target = unit_factors[ids].astype(np.float64)
+    cands = unit_factors[rows].astype(np.float64)
+    valid = (
+        (ids[:, None] != rows[None, :])
+        & np.any(target != 0, axis=1)[:, None]
+        & np.any(cands != 0, axis=1)[None, :]
+    )
+    sims = np.where(valid, target @ cands.T, -np.inf)
+    best = sims.max(axis=1)
+    first = np.argmax(sims >= (best - SIMILARITY_TIE)[:, None], axis=1)
+    return [
+        int(rows[f]) if np.isfinite(b) else None for f, b in zip(first.tolist(), best.tolist(), strict=True)
+    ]
+
+
 def most_similar_item(item_index: int, history: Sequence[int], item_factors: np.ndarray) -> int | None:
-    """The history item whose factor vector is most similar (cosine) to ``item_index``'s.
+    """The history item whose factor vector is most similar (cosine) to ``item_index``'s (one item of
+    :func:`most_similar_items`).
 
     Args:
         item_index: the recommended item's row in ``item_factors``.
@@ -239,18 +286,7 @@ def most_similar_item(item_index: int, history: Sequence[int], item_factors: np.
         the most similar history row (the smallest on ties), or None if ``history`` holds nothing but
         ``item_index`` itself or only zero vectors.
     """
-    rows = np.array([h for h in history if h != item_index], dtype=np.int64)
-    if rows.size == 0:
-        return None
-    target = item_factors[item_index]
-    cands = item_factors[rows]
-    norms = np.linalg.norm(cands, axis=1) * np.linalg.norm(target)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sims = np.where(norms > 0, cands @ target / np.where(norms > 0, norms, 1.0), -np.inf)
-    if not np.isfinite(sims).any():
-        return None
-    best = np.flatnonzero(sims == sims.max())
-    return int(rows[best].min())
+    return most_similar_items([item_index], history, unit_rows(item_factors))[0]
 
 
 def recommendation_reasons(
@@ -260,9 +296,11 @@ def recommendation_reasons(
     items: ItemAttributes,
     *,
     item_factors: np.ndarray | None = None,
+    unit_factors: np.ndarray | None = None,
     max_reasons: int = 3,
 ) -> list[list[str]]:
-    """Reasons for each item of a recommendation list (the batch form of :func:`item_reasons`).
+    """Reasons for each item of a recommendation list (the batch form of :func:`item_reasons`); the service's
+    ``/recommend`` answers with these (:func:`serving.ranking.reasons`).
 
     Args:
         profile: the customer's profile, or None.
@@ -270,28 +308,26 @@ def recommendation_reasons(
         history: vocabulary index → the customer's strongest event with that item (purchase, add_to_cart,
             view, click); the evidence for "often bought after …" is taken from it.
         items: item attributes aligned with the same vocabulary.
-        item_factors: items × factors of the model (e.g. ALS item factors); without it no history evidence.
+        item_factors: items × factors of the model (e.g. ALS item factors); without it (and without
+            ``unit_factors``) no history evidence.
+        unit_factors: the same scaled to unit length (:func:`unit_rows`), when the caller keeps them.
         max_reasons: at most this many reasons per item.
 
     Returns:
         one list of reasons per recommended item, in the same order.
     """
-    out: list[list[str]] = []
-    rows = list(history)
-    for index in recommended:
-        because_of = None
-        event = "purchase"
-        if item_factors is not None and rows:
-            best = most_similar_item(index, rows, item_factors)
-            if best is not None:
-                because_of, event = items.item(items.ids[best]), history[best]
-        out.append(
-            item_reasons(
-                profile,
-                items.item(items.ids[index]),
-                because_of=because_of,
-                because_of_event=event,
-                max_reasons=max_reasons,
-            )
+    if unit_factors is None and item_factors is not None:
+        unit_factors = unit_rows(item_factors)
+    because: list[int | None] = [None] * len(recommended)
+    if unit_factors is not None and history:
+        because = most_similar_items(recommended, history.keys(), unit_factors)
+    return [
+        item_reasons(
+            profile,
+            items.item(items.ids[int(index)]),
+            because_of=None if best is None else items.item(items.ids[best]),
+            because_of_event="purchase" if best is None else history[best],
+            max_reasons=max_reasons,
         )
-    return out
+        for index, best in zip(recommended, because, strict=True)
+    ]

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from nextbest.features.dataset import Dataset
 from nextbest.serving.engine_config import EngineConfig
-from nextbest.serving.explain import ItemAttributes
+from nextbest.serving.explain import ItemAttributes, unit_rows
 from nextbest.serving.hot_swap import features_stamp
 from nextbest.serving.models import RegisteredModel, ServingModels
 from nextbest.serving.serving_data import ServingData
@@ -57,17 +57,13 @@ class RecommenderSlot:
         bundle.model.set_threads(1)
         vocab = bundle.history.items
         factors = _item_factors(bundle.model)
-        unit = None
-        if factors is not None:
-            norms = np.linalg.norm(factors, axis=1, keepdims=True)
-            unit = (factors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         return cls(
             registered=registered,
             items=ItemAttributes.from_frame(data.items, vocab),
             from_base=vocab.indices(data.item_vocab.ids),
             to_base=data.item_vocab.indices(vocab.ids),
             item_factors=factors,
-            unit_factors=unit,
+            unit_factors=None if factors is None else unit_rows(factors),
             folds_in=_folds_in(bundle.model),
         )
 

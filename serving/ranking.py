@@ -18,9 +18,9 @@ from nextbest.serving import api
 from nextbest.serving.customer_view import CustomerView, age_band
 from nextbest.serving.decisions import PERSONALISATION
 from nextbest.serving.engine_config import BadRequest
-from nextbest.serving.explain import FilterError, ItemFilters, item_reasons
+from nextbest.serving.explain import FilterError, ItemFilters, recommendation_reasons
 from nextbest.serving.model_slots import RecommenderSlot
-from nextbest.serving.serving_data import PURCHASE, RANK_EVENT, ServingData
+from nextbest.serving.serving_data import RANK_EVENT, ServingData
 
 SIMILAR_ATTRIBUTES: tuple[str, ...] = ("category", "sport", "brand", "colour")
 SESSION_ITEMS = 20
@@ -185,33 +185,14 @@ def ranked_answer(plan: RankPlan) -> api.RecommendResponse:
 
 
 def reasons(slot: RecommenderSlot, view: CustomerView, ids: np.ndarray) -> list[list[str]]:
-    """Reasons per recommended item: the customer's preferences it matches, and the history item most
-    like it (one matrix product for the whole list rather than one per item)."""
+    """Reasons per recommended item (:func:`serving.explain.recommendation_reasons`, the one rule): the
+    customer's preferences it matches, and the history item most like it."""
     history = {
         int(m): RANK_EVENT.get(view.strongest.get(int(b), 1), "view")
         for b in view.items
         if (m := slot.from_base[b]) >= 0
     }
-    because: list[int | None] = [None] * len(ids)
-    if slot.unit_factors is not None and history and len(ids):
-        rows = np.array(sorted(history), dtype=np.int64)
-        sims = slot.unit_factors[ids] @ slot.unit_factors[rows].T
-        sims[ids[:, None] == rows[None, :]] = -np.inf
-        # Ties go to the smallest item index (rows are sorted), as in serving.explain.most_similar_item.
-        best = np.argmax(sims, axis=1)
-        found = np.isfinite(sims[np.arange(len(ids)), best]) & (sims[np.arange(len(ids)), best] != 0)
-        because = [int(rows[b]) if ok else None for b, ok in zip(best.tolist(), found.tolist(), strict=True)]
-    out = []
-    for i, b in zip(ids.tolist(), because, strict=True):
-        out.append(
-            item_reasons(
-                view.profile,
-                slot.items.item(slot.items.ids[i]),
-                because_of=None if b is None else slot.items.item(slot.items.ids[b]),
-                because_of_event=history.get(b, PURCHASE) if b is not None else PURCHASE,
-            )
-        )
-    return out
+    return recommendation_reasons(view.profile, ids, history, slot.items, unit_factors=slot.unit_factors)
 
 
 def exclusion(slot: RecommenderSlot, exclude: set[int]) -> np.ndarray:

@@ -141,6 +141,35 @@ def test_known_customers_get_their_planted_sport_with_truthful_reasons(engine, t
     assert hits / total > 0.4
 
 
+def test_recommendation_reasons_are_one_rule_offline_and_online(engine):
+    """The service's reasons (``/recommend``) and the batch form a notebook or report calls
+    (``explain.recommendation_reasons`` over the customer's dataset events, their profile and the model's raw item
+    factors) agree for the same customers, item by item."""
+    from nextbest.serving.explain import recommendation_reasons
+    from nextbest.serving.serving_data import EVENT_RANK, RANK_EVENT
+
+    slot = engine.recommenders[CHAMPION]
+    vocab = slot.registered.model.history.items
+    similar = 0
+    customers = [c for c in consenting_known(engine, 20) if c not in engine._live][:8]
+    assert len(customers) == 8
+    for c in customers:
+        answer = engine.recommend(api.RecommendRequest(customer_id=c, n=10))
+        strongest = (
+            engine.data.customer_events(c)
+            .group_by("item_id")
+            .agg(pl.col("event_type").replace_strict(EVENT_RANK, default=1).max().alias("rank"))
+        )
+        history = {vocab.index(i): RANK_EVENT[k] for i, k in strongest.iter_rows() if i in vocab}
+        ids = vocab.indices([i.item_id for i in answer.items]).tolist()
+        offline = recommendation_reasons(
+            engine.data.features.get(c), ids, history, slot.items, item_factors=slot.item_factors
+        )
+        assert [i.reasons for i in answer.items] == offline, c
+        similar += sum(any(r.startswith("similar to ") for r in reasons) for reasons in offline)
+    assert similar > 0  # the history evidence was compared, not only the preferences
+
+
 def test_a_session_of_views_steers_a_newcomer_and_a_known_customer(engine):
     sport = sport_of(engine)
     cycling = [i for i, s in sport.items() if s == "cycling"]

@@ -14,7 +14,9 @@ from nextbest.serving.explain import (
     item_mask,
     item_reasons,
     most_similar_item,
+    most_similar_items,
     recommendation_reasons,
+    unit_rows,
 )
 
 PROFILE = {
@@ -89,6 +91,43 @@ def test_most_similar_item():
     assert most_similar_item(0, [0], factors) is None
     assert most_similar_item(0, [4], factors) is None
     assert most_similar_item(0, [], factors) is None
+    # An orthogonal item (cosine 0) is still evidence when it is all the history holds; a zero vector never is.
+    assert most_similar_item(0, [1, 4], factors) == 1
+
+
+def cosine_reference(item: int, history: list[int], factors: np.ndarray) -> int | None:
+    """Most similar history row by a plain float64 loop: not the item, never a zero vector, ties to the smaller."""
+    best, best_row = -np.inf, None
+    for h in sorted(set(history)):
+        norms = np.linalg.norm(factors[h]) * np.linalg.norm(factors[item])
+        if h == item or norms == 0:
+            continue
+        cos = float(factors[h] @ factors[item] / norms)
+        if cos > best + 1e-6:
+            best, best_row = cos, h
+    return best_row
+
+
+def test_most_similar_items_matches_a_plain_cosine_loop():
+    """The batch form both the service and the offline reasons call (one product over float32 unit vectors)
+    picks what a plain float64 cosine loop picks, for every item against every history, ties and zero vectors
+    included."""
+    rng = np.random.default_rng(3)
+    factors = rng.normal(size=(30, 4))
+    factors[5] = 0.0  # a zero vector
+    factors[7] = 3 * factors[6]  # parallel to 6: a tie, which goes to 6
+    factors[8] = -factors[2]  # opposite to 2: cosine -1, still the best when alone
+    unit = unit_rows(factors)
+    assert unit.dtype == np.float32 and np.allclose(
+        np.linalg.norm(unit[np.arange(30) != 5], axis=1), 1, atol=1e-6
+    )
+    histories = [[6, 7, 1], [7, 6], [5], [2], [8], [0, 5, 9, 13], list(range(30)), []]
+    for history in histories:
+        batch = most_similar_items(np.arange(30), history, unit)
+        assert batch == [cosine_reference(i, history, factors) for i in range(30)], history
+    assert most_similar_items([0], [7, 6], unit) == [6]
+    assert most_similar_items([2], [8], unit) == [8]
+    assert most_similar_items([5], [1, 2], unit) == [None]  # the recommended item has no factors
 
 
 ITEMS = pl.DataFrame(
