@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime
 
 import numpy as np
@@ -279,5 +280,14 @@ def test_simulate_runs_the_loop_and_prints_the_json_contract(tmp_path, capsys):
     history = client.get_metric_history(summary["mlflow_run_id"], "learned_value_per_decision")
     assert sorted(m.step for m in history) == [1, 2, 3]
     artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
-    assert {"simulation.png", "simulation.json"} <= artifacts
+    assert {"simulation.png", "simulation.json", "dashboard.html"} <= artifacts
+    # The dashboard of the simulated service's dataset draws the curve: one point per day per policy.
+    page = (tmp_path / "sim" / "dashboard.html").read_text()
+    assert summary["dashboard"] == str(tmp_path / "sim" / "dashboard.html")
+    assert '<section id="simulation">' in page
+    learned = [d["learned"]["value_per_decision"] for d in days]
+    points = re.findall(r'<circle[^>]*data-series="learned" data-x="(\d+)" data-value="([^"]+)"', page)
+    assert [(int(x), float(v)) for x, v in points[:3]] == [
+        (d, pytest.approx(v)) for d, v in zip([1, 2, 3], learned, strict=True)
+    ]
     assert datetime.fromisoformat(summary["setup"]["cutoff"]) == day_start(WorldConfig().start, 60)
