@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -85,9 +86,13 @@ def make_engine(trained: Trained, state: Path, *, data: Path | None = None, chal
     return Engine(EngineConfig(data=data or trained.ds.root, state_dir=state, **cfg), models)
 
 
-@pytest.fixture(scope="module")
-def engine(trained, tmp_path_factory) -> Engine:
-    return make_engine(trained, tmp_path_factory.mktemp("state"))
+@pytest.fixture
+def engine(trained, tmp_path) -> Iterator[Engine]:
+    """A fresh engine per test (its own state directory): tests that post events or record contacts change
+    nothing another test sees."""
+    engine = make_engine(trained, tmp_path / "state")
+    yield engine
+    engine.close()
 
 
 def consenting_known(engine: Engine, k: int) -> list[str]:
@@ -684,3 +689,124 @@ def test_training_rows_show_the_model_what_the_service_shows_it(engine, trained)
             assert offline[c] == online.get(c), (case, c, offline[c], online.get(c))
         if case == "no events yet":
             assert offline["age"] is not None  # the point of the fill: a new customer still has an age
+
+
+# --- paths that only a failure or a rare input takes ---------------------------------------------------------------
+
+
+def test_an_item_the_model_never_saw_gets_neighbours_by_shared_attributes(engine):
+    """``/similar_items`` for an item without a learned vector: the items sharing most of its category, sport,
+    brand and colour, most shared first, each with the attributes it shares as reasons."""
+    from nextbest.serving.ranking import SIMILAR_ATTRIBUTES
+
+    slot = engine.recommenders[CHAMPION]
+    unseen = [i for i in engine.data.items["item_id"] if slot.from_base[engine.data.item_vocab.get(i)] < 0]
+    assert unseen  # the generated world has items nobody interacted with before the cut
+    attrs = engine.data.item_attributes
+    for item in unseen:
+        target = attrs.item(item)
+
+        def shared(other: str, target: dict = target) -> list[str]:
+            o = attrs.item(other)
+            return [a for a in SIMILAR_ATTRIBUTES if target.get(a) is not None and o.get(a) == target[a]]
+
+        r = engine.similar_items(api.SimilarItemsRequest(item_id=item, n=8))
+        assert r.basis == "attributes" and len(r.items) == 8
+        listed = [i.item_id for i in r.items]
+        assert item not in listed
+        counts = [len(shared(i)) for i in listed]
+        assert counts == sorted(counts, reverse=True)
+        # No item left out shares more than the last one listed.
+        others = [i for i in engine.data.items["item_id"] if i != item and i not in listed]
+        assert max(len(shared(i)) for i in others) <= counts[-1]
+        for i in r.items:  # at most three reasons, in the attributes' order
+            assert i.reasons == [f"same {a}: {target[a]}" for a in shared(i.item_id)][:3]
+
+
+def test_a_failed_fold_in_falls_back_to_the_stored_customer_vector(engine, monkeypatch):
+    """When folding a customer's live events into the model fails, the answer is the model's ranking from the
+    customer's stored vector (as before the events), not an error."""
+    from nextbest.training.recommenders import RecommenderError
+
+    slot = engine.recommenders[CHAMPION]
+    assert slot.folds_in
+    c = consenting_known(engine, 3)[2]
+    before = engine.recommend(api.RecommendRequest(customer_id=c, n=10))
+    original = slot.model.recommend
+    calls: list[bool] = []
+
+    def flaky(*args, recalculate_user=False, **kwargs):
+        calls.append(recalculate_user)
+        if recalculate_user:
+            raise RecommenderError("fold-in failed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(slot.model, "recommend", flaky)
+    engine.events(views(c, [i for i in engine.data.items["item_id"][:3]]))
+    after = engine.recommend(api.RecommendRequest(customer_id=c, n=10))
+    assert calls == [True, False]
+    assert after.basis == "model" and after.personalised
+    assert [(i.item_id, i.score) for i in after.items] == [(i.item_id, i.score) for i in before.items]
+
+
+def test_events_and_recommendations_at_once_lose_nothing(engine):
+    """Threads posting events while others ask for recommendations for the same customers: no request fails and
+    every event counts in the customers' profiles."""
+    import threading
+
+    customers = consenting_known(engine, 4)
+    items = engine.data.items["item_id"].to_list()
+    start = {c: engine.profile(api.CustomerRequest(customer_id=c)).profile["n_events"] for c in customers}
+    errors: list[BaseException] = []
+    rounds = 15
+
+    def post(c: str) -> None:
+        try:
+            for k in range(rounds):
+                engine.events(views(c, [items[(k * 7) % len(items)]]))
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    def ask(c: str) -> None:
+        try:
+            for _ in range(rounds):
+                assert engine.recommend(api.RecommendRequest(customer_id=c, n=5)).items
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=f, args=(c,)) for c in customers for f in (post, ask)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for c in customers:
+        assert engine.profile(api.CustomerRequest(customer_id=c)).profile["n_events"] == start[c] + rounds
+
+
+def test_the_data_clock_runs_on_from_the_datasets_last_event(trained, tmp_path):
+    """``clock="data"``: the service's now is the dataset's time running on since start (a replay of the
+    dataset behaves as if it were live), so an event stamped with today's wall-clock time lies in its future."""
+    from datetime import UTC
+
+    wall = datetime.now(UTC).replace(tzinfo=None)
+    data = make_engine(trained, tmp_path / "data-clock", clock="data")
+    live = make_engine(trained, tmp_path / "wall-clock")
+    try:
+        as_of = data.data.as_of
+        assert wall - as_of > timedelta(days=2)  # otherwise the two clocks could not be told apart
+        assert timedelta(0) <= data.now() - as_of < timedelta(minutes=5)
+        assert abs(live.now() - wall) < timedelta(minutes=5)
+        c = consenting_known(data, 1)[0]
+        item = data.data.items["item_id"][0]
+        today = api.EventsRequest(
+            events=[api.EventIn(customer_id=c, item_id=item, event_type="view", timestamp=wall)]
+        )
+        with pytest.raises(BadRequest, match="ahead"):
+            data.events(today)
+        assert live.events(today).accepted == 1
+        # An event without a time is stamped with the data clock and accepted.
+        assert data.events(views(c, [item])).accepted == 1
+    finally:
+        data.close()
+        live.close()
