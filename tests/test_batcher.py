@@ -96,3 +96,22 @@ def test_a_batch_whose_clients_all_gave_up_makes_no_call():
 
     asyncio.run(main())
     assert answer.calls == [[7]]
+
+
+def test_the_adaptive_batcher_answers_concurrent_requests_with_one_call():
+    calls: list[list[int]] = []
+
+    def answer_many(requests: list[int]) -> list[int]:
+        calls.append(list(requests))
+        return [r * 10 for r in requests]
+
+    async def main() -> tuple[list[int], int]:
+        batcher = AdaptiveBatcher(answer_many, max_batch=4)
+        alone = await batcher.submit(1)
+        together = await asyncio.gather(*(batcher.submit(r) for r in range(2, 8)))
+        return [alone, *together], len(calls)
+
+    answers, n_calls = asyncio.run(main())
+    assert answers == [10, 20, 30, 40, 50, 60, 70]
+    # One call for the lone request; the six concurrent ones in batches of at most four.
+    assert calls == [[1], [2, 3, 4, 5], [6, 7]] and n_calls == 3

@@ -2,8 +2,9 @@
 
 The session's trained world (``trained_world`` in conftest: a small world, its features, a recommender and a
 propensity model with tiny settings in a temporary MLflow registry, both promoted to champion) is copied, and a
-module fixture starts the server on the copy in its own process group. The durability test kills that server with SIGKILL and restarts it on the
-same state directory.
+module fixture starts the server on the copy in its own process group. The durability test starts a server of its
+own on another copy, kills it with SIGKILL and restarts it on the same state directory, so no test depends on
+another's order.
 """
 
 from __future__ import annotations
@@ -370,10 +371,18 @@ def test_bad_inputs_get_4xx_naming_the_field(served):
     assert "stare" not in stored_state(served.state)["events"]
 
 
-# --- durability (restarts the server: keep it last but one) -----------------------------------------------
+# --- durability (a server of its own, killed and restarted) ---------------------------------------------------
 
 
-def test_acknowledged_events_survive_sigkill(served):
+def test_acknowledged_events_survive_sigkill(tmp_path, trained_world):
+    served = RunningService.on_copy(trained_world, tmp_path, admin_token=TOKEN).start()
+    try:
+        acknowledged_events_survive_sigkill(served)
+    finally:
+        served.stop()
+
+
+def acknowledged_events_survive_sigkill(served: RunningService) -> None:
     customers = known_customers(served, 20)[13:17]
     catalogue = items(served)["item_id"].to_list()
     sent: dict[str, list[tuple[str, str]]] = {c: [] for c in customers}
@@ -410,26 +419,3 @@ def test_missing_models_are_one_line_saying_what_to_run(served, tmp_path):
     with pytest.raises(EngineLoadError, match=r"nextbest train cf --data") as e:
         start(served.ds.root, tracking_uri=f"sqlite:///{tmp_path}/empty/mlflow.db")
     assert "\n" not in str(e.value)
-
-
-def test_the_adaptive_batcher_answers_concurrent_requests_with_one_call():
-    import asyncio
-
-    from nextbest.serving.service import AdaptiveBatcher
-
-    calls: list[list[int]] = []
-
-    def answer_many(requests: list[int]) -> list[int]:
-        calls.append(list(requests))
-        return [r * 10 for r in requests]
-
-    async def main() -> tuple[list[int], int]:
-        batcher = AdaptiveBatcher(answer_many, max_batch=4)
-        alone = await batcher.submit(1)
-        together = await asyncio.gather(*(batcher.submit(r) for r in range(2, 8)))
-        return [alone, *together], len(calls)
-
-    answers, n_calls = asyncio.run(main())
-    assert answers == [10, 20, 30, 40, 50, 60, 70]
-    # One call for the lone request; the six concurrent ones in batches of at most four.
-    assert calls == [[1], [2, 3, 4, 5], [6, 7]] and n_calls == 3
