@@ -725,6 +725,16 @@ class Engine:
             accepted=accepted.height, responses=stored, duplicates=duplicates, customers=customers
         )
 
+    def consent(self, customer_id: str) -> dict[str, bool]:
+        """The consent the service applies to the customer now, per purpose (records, the default, the
+        unlinked-id rule: :func:`features.privacy.effective_consent`; an erased customer has no record)."""
+        return self._consent(customer_id)[0]
+
+    def model_inputs(self, customer_id: str) -> dict[str, Any]:
+        """What the propensity model sees of the customer now (their profile with the consent rule of
+        :func:`training.propensity_data.model_sees` applied, live events included)."""
+        return self._model_features(self._view(customer_id))
+
     # --- /profile ---------------------------------------------------------------------------------------------
 
     @_serving

@@ -99,7 +99,7 @@ def consenting_known(engine: Engine, k: int) -> list[str]:
     slot = engine.recommenders[CHAMPION]
     out = []
     for c in slot.registered.model.history.customers.ids:
-        consent, _ = engine._consent(c)
+        consent = engine.consent(c)
         if slot.customer_row(c) >= 0 and all(consent.values()) and engine.data.features.get(c):
             out.append(c)
     return out[:k]
@@ -156,7 +156,7 @@ def test_recommendation_reasons_are_one_rule_offline_and_online(engine):
     slot = engine.recommenders[CHAMPION]
     vocab = slot.registered.model.history.items
     similar = 0
-    customers = [c for c in consenting_known(engine, 20) if c not in engine._live][:8]
+    customers = consenting_known(engine, 8)  # a fresh engine: none has live events
     assert len(customers) == 8
     for c in customers:
         answer = engine.recommend(api.RecommendRequest(customer_id=c, n=10))
@@ -623,14 +623,14 @@ def test_served_propensity_reads_the_customer_action_affinity(engine):
 
     scorer = engine.propensities[CHAMPION].scorer
     assert scorer.affinity is not None and scorer.model.info["affinity"]["from"] == "fit"
-    cid = next(c for c in reversed(consenting_known(engine, 60)) if c not in engine._live)
+    cid = consenting_known(engine, 60)[-1]  # a fresh engine: none has live events
     events = engine.data.customer_events(cid).lazy()
     weights = interaction_weights(events, engine.data.feature_config.interactions).collect()
     expected = scorer.affinities(dict(zip(weights["item_id"], weights["weight"], strict=True)))
     assert any(v == v for v in expected.values())  # some action has target items the customer relates to
     served = engine.propensity(api.PropensityRequest(customer_id=cid, channel="web", context=NOW))
     got = {p.action_id: p.propensity for p in served.propensities}
-    features = engine._model_features(engine._view(cid))
+    features = engine.model_inputs(cid)
     now = datetime.fromisoformat(NOW["now"])
     with_affinity = scorer.score(features, list(got), "web", now=now, affinities=expected)
     without = scorer.score(features, list(got), "web", now=now)
@@ -639,7 +639,7 @@ def test_served_propensity_reads_the_customer_action_affinity(engine):
 
 
 def test_training_rows_show_the_model_what_the_service_shows_it(engine, trained):
-    """Offline (``model_view`` over training rows) and online (``Engine._model_features``) apply one consent rule:
+    """Offline (``model_view`` over training rows) and online (``Engine.model_inputs``) apply one consent rule:
     the same profile and customers table give the same model inputs, for every consent case and for a customer
     without events (known from the customers table only)."""
     from nextbest.features.privacy import consent_state
@@ -661,7 +661,7 @@ def test_training_rows_show_the_model_what_the_service_shows_it(engine, trained)
         "no events yet": next(
             c
             for c in customers["customer_id"].to_list()
-            if c not in engine.data.features and engine._consent(c)[0]["personalisation"]
+            if c not in engine.data.features and engine.consent(c)["personalisation"]
         ),
     }
     for case, cid in cases.items():
@@ -678,11 +678,11 @@ def test_training_rows_show_the_model_what_the_service_shows_it(engine, trained)
         offline = model_view(table, columns, customers, state, default=engine.data.consent_default).row(
             0, named=True
         )
-        online = engine._model_features(engine._view(cid))
+        online = engine.model_inputs(cid)
         for c in columns:
             if c == "cf_affinity":
                 expected = (
-                    0.5 if all(engine._consent(cid)[0][p] for p in ("personalisation", "profiling")) else None
+                    0.5 if all(engine.consent(cid)[p] for p in ("personalisation", "profiling")) else None
                 )
                 assert offline[c] == expected, (case, c)
                 continue

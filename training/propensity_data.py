@@ -190,7 +190,7 @@ def model_view(
     *,
     default: bool,
 ) -> pl.DataFrame:
-    """Apply to training rows the rule the service applies to a request (``Engine._model_features``), so that
+    """Apply to training rows the rule the service applies to a request (``Engine.model_inputs``; both call :func:`model_sees`), so that
     the model learns from what it will be shown:
 
     * personalisation granted: the profile (present only with profiling consent and earlier events) with the
