@@ -23,14 +23,22 @@ within ``lapsed_days``; else ``lapsed``).
 Churn risk: days since the last purchase divided by the customer's usual interval between purchases (needs two or
 more orders); ``churn_risk_flag`` when that ratio exceeds ``churn_factor`` (default 2), or, for single-order
 customers, when the last purchase is older than ``lapsed_days``.
+
+Why it is longer than the project's ~600 lines: the definitions above and the one pass over events that feeds
+them are the same code offline and online: :func:`build_profiles` runs :func:`summarise_events`, the purchase
+and recent passes and :func:`profiles_from_summary` for the whole base and for one customer alike. The event
+summary reads :class:`ProfileConfig` and :func:`build_profiles` calls it, so in a module of its own the two
+would import each other.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -562,11 +570,23 @@ def journey_phase(config: ProfileConfig) -> pl.Expr:
 
 
 def age_band(age: pl.Expr) -> pl.Expr:
-    """The age band of an age column (``unknown`` when null)."""
+    """The age band of an age column (``unknown`` when null or in no band): :data:`AGE_BANDS` over many rows;
+    :func:`age_band_of` is the same table for one value."""
     expr = pl.when(age.is_null()).then(pl.lit("unknown"))
     for lo, hi, name in AGE_BANDS:
         expr = expr.when((age >= lo) & (age <= hi)).then(pl.lit(name))
     return expr.otherwise(pl.lit("unknown"))
+
+
+def age_band_of(age: Any) -> str | None:
+    """The :data:`AGE_BANDS` name of one age (None when it is missing, not a number, or in no band), as
+    :func:`age_band` gives it for a column (there ``unknown``); the service calls this one."""
+    if not isinstance(age, int | float) or isinstance(age, bool) or not math.isfinite(age):
+        return None
+    for lo, hi, name in AGE_BANDS:
+        if lo <= age <= hi:
+            return name
+    return None
 
 
 def value_tier_thresholds(profiles: pl.DataFrame) -> tuple[float, float]:

@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from nextbest.features.profiles import AGE_BANDS, DEMOGRAPHICS, SEGMENT_FEATURES
+from nextbest.features.profiles import DEMOGRAPHICS, SEGMENT_FEATURES
+from nextbest.features.profiles import age_band_of as age_band
 from nextbest.features.schema import CUSTOMER_ID, ITEM_ID
 from nextbest.serving import api
 from nextbest.serving.contact import ContactEntry
-from nextbest.serving.decisions import PERSONALISATION
+from nextbest.serving.decisions import PERSONALISATION, bought_values
 from nextbest.serving.live_state import LiveCustomer
 from nextbest.serving.model_slots import PropensitySlot
 from nextbest.serving.serving_data import PROFILING, ServingData, epoch_seconds, sparse_row
@@ -126,16 +127,6 @@ def customer_view(
     )
 
 
-def age_band(age: Any) -> str | None:
-    """The :data:`~features.profiles.AGE_BANDS` name of an age (None when it is missing or in no band)."""
-    if not isinstance(age, int | float) or isinstance(age, bool) or not math.isfinite(age):
-        return None
-    for lo, hi, name in AGE_BANDS:
-        if lo <= age <= hi:
-            return name
-    return None
-
-
 def _demographics_and_profile(view: CustomerView) -> dict[str, Any]:
     """The customers table's :data:`~features.profiles.DEMOGRAPHICS` with the profile over them."""
     return {
@@ -183,10 +174,7 @@ def rule_profile(
     profile: dict[str, Any] = {CUSTOMER_ID: view.customer_id, **_demographics_and_profile(view)}
     since = epoch_seconds(now - timedelta(days=bought_days))
     recent = [data.item_vocab.ids[i] for i, t in view.purchased_at.items() if t >= since]
-    for a in bought_attributes:
-        values = {data.item_attributes.item(i).get(a) for i in recent}
-        profile[f"bought_{a}"] = sorted(v for v in values if v is not None)
-    return profile
+    return profile | bought_values((data.item_attributes.item(i) for i in recent), bought_attributes)
 
 
 def _json_value(v: Any) -> Any:

@@ -411,10 +411,21 @@ def bought_attributes(
     """
     ids = list(dict.fromkeys(item_ids))
     present = [a for a in attributes if a in items.columns]
-    out: dict[str, list[Any]] = {f"bought_{a}": [] for a in attributes}
     if not ids or not present:
-        return out
-    rows = items.filter(pl.col(ITEM_ID).is_in(ids)).select(present)
-    for a in present:
-        out[f"bought_{a}"] = sorted(rows[a].drop_nulls().unique().to_list())
-    return out
+        return bought_values([], attributes)
+    return bought_values(
+        items.filter(pl.col(ITEM_ID).is_in(ids)).select(present).iter_rows(named=True), attributes
+    )
+
+
+def bought_values(bought: Iterable[Mapping[str, Any]], attributes: Sequence[str]) -> dict[str, list[Any]]:
+    """The rule of ``bought_<attr>``: for each attribute, the distinct values (sorted, nulls and absent
+    attributes skipped) among the attributes of the items bought. :func:`bought_attributes` (from the items
+    table) and the service's rule profile (from its item attributes) both call it."""
+    values: dict[str, set[Any]] = {a: set() for a in attributes}
+    for item in bought:
+        for a in attributes:
+            v = item.get(a)
+            if v is not None:
+                values[a].add(v)
+    return {f"bought_{a}": sorted(v) for a, v in values.items()}

@@ -143,12 +143,7 @@ def serve(config: EngineConfig, models: ServingModels, data: ServingData | None 
     """The models with the dataset side they serve from (loaded from ``config.data`` unless given) and their
     slots."""
     channels = sorted(
-        {
-            name.removeprefix("channel_share_")
-            for slot in models.propensity.values()
-            for name in slot.model.encoder.spec.customer_numeric
-            if name.startswith("channel_share_")
-        }
+        {c for slot in models.propensity.values() for c in slot.model.encoder.activity_channels}
     )
     stamp = features_stamp(config.data)
     data = data or ServingData.load(

@@ -158,3 +158,44 @@ def test_recent_window_counts_distinct_browsed_items_and_the_latest_cart():
     events = pl.concat([events, events.filter(pl.col("customer_id") == "A").head(1)])
     recent = recent_summary(events, as_of=as_of, config=ProfileConfig()).collect().sort("customer_id")
     assert recent.rows() == [("A", 1, at[2]), ("B", 0, at[4])]
+
+
+def test_the_age_band_is_one_table_for_a_column_and_for_one_value():
+    """``age_band`` (a Polars column, offline) and ``age_band_of`` (one value, the service) band the same ages
+    alike: the edges of every band, values between bands, a missing age, and values that are no age at all."""
+    import math
+
+    from nextbest.features.profiles import AGE_BANDS, age_band, age_band_of
+
+    ages = [
+        None,
+        -1.0,
+        0.0,
+        17.0,
+        17.5,
+        18.0,
+        24.0,
+        24.9,
+        25.0,
+        34.0,
+        44.0,
+        54.0,
+        64.0,
+        65.0,
+        200.0,
+        201.0,
+        math.nan,
+    ]
+    ages += [float(edge) for lo, hi, _ in AGE_BANDS for edge in (lo, hi)]
+    column = pl.DataFrame({"age": ages}, schema={"age": pl.Float64}).select(
+        age_band(pl.col("age")).replace("unknown", None).alias("band")
+    )["band"]
+    assert column.to_list() == [age_band_of(a) for a in ages]
+    assert [age_band_of(a) for a in (17, 18, 30, 70, True, "30")] == [
+        "under-18",
+        "18-24",
+        "25-34",
+        "65+",
+        None,
+        None,
+    ]
