@@ -18,13 +18,14 @@ from typing import Any
 
 import polars as pl
 
+from nextbest.features.errors import NextbestError
 from nextbest.features.schema import TABLE_NAMES, ValidationResult, empty_frame, table_spec
 
 DEFAULT_ROOT = Path("data")
 """Default root under which datasets live (``data/<name>``)."""
 
 
-class DatasetError(FileNotFoundError):
+class DatasetError(NextbestError, FileNotFoundError):
     """A dataset directory, or a table in it, is missing."""
 
 

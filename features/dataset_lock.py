@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from nextbest.features.dataset import Dataset, write_json_atomic
+from nextbest.features.errors import NextbestError
 from nextbest.features.pipeline import FeatureConfig, build_features
 from nextbest.features.privacy import ERASURE_LOG
 
@@ -33,7 +34,7 @@ STAGING = ".features-next"
 RETIRED = ".features-previous"
 
 
-class RetrainLockedError(RuntimeError):
+class RetrainLockedError(NextbestError, RuntimeError):
     """Another job holds the dataset's lock; the message names it."""
 
 

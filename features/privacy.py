@@ -16,6 +16,7 @@ from typing import Any
 import polars as pl
 
 from nextbest.features.dataset import Dataset, write_parquet_atomic
+from nextbest.features.errors import NextbestError
 from nextbest.features.identity import UNLINKED_SEPARATOR, linked_ids
 from nextbest.features.schema import (
     CONSENT_PURPOSES,
@@ -40,7 +41,7 @@ DEFAULT_ERASURE_KEY_FILE = Path("~/.config/nextbest/erasure.key")
 MIN_KEY_LENGTH = 16
 
 
-class ConsentError(ValueError):
+class ConsentError(NextbestError, ValueError):
     """A consent purpose that is not one of the contract's purposes."""
 
 
@@ -139,7 +140,7 @@ def retained(*, as_of: datetime, days: int) -> pl.Expr:
     return pl.col(TIMESTAMP_COL) >= as_of - timedelta(days=days)
 
 
-class ErasureKeyError(RuntimeError):
+class ErasureKeyError(NextbestError, RuntimeError):
     """The erasure key is missing or unusable where the erasure log needs it; says how to provide it."""
 
 

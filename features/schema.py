@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from nextbest.features.errors import NextbestError
+
 TIMESTAMP = pl.Datetime("us")
 """Every timestamp is stored as naive UTC with microsecond precision."""
 
@@ -61,7 +63,7 @@ RESPONDED_AT = "responded_at"
 earlier exposure's response counts as known from its action's ``end_date``, else a fixed window later."""
 
 
-class SchemaError(ValueError):
+class SchemaError(NextbestError, ValueError):
     """A file cannot be read as a table at all (a required column is missing, a table name is unknown).
 
     Row-level problems never raise: those rows are quarantined with a reason instead.

@@ -7,10 +7,11 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
+from nextbest.features.errors import NextbestError
 from nextbest.features.schema import CUSTOMER_ID, EVENT_TYPE, TIMESTAMP_COL
 
 
-class SplitError(ValueError):
+class SplitError(NextbestError, ValueError):
     """Cut-offs that cannot split the data (out of order, or outside the data's time range)."""
 
 

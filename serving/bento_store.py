@@ -41,6 +41,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from nextbest.features.errors import NextbestError
 from nextbest.serving.arms import CHALLENGER, CHAMPION
 from nextbest.serving.engine_config import PROPENSITY_MODEL, RECOMMENDER_MODEL, train_command
 
@@ -53,7 +54,7 @@ MLFLOW_MODEL_DIR = "mlflow_model"
 """The folder in a stored model's ``path`` that holds the MLflow model directory."""
 
 
-class BentoStoreError(RuntimeError):
+class BentoStoreError(NextbestError, RuntimeError):
     """The BentoML model store cannot give or take what was asked; one line saying what to run first."""
 
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from nextbest.features.dataset import Dataset
+from nextbest.features.errors import NextbestError
 from nextbest.features.interactions import Interactions
 from nextbest.features.pipeline import PROFILES_FILE, UNLINKED_FILE
 from nextbest.features.popularity import MIN_SEGMENT_CUSTOMERS
@@ -114,7 +115,7 @@ SEGMENT_CHARTS: tuple[tuple[str, str], ...] = (
 )
 
 
-class DashboardError(ValueError):
+class DashboardError(NextbestError, ValueError):
     """The dataset cannot be shown (its features are not built); the message says what to run."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import polars as pl
 
+from nextbest.features.errors import NextbestError
 from nextbest.serving import dashboard_view as view
 from nextbest.serving.simulate_eval import POLICIES, value_ratio
 from nextbest.serving.simulate_report import LAST_WEEK, MARKER, SUMMARY_FILE
@@ -35,7 +36,7 @@ DR_TOLERANCE = 0.10
 """How close a doubly robust estimate must come to the truth to count as "within" on the card (±10 %)."""
 
 
-class SimulationSummaryError(ValueError):
+class SimulationSummaryError(NextbestError, ValueError):
     """A simulation summary that cannot be read: missing, not JSON, or without the per-day figures."""
 
 

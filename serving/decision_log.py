@@ -21,6 +21,7 @@ import polars as pl
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy.engine import Connection
 
+from nextbest.features.errors import NextbestError
 from nextbest.features.schema import (
     ACTION_ID,
     CUSTOMER_ID,
@@ -182,7 +183,7 @@ class DecisionLog:
 # --- responses to decisions ----------------------------------------------------------------------------------
 
 
-class ResponseError(ValueError):
+class ResponseError(NextbestError, ValueError):
     """A response that cannot be tied to its decision; the message names the response's field and value."""
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nextbest.features.errors import NextbestError
 from nextbest.training.registry import PROPENSITY, RECOMMENDER
 
 RECOMMENDER_MODEL = RECOMMENDER
@@ -70,7 +71,7 @@ class NotReady(ServiceError):
     status = 503
 
 
-class EngineLoadError(RuntimeError):
+class EngineLoadError(NextbestError, RuntimeError):
     """The service cannot start; the message is one line saying what is missing and what to run first."""
 
 

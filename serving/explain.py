@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
+from nextbest.features.errors import NextbestError
 from nextbest.features.schema import ITEM_ID, Vocabulary
 
 FilterValue = str | int | float | bool | list[str | int | float | bool]
@@ -39,7 +40,7 @@ _HISTORY_TEMPLATES: dict[str, str] = {
 }
 
 
-class FilterError(ValueError):
+class FilterError(NextbestError, ValueError):
     """A filter names an unknown attribute or gives values of the wrong type; the message names it."""
 
 

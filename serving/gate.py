@@ -34,6 +34,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from nextbest.features.errors import NextbestError
 from nextbest.serving.api import ROUTES, Credential
 
 logger = logging.getLogger("nextbest.requests")
@@ -47,7 +48,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 """1 MiB: a thousand events with room to spare; larger bodies are refused with 413 before they are read."""
 
 
-class ExposureError(RuntimeError):
+class ExposureError(NextbestError, RuntimeError):
     """The service would listen beyond loopback with its app endpoints open; says what to set."""
 
 

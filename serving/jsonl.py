@@ -9,8 +9,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from nextbest.features.errors import NextbestError
 
-class LogError(ValueError):
+
+class LogError(NextbestError, ValueError):
     """A JSON-lines file is corrupt somewhere other than a torn last line; names the file and line."""
 
 

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import numpy as np
-
 from nextbest.features.schema import CHANNEL
 from nextbest.serving import api
 from nextbest.serving.contact import ContactLedger
@@ -89,19 +87,14 @@ def plan_decision(
 
 def score_plans(plans: Sequence[DecisionPlan]) -> None:
     """Calibrated propensities of every plan: one forward pass per propensity model."""
-    import torch
 
     groups: dict[int, list[DecisionPlan]] = {}
     for plan in plans:
         if plan.rows is not None:
             groups.setdefault(id(plan.pslot), []).append(plan)
     for group in groups.values():
-        model = group[0].pslot.scorer.model
-        categorical = np.concatenate([p.rows.categorical for p in group])
-        numeric = np.concatenate([p.rows.numeric for p in group])
-        with one_torch_thread(), torch.inference_mode():
-            z = model.net(torch.from_numpy(categorical), torch.from_numpy(numeric)).numpy()
-        probabilities = model.calibration.apply(z)
+        with one_torch_thread():
+            probabilities = group[0].pslot.scorer.probabilities([p.rows for p in group])
         offset = 0
         for plan in group:
             n = len(plan.wanted)

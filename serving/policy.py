@@ -106,6 +106,7 @@ from pydantic import (
     model_validator,
 )
 
+from nextbest.features.errors import NextbestError
 from nextbest.features.schema import ACTION_ID, CHANNEL, KIND, VALUE
 from nextbest.serving.times import UtcDateTime
 
@@ -117,7 +118,7 @@ NULL_OPERATORS = frozenset({"is null", "is not null"})
 FIELD_SCOPES: tuple[str, ...] = ("action", "context", "profile")
 
 
-class PolicyError(ValueError):
+class PolicyError(NextbestError, ValueError):
     """A policy file (or a change to it) is invalid; the message names the file, the action and the field."""
 
 

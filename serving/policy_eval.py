@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from nextbest.features.errors import NextbestError
 from nextbest.serving.decision_log import DecisionLog, DecisionRecord
 from nextbest.serving.policy import NO_ACTION_KIND, ActionPolicy
 from nextbest.serving.policy_replay import (
@@ -44,7 +45,7 @@ METRICS: tuple[str, ...] = ("acceptance", "value")
 ACCEPTING_KINDS = frozenset({"accepted", "converted"})
 
 
-class PolicyEvalError(ValueError):
+class PolicyEvalError(NextbestError, ValueError):
     """The log cannot be evaluated: it is empty, the store has no responses, a column or a date is wrong."""
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import polars as pl
 
+from nextbest.features.errors import NextbestError
 from nextbest.serving.decision_log import DecisionRecord
 from nextbest.serving.decisions import MARKETING, PERSONALISATION, ActionCandidate, arbitrate
 from nextbest.serving.policy import (
@@ -60,7 +61,7 @@ _FACTS = "__nextbest_logged_facts__"
 """Profile key under which a replayed decision carries its logged facts to the rules and values."""
 
 
-class CandidateSpecError(ValueError):
+class CandidateSpecError(NextbestError, ValueError):
     """A ``--candidate`` SPEC that cannot be understood; the message shows the forms that can."""
 
 

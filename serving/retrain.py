@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from nextbest.features.dataset import Dataset
 from nextbest.features.dataset_lock import DatasetLock, build_features_atomically
+from nextbest.features.errors import NextbestError
 from nextbest.features.live_exposures import DECISION_COLUMNS, exposures_from_decisions
 from nextbest.features.live_fold import (
     EVENT_ID,
@@ -80,7 +81,7 @@ LIVE_EVENT_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-class RetrainError(RuntimeError):
+class RetrainError(NextbestError, RuntimeError):
     """Retraining cannot go on; the message says why and what to do."""
 
 

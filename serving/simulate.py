@@ -41,6 +41,7 @@ import numpy as np
 import polars as pl
 
 from nextbest.features.dataset import Dataset
+from nextbest.features.errors import NextbestError
 from nextbest.features.schema import CUSTOMER_ID, TIMESTAMP_COL
 from nextbest.serving import api
 from nextbest.serving.dashboard import DEFAULT_OUT_NAME as DASHBOARD_FILE
@@ -70,7 +71,7 @@ HOUR = timedelta(hours=1)
 RESPONSE_DELAY = timedelta(minutes=2)
 
 
-class SimulationError(ValueError):
+class SimulationError(NextbestError, ValueError):
     """The simulation cannot run as asked (an output folder that is not a simulation's, a failed decision)."""
 
 

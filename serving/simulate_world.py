@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from nextbest.features.dataset import Dataset
+from nextbest.features.errors import NextbestError
 from nextbest.features.generate import (
     ACTION_KINDS,
     BRANDS,
@@ -36,7 +37,6 @@ from nextbest.features.schema import (
     CHANNEL,
     CUSTOMER_ID,
     EVENT_TYPE,
-    ITEM_ID,
     KIND,
     PRICE,
     QUANTITY,
@@ -44,6 +44,7 @@ from nextbest.features.schema import (
     SOURCE_ID,
     TIMESTAMP_COL,
 )
+from nextbest.serving.state_store import EVENT_COLUMNS
 
 DAY_SECONDS = 86_400.0
 ONLINE_CHANNELS: tuple[str, ...] = ("web", "app")
@@ -51,7 +52,7 @@ ONLINE_CHANNELS: tuple[str, ...] = ("web", "app")
 _TIMED_TABLES: tuple[str, ...] = ("events", "consent", "actions")
 
 
-class SimulationWorldError(ValueError):
+class SimulationWorldError(NextbestError, ValueError):
     """The world cannot be simulated (no truth files, a catalogue action the planted truth does not know)."""
 
 
@@ -149,14 +150,7 @@ def day_schedule(full: Dataset, ids: pl.DataFrame, start: datetime) -> DaySchedu
     )
     events = raw.select(
         pl.format("sim-{}-{}", pl.col(SESSION_ID), pl.col("__row")).alias("event_id"),
-        CUSTOMER_ID,
-        ITEM_ID,
-        EVENT_TYPE,
-        TIMESTAMP_COL,
-        SESSION_ID,
-        CHANNEL,
-        QUANTITY,
-        PRICE,
+        *EVENT_COLUMNS,  # what the service keeps of an event
     )
     visits = (
         raw.filter(pl.col(CHANNEL).is_in(ONLINE_CHANNELS))

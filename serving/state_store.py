@@ -21,6 +21,12 @@ The schema is created on first use and versioned (``meta.schema_version``): a st
 is refused with a message saying so, one written by an older version is migrated (:data:`MIGRATIONS`), and
 tables without a version (not ours) are refused. A state directory of the JSON-lines format of earlier versions
 is imported once (:func:`import_state_dir`).
+
+Why it is longer than the project's ~600 lines: it is the one place that writes the store, and every write keeps
+one discipline: the write lock first (PostgreSQL's advisory lock, SQLite's ``BEGIN IMMEDIATE``), then the row and
+its ``changes`` entry in the same transaction, so that replicas apply changes in commit order. Erasure, retention
+and the migrations cross every table in one transaction. Split by table, each file would need the lock, the
+change feed and the schema version of all the others.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from nextbest.features.errors import NextbestError
 from nextbest.features.schema import (
     CHANNEL,
     CUSTOMER_ID,
@@ -55,7 +62,7 @@ STATE_DB = "state.db"
 """The embedded store's file in the state directory."""
 
 
-class StateStoreError(RuntimeError):
+class StateStoreError(NextbestError, RuntimeError):
     """The store cannot be used as it is; the message says what to run or set."""
 
 

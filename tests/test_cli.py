@@ -1,13 +1,19 @@
-"""The command line: --json summaries as the last line, one-line errors with exit status 2."""
+"""The command line: --json summaries as the last line, one-line user errors with exit status 2, internal
+errors with exit status 1 and where they came from, and the main job as a plain function."""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from nextbest.features.errors import NextbestError
 from nextbest.serving.cli import main
 
 
@@ -54,6 +60,27 @@ def test_forget_json_summary(tiny_dataset, capsys):
         (["features", "build", "--data", "{root}/nowhere"], "is not a nextbest dataset (no raw/ folder)"),
         (["features", "build", "--data", "{root}", "--config", "{root}/missing.json"], "config file"),
         (["features", "build", "--data", "{root}", "--config", "{root}/bad.json"], "retention_days"),
+        (["features", "build", "--data", "{root}", "--config", "{root}"], "is not a file"),
+        (["data", "generate", "--out", "{root}/bad.json"], "is a file, not a dataset folder"),
+        (["tune", "cf", "--data", "{root}", "--metric", "nonsense"], "unknown metric 'nonsense'"),
+        (
+            ["tune", "cf", "--data", "{root}", "--storage", "bogus://x"],
+            "--storage bogus://x is not a database",
+        ),
+        (["report", "decisions", "--data", "{root}", "--window-days", "nan"], "--window-days must be"),
+        (
+            [
+                "data",
+                "import",
+                "events",
+                "{root}/no.csv",
+                "--map",
+                "customer_id=u,item_id=i,timestamp=t",
+                "--event-type",
+                "purchase",
+            ],
+            "no.csv does not exist",
+        ),
     ],
 )
 def test_user_errors_are_one_line_with_exit_2(tiny_dataset, capsys, argv, message):
@@ -62,6 +89,124 @@ def test_user_errors_are_one_line_with_exit_2(tiny_dataset, capsys, argv, messag
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nextbest: error: ") and message in err[0]
+
+
+def test_a_dataset_without_events_is_a_user_error(tiny_dataset, capsys):
+    # An import whose every row was quarantined leaves an events table with no rows.
+    events = tiny_dataset.read("events")
+    tiny_dataset.write_table("events", events.clear())
+    assert main(["features", "build", "--data", str(tiny_dataset.root)]) == 2
+    assert capsys.readouterr().err.strip() == "nextbest: error: the dataset has no events"
+
+
+def _line_of(function, text: str) -> int:
+    """The line number of the one line of ``function``'s source holding ``text``."""
+    lines, first = inspect.getsourcelines(function)
+    (offset,) = [i for i, line in enumerate(lines) if text in line]
+    return first + offset
+
+
+def _broken_build(exc: Exception):
+    def build_features(*args, **kwargs):
+        if isinstance(exc, KeyError):
+            return {}  # the command then fails in our code, reading a key the manifest lacks
+        raise exc
+
+    return build_features
+
+
+@pytest.mark.parametrize(
+    ("exc", "headline", "raised_at"),
+    [
+        # A bug in the command itself: the frame that raised.
+        (KeyError("row_counts"), "KeyError: 'row_counts'", 'rc = manifest["row_counts"]'),
+        # A bug below it, outside our code: the innermost frame of ours, the call.
+        (ValueError("boom"), "ValueError: boom", "manifest = build_features("),
+    ],
+)
+def test_an_internal_error_exits_1_and_says_where_it_came_from(
+    tiny_dataset, capsys, monkeypatch, exc, headline, raised_at
+):
+    from nextbest.serving.cli import data
+
+    monkeypatch.delenv("NEXTBEST_DEBUG", raising=False)
+    monkeypatch.setattr("nextbest.features.pipeline.build_features", _broken_build(exc))
+    assert main(["features", "build", "--data", str(tiny_dataset.root), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    line = _line_of(data.cmd_features_build, raised_at)
+    assert err.splitlines() == [
+        f"nextbest: internal error (a bug, please report it): {headline}",
+        f"  at serving/cli/data.py:{line} in cmd_features_build",
+        "  (NEXTBEST_DEBUG=1 shows the whole traceback)",
+    ]
+    assert "Traceback" not in err
+
+
+def test_nextbest_debug_raises_internal_and_user_errors(tiny_dataset, monkeypatch):
+    monkeypatch.setenv("NEXTBEST_DEBUG", "1")
+    monkeypatch.setattr("nextbest.features.pipeline.build_features", _broken_build(KeyError("row_counts")))
+    with pytest.raises(KeyError, match="row_counts"):
+        main(["features", "build", "--data", str(tiny_dataset.root), "--quiet"])
+    with pytest.raises(NextbestError, match="is not a nextbest dataset"):
+        main(["features", "build", "--data", str(tiny_dataset.root / "nowhere")])
+
+
+def _named_errors() -> list[tuple[str, str]]:
+    """(module, class) of every ``class …Error`` defined at the top of a module of features/, training/ and
+    serving/ (the command line's package included)."""
+    import nextbest.features
+
+    root = Path(next(iter(nextbest.features.__path__))).parent
+    found = []
+    for package in ("features", "training", "serving"):
+        for path in sorted((root / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            module = ".".join(("nextbest", *path.relative_to(root).with_suffix("").parts))
+            found += [
+                (module, n.name)
+                for n in tree.body
+                if isinstance(n, ast.ClassDef) and n.name.endswith("Error")
+            ]
+    return found
+
+
+def test_every_named_error_is_a_nextbest_error_except_the_services_http_error():
+    named = _named_errors()
+    assert len(named) >= 35 and ("nextbest.serving.cli.common", "UsageError") in named
+    not_ours = [
+        f"{module}.{name}"
+        for module, name in named
+        if not issubclass(getattr(importlib.import_module(module), name), NextbestError)
+    ]
+    # ServiceError is the engine's HTTP error (its subclasses carry a status code), not a command-line error.
+    assert not_ours == ["nextbest.serving.engine_config.ServiceError"]
+
+
+def test_named_errors_keep_their_old_base():
+    from nextbest.features.dataset import DatasetError
+    from nextbest.features.schema import SchemaError
+    from nextbest.serving.state_store import StateStoreError
+
+    assert issubclass(SchemaError, ValueError) and issubclass(DatasetError, FileNotFoundError)
+    assert issubclass(StateStoreError, RuntimeError)
+
+
+def test_the_main_job_is_a_plain_function(tiny_dataset, capsys):
+    from nextbest.serving.cli.run import RunConfig, RunReport, run_main_job
+
+    config = RunConfig(data=tiny_dataset.root, train=False)
+    assert RunConfig.model_validate_json(config.model_dump_json()) == config
+    said: list[str] = []
+    report = run_main_job(config, progress=False, say=said.append)
+    assert isinstance(report, RunReport) and said == []  # the dataset has events: nothing generated
+    summary = report.to_dict()
+    assert list(summary) == ["command", "data", "features"]
+    assert summary["features"]["row_counts"]["interaction_customers"] == 4
+    assert report.lines()[0] == f"dataset: {tiny_dataset.root}"
+    # `nextbest run` prints the same summary.
+    argv = ["run", "--data", str(tiny_dataset.root), "--skip-training", "--json", "--quiet"]
+    assert main(argv) == 0
+    assert _last_json(capsys) == json.loads(json.dumps(summary, default=str))
 
 
 @pytest.mark.slow  # a subprocess

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from nextbest.features.dataset import Dataset
+from nextbest.features.errors import NextbestError
 from nextbest.features.interactions import Interactions, build_interactions, interaction_weights
 from nextbest.features.pipeline import FeatureConfig, clean_events
 from nextbest.features.profiles import build_profiles
@@ -58,11 +59,10 @@ from nextbest.training.tracking import (
     log_run_inputs,
     log_trial_run,
     mask_credentials,
-    open_study,
     register_study_best,
     run_name,
     run_tags,
-    study_parent_run,
+    start_study,
     use_tracking,
     version_description,
 )
@@ -71,11 +71,11 @@ ITERATIVE_MODELS = ("als", "bpr")
 TEST_PREFIX = "test_"
 
 
-class CFDataError(ValueError):
+class CFDataError(NextbestError, ValueError):
     """A dataset cannot be trained on yet (no features built, no split, no purchases in a period)."""
 
 
-class TuneError(RuntimeError):
+class TuneError(NextbestError, RuntimeError):
     """A study finished without a single completed trial."""
 
 
@@ -793,34 +793,20 @@ def tune_cf(
         data, evaluation=evaluation, with_test=evaluate_test, progress=progress
     )
     experiment = tracking.experiment or _experiment_name(data_.dataset)
-    from nextbest.training.tracking import default_optuna_storage
-
-    storage_url = storage or default_optuna_storage(tracking)
-    name = study_name or f"{experiment}-{model}-{metric}"
-    study = open_study(
-        storage_url,
-        name,
+    started = start_study(
+        tracking,
+        storage=storage,
+        name=study_name or f"{experiment}-{model}-{metric}",
         direction="maximize",
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0, interval_steps=1),
         seed=seed,
+        dataset=data_.dataset,
+        model=model,
+        objective=metric,
+        default_experiment=_experiment_name(data_.dataset),
     )
-
-    client = parent_id = None
-    experiment_id = ""
-    if tracking.enabled:
-        from mlflow import MlflowClient
-
-        experiment_id = use_tracking(tracking, _experiment_name(data_.dataset))
-        client = MlflowClient()
-        parent_id = study_parent_run(
-            client,
-            study,
-            experiment_id,
-            model=model,
-            dataset=data_.dataset,
-            storage=storage_url,
-            objective=metric,
-        )
+    study, storage_url, name = started.study, started.storage, started.study.study_name
+    client, experiment_id, parent_id = started.client, started.experiment_id, started.parent_id
 
     task = data_.validation
     # The objective's K is always evaluated, even when it is not among the configured ones.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from nextbest.features.errors import NextbestError
+
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 
-class DeviceError(ValueError):
+class DeviceError(NextbestError, ValueError):
     """A device was asked for that does not exist here (or is not one of :data:`DEVICE_CHOICES`)."""
 
 

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from nextbest.features.errors import NextbestError
+
 ESTIMATORS: tuple[str, ...] = ("ips", "snips", "dr")
 DEFAULT_RESAMPLES = 1_000
 DEFAULT_LEVEL = 0.95
@@ -40,7 +42,7 @@ _BOOTSTRAP_CELLS = 2_000_000
 _SUM_TOLERANCE = 1e-6
 
 
-class OPEInputError(ValueError):
+class OPEInputError(NextbestError, ValueError):
     """Logged data an estimator cannot use: empty, mismatched lengths, probabilities out of range, NaN rewards."""
 
 

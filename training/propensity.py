@@ -33,6 +33,7 @@ from scipy.stats import rankdata
 from torch import nn
 from tqdm.auto import tqdm
 
+from nextbest.features.errors import NextbestError
 from nextbest.features.schema import ACTION_ID, RESPONDED
 from nextbest.training.affinity import AFFINITY, ActionAffinity
 from nextbest.training.device import select_device
@@ -48,7 +49,7 @@ ECE_BINS = 10
 _EPS = 1e-15
 
 
-class PropensityModelError(ValueError):
+class PropensityModelError(NextbestError, ValueError):
     """A saved propensity model cannot be read (missing file, unknown format version)."""
 
 
@@ -932,10 +933,15 @@ class PropensityScorer:
         if not ids:
             return {}
         rows = self.encoder.encode_one(customer_features, ids, channel, at, affinities=affinities)
-        with torch.inference_mode():
-            z = self.model.net(torch.from_numpy(rows.categorical), torch.from_numpy(rows.numeric)).numpy()
-        p = self.model.calibration.apply(z)
-        return dict(zip(ids, p.tolist(), strict=True))
+        return dict(zip(ids, self.probabilities([rows]).tolist(), strict=True))
+
+    def probabilities(self, batches: Sequence[EncodedRows]) -> np.ndarray:
+        """Calibrated probabilities of encoded rows (:meth:`FeatureEncoder.encode_one` of one or more customers),
+        in one forward pass: what :meth:`score` and the service's batched decisions both call."""
+        rows = EncodedRows(
+            np.concatenate([b.categorical for b in batches]), np.concatenate([b.numeric for b in batches])
+        )
+        return self.model.predict_rows(rows)
 
     def score_frame(self, frame: pl.DataFrame) -> np.ndarray:
         """Probabilities of exposure rows (the offline path), for comparison with :meth:`score`."""

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from nextbest.features.errors import NextbestError
 from nextbest.training.recommenders import ALSConfig
 
 SNAPSHOT_AT = "snapshot_at"
@@ -15,7 +16,7 @@ P_TRUE = "p_true"
 """The planted response probability of an exposure (``truth/propensity.parquet``, generated data only)."""
 
 
-class PropensityDataError(ValueError):
+class PropensityDataError(NextbestError, ValueError):
     """The dataset cannot give a propensity training table (no exposures, no attribute to derive targets, …)."""
 
 

@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +39,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict
 
 from nextbest.features.dataset import Dataset
+from nextbest.features.errors import NextbestError
 from nextbest.training.registry import (
     CHALLENGER,
     CHAMPION,
@@ -205,7 +207,7 @@ def _lost_a_race(exc: BaseException | None) -> bool:
     return False
 
 
-class StudyStorageError(RuntimeError):
+class StudyStorageError(NextbestError, RuntimeError):
     """An Optuna or MLflow store could not be opened (after retrying concurrent initialisation)."""
 
 
@@ -229,6 +231,54 @@ def open_study(storage: str, name: str, *, direction: str, pruner: Any, seed: in
         )
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), constant_liar=True)
     return study
+
+
+@dataclass
+class StudyRun:
+    """An Optuna study and, when tracking is on, the MLflow parent run its trials log under."""
+
+    study: Any
+    storage: str
+    client: Any = None
+    experiment_id: str = ""
+    parent_id: str | None = None
+
+
+def start_study(
+    tracking: TrackingConfig,
+    *,
+    storage: str | None,
+    name: str,
+    direction: str,
+    pruner: Any,
+    seed: int,
+    dataset: Dataset,
+    model: str,
+    objective: str,
+    default_experiment: str,
+) -> StudyRun:
+    """Open (create, resume or join) the study ``name`` in ``storage`` (default :func:`default_optuna_storage`)
+    and, with tracking on, its MLflow parent run (:func:`study_parent_run`) in the experiment of ``tracking``
+    (``default_experiment`` without one): what ``nextbest tune cf`` and ``tune propensity`` both start with."""
+    storage_url = storage or default_optuna_storage(tracking)
+    study = open_study(storage_url, name, direction=direction, pruner=pruner, seed=seed)
+    run = StudyRun(study, storage_url)
+    if tracking.enabled:
+        from mlflow import MlflowClient
+
+        run.experiment_id = use_tracking(tracking, default_experiment)
+        uri = resolve_tracking_uri(tracking)
+        run.client = MlflowClient(uri, uri)
+        run.parent_id = study_parent_run(
+            run.client,
+            study,
+            run.experiment_id,
+            model=model,
+            dataset=dataset,
+            storage=storage_url,
+            objective=objective,
+        )
+    return run
 
 
 def flat_params(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, str]:
