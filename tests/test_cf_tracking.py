@@ -70,6 +70,7 @@ def test_every_model_trains_and_als_beats_popularity_on_discovery(world, prepare
     assert results["als"].bundle.history.matrix.shape[0] >= prepared.train.interactions.matrix.shape[0]
 
 
+@pytest.mark.slow  # a whole Optuna study with MLflow runs
 def test_study_logs_parent_and_nested_runs_and_registers_challenger(study, tracking):
     result, _ = study
     assert result.trials == 4 and result.complete + result.pruned == 4 and result.complete >= 1

@@ -230,6 +230,7 @@ def test_console_script_runs_as_a_program(tiny_dataset):
     assert "is not a nextbest dataset" in proc.stderr
 
 
+@pytest.mark.slow  # the whole pipeline through the CLI
 def test_generate_build_train_and_promote_through_the_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = str(tmp_path / "world")
@@ -275,6 +276,7 @@ def test_generate_build_train_and_promote_through_the_cli(tmp_path, capsys, monk
     assert second["promoted"] is False and "does not beat" in second["reason"]
 
 
+@pytest.mark.slow  # trains and registers through the CLI
 def test_train_and_promote_propensity_through_the_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = str(tmp_path / "world")

@@ -127,6 +127,7 @@ def customers(engine: Engine, n: int) -> list[str]:
     return sorted(engine.data.customers.keys())[:n]
 
 
+@pytest.mark.slow  # registers, promotes and swaps models under load: seconds
 def test_reload_swaps_a_new_champion_under_concurrent_requests(engine_on_copy):
     engine = engine_on_copy
     before = engine.model_versions()

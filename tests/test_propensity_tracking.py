@@ -93,6 +93,7 @@ def test_train_logs_a_run_registers_the_challenger_and_it_loads_back(world):
     np.testing.assert_allclose(scorer.score_frame(data.test), local, atol=1e-7)
 
 
+@pytest.mark.slow  # a whole Optuna study with MLflow runs
 def test_tune_logs_nested_trial_runs_and_registers_the_best(world):
     ds, data, root = world
     tracking = _tracking(root, "tune")

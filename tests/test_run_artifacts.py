@@ -29,7 +29,8 @@ from nextbest.training.propensity_tuning import train_propensity
 from nextbest.training.recommenders import config_for
 from nextbest.training.tracking import DataManifest, TrackingConfig, promote_recommender
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+# Slow: its fixtures train, log and register real models in MLflow (about 10 s before the first test).
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.slow]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK_PROPENSITY = PropensityConfig(epochs=2, batch_size=256, hidden_sizes=[32], cross_layers=1)
