@@ -9,7 +9,7 @@ validation period for tuning is October 2017, with training before 2017-10-01):
 
 1. Imports Complete Journey into ``benchmarks/out/completejourney`` (once) and builds its features with
    ``validation_start=2017-10-01``, ``test_start=2017-11-01`` (again only when the manifest's split differs).
-2. Prepares the matrices with ``training.cf.prepare_cf_data``. Customers and items unseen in training are
+2. Prepares the matrices with ``training.cf_data.prepare_cf_data``. Customers and items unseen in training are
    dropped from the evaluation by ``training.evaluation.prepare_evaluation`` (a period purchase is kept only if
    both its customer and its item are in the training vocabularies); this script checks that independently: it
    counts, with Polars on the clean events, the distinct (customer, item) test purchases whose customer and item
@@ -77,8 +77,8 @@ def _log(message: str) -> None:
 
 def ensure_dataset(path: Path) -> Any:
     """Complete Journey imported into ``path`` with features built at the issue's cut-offs (cached)."""
+    from nextbest.features.completejourney import import_completejourney
     from nextbest.features.dataset import Dataset
-    from nextbest.features.importers import import_completejourney
     from nextbest.features.pipeline import FeatureConfig, build_features
 
     ds = Dataset.at(path)
@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("implicit").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    from nextbest.training.cf import prepare_cf_data, tune_cf
+    from nextbest.training.cf_data import prepare_cf_data
+    from nextbest.training.cf_tuning import tune_cf
     from nextbest.training.evaluation import EvaluationConfig
     from nextbest.training.recommenders import (
         BlendConfig,

@@ -59,7 +59,7 @@ def _per_kind(data, y, predictions: dict) -> dict[str, dict]:
     """Test-period AUC and ECE of each model per action kind (from the catalogue's ``kind`` column), and overall."""
     import numpy as np
 
-    from nextbest.training.propensity import expected_calibration_error, roc_auc
+    from nextbest.training.propensity_metrics import expected_calibration_error, roc_auc
 
     if "kind" in data.catalog.columns:
         kinds = (
@@ -121,16 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
     import polars as pl
     import torch
 
-    from nextbest.training.propensity import (
-        PropensityConfig,
-        PropensityScorer,
-        evaluate_propensity,
-        expected_calibration_error,
-        fit_logistic_regression,
-        fit_propensity,
-        roc_auc,
-    )
+    from nextbest.training.propensity import PropensityConfig, fit_propensity
     from nextbest.training.propensity_data import load_propensity_data
+    from nextbest.training.propensity_eval import evaluate_propensity, fit_logistic_regression
+    from nextbest.training.propensity_metrics import expected_calibration_error, roc_auc
+    from nextbest.training.propensity_scorer import PropensityScorer
 
     ds = propensity_world(args.customers, args.days, args.seed, args.exposures, data=args.data)
     root = ds.root

@@ -291,7 +291,7 @@ def gradient_boosting_aucs(
     """Test AUC of histogram gradient boosting (its first ``categorical`` columns categorical), one per seed."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    from nextbest.training.propensity import roc_auc
+    from nextbest.training.propensity_metrics import roc_auc
 
     mask = np.arange(x_learn.shape[1]) < categorical
     aucs = []
@@ -319,8 +319,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     from benchmarks.propensity import propensity_world
-    from nextbest.training.propensity import PropensityConfig, evaluate_propensity, fit_propensity, roc_auc
+    from nextbest.training.propensity import PropensityConfig, fit_propensity
     from nextbest.training.propensity_data import load_propensity_data
+    from nextbest.training.propensity_eval import evaluate_propensity
+    from nextbest.training.propensity_metrics import roc_auc
 
     started = time.perf_counter()
     # The same world as benchmarks/propensity.py (same default folder; generated once, then reused).

@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from nextbest.training.device import cuda_available
-    from nextbest.training.propensity import PropensityConfig, evaluate_propensity, fit_propensity
+    from nextbest.training.propensity import PropensityConfig, fit_propensity
     from nextbest.training.propensity_data import PropensityDataConfig, split_table
+    from nextbest.training.propensity_eval import evaluate_propensity
     from tests.test_propensity import synthetic_table
 
     table, catalog, columns = synthetic_table(

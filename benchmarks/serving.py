@@ -93,8 +93,9 @@ def prepare(data: Path, customers: int, items: int, seed: int) -> None:
     from nextbest.features.pipeline import build_features
     from nextbest.serving.engine import EngineConfig, EngineLoadError, check_registry
     from nextbest.training.cf import train_cf
+    from nextbest.training.promotion import promote_recommender
     from nextbest.training.propensity_tuning import promote_propensity, train_propensity
-    from nextbest.training.tracking import TrackingConfig, promote_recommender
+    from nextbest.training.tracking import TrackingConfig
 
     ds = Dataset.at(data)
     uri = tracking_uri(data)

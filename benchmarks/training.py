@@ -79,7 +79,8 @@ def bare_implicit_fit(matrix: Any, config: Any, *, seed: int, threads: int) -> f
 
 def time_fits(data_dir: Path, *, repeats: int, seed: int, threads: int) -> dict[str, Any]:
     """Best-of-``repeats`` seconds of our fitting step and of the bare implicit fit on the same matrix."""
-    from nextbest.training.cf import fit_recommender, prepare_cf_data
+    from nextbest.training.cf import fit_recommender
+    from nextbest.training.cf_data import prepare_cf_data
     from nextbest.training.recommenders import ALSConfig
 
     data = prepare_cf_data(data_dir, with_test=False)
@@ -134,7 +135,8 @@ def _nested_run_seconds(tracking_uri: str, parent_run_id: str) -> list[float]:
 
 def tracking_overhead(data_dir: Path, *, trials: int, seed: int, threads: int) -> dict[str, Any]:
     """The same tiny ALS study with and without MLflow tracking; per-trial and per-study costs."""
-    from nextbest.training.cf import prepare_cf_data, tune_cf
+    from nextbest.training.cf_data import prepare_cf_data
+    from nextbest.training.cf_tuning import tune_cf
     from nextbest.training.tracking import TrackingConfig
 
     data = prepare_cf_data(data_dir, with_test=False)

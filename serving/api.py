@@ -28,7 +28,7 @@ from nextbest.serving.contact import ContactEntry
 from nextbest.serving.decision_log import ResponseKind
 from nextbest.serving.decisions import ScoredAction
 from nextbest.serving.explain import ItemFilters
-from nextbest.serving.policy import LeverChange
+from nextbest.serving.levers import LeverChange
 from nextbest.serving.times import UtcDateTime
 
 MAX_ID_LENGTH = 128

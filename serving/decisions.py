@@ -34,7 +34,8 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from nextbest.features.schema import CHANNEL, CUSTOMER_ID, ITEM_ID
-from nextbest.serving.policy import NO_ACTION_KIND, ActionPolicy, Exploration, RuleScope
+from nextbest.serving.policy import NO_ACTION_KIND, ActionPolicy, Exploration
+from nextbest.serving.policy_rules import RuleScope
 
 MARKETING = "marketing"
 PERSONALISATION = "personalisation"
@@ -172,7 +173,7 @@ def arbitrate(
         consent: granted purposes (``personalisation``, ``marketing``); a missing purpose counts as not granted.
         contact_state: the contact ledger (None: no contact limits, e.g. offline replays).
         n: how many actions to return at most.
-        levers: run-time lever overrides by action (:attr:`serving.policy.PolicyState.levers`).
+        levers: run-time lever overrides by action (:attr:`serving.levers.PolicyState.levers`).
         customer_id: defaults to ``profile["customer_id"]``.
         now: defaults to ``context["now"]``, else the current UTC time.
 

@@ -78,6 +78,7 @@ from nextbest.serving.erasure_queue import ErasureQueue
 from nextbest.serving.event_intake import FUTURE_TOLERANCE, EventIntake  # noqa: F401
 from nextbest.serving.event_log import EventLog
 from nextbest.serving.hot_swap import SwapLock, features_stamp
+from nextbest.serving.levers import PolicyState
 from nextbest.serving.live_state import LiveCustomer, LiveState, not_folded
 from nextbest.serving.model_slots import PropensitySlot, RecommenderSlot, Served, serve
 from nextbest.serving.models import (  # noqa: F401
@@ -100,7 +101,6 @@ from nextbest.serving.policy import (
     DEFAULT_POLICY_PATH,
     ActionPolicy,
     PolicyError,
-    PolicyState,
     attach_catalog,
     load_policy,
     unpoliced_actions,

@@ -119,7 +119,7 @@ class PropensitySlot:
 
     @classmethod
     def create(cls, registered: RegisteredModel, data: ServingData) -> PropensitySlot:
-        from nextbest.training.propensity import PropensityScorer
+        from nextbest.training.propensity_scorer import PropensityScorer
 
         scorer = PropensityScorer(registered.model)
         affinity = scorer.affinity

@@ -112,7 +112,8 @@ def _load_recommender(root: Path, label: str) -> Any:
 
 def _load_propensity(root: Path, label: str) -> Any:
     """The propensity model inside an MLflow model directory."""
-    from nextbest.training.propensity import PropensityModel, PropensityModelError, find_model_dir
+    from nextbest.training.propensity import PropensityModel, PropensityModelError
+    from nextbest.training.propensity_scorer import find_model_dir
 
     try:
         return PropensityModel.load(find_model_dir(root), device="cpu")

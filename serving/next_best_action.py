@@ -25,8 +25,9 @@ from nextbest.serving.decisions import (
     arbitrate,
     explore,
 )
+from nextbest.serving.levers import PolicyState
 from nextbest.serving.model_slots import PropensitySlot
-from nextbest.serving.policy import ActionPolicy, PolicyState
+from nextbest.serving.policy import ActionPolicy
 from nextbest.serving.state_store import StateStore
 
 

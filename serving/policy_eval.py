@@ -315,7 +315,7 @@ def policy_report(
         CandidateSpecError: a bad SPEC (checked before the log is read).
         PolicyEvalError: an empty log (after ``since``) or a store without responses.
     """
-    from nextbest.serving.policy import PolicyState
+    from nextbest.serving.levers import PolicyState
 
     levers = PolicyState(current, store).levers
     candidates = candidates_for(specs, current, levers, catalog=catalog)

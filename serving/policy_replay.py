@@ -38,14 +38,12 @@ from nextbest.serving.policy import (
     NO_ACTION_KIND,
     RULE_GROUPS,
     ActionPolicy,
-    Condition,
     PolicyDefaults,
     PolicyError,
-    RuleOutcome,
-    RuleScope,
     attach_catalog,
     load_policy,
 )
+from nextbest.serving.policy_rules import Condition, RuleOutcome, RuleScope
 
 CURRENT = "current"
 """The name of the baseline candidate: the champion policy with its current levers."""
@@ -140,7 +138,7 @@ def parse_candidate(
     Args:
         spec: the SPEC.
         current: the champion policy (catalogue attached).
-        current_levers: its levers now (:attr:`serving.policy.PolicyState.levers`); None: the file's.
+        current_levers: its levers now (:attr:`serving.levers.PolicyState.levers`); None: the file's.
         catalog: the action catalogue, attached to a candidate policy file as the service would.
 
     Raises:

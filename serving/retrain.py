@@ -17,7 +17,7 @@ Safe to run from cron while the service runs. In order, under the dataset's lock
    registry version is tagged ``refit=all`` and ``data_until=<latest event>``; the propensity model (calibrated on
    its validation period) is not refit, and its version is tagged ``refit=train`` and ``data_until=<latest
    exposure>``.
-4. **Promotion** goes through the existing gate only (:func:`~training.tracking.promote_recommender`,
+4. **Promotion** goes through the existing gate only (:func:`~training.promotion.promote_recommender`,
    :func:`~training.propensity_tuning.promote_propensity`), which says why either way. The CLI then exports the
    champions for BentoML; a running service picks the new ``@champion`` up by itself.
 """
@@ -310,7 +310,8 @@ def retrain_recommender(ds: Dataset, tracking_uri: str, *, progress: bool = Fals
     """Train the recommender challenger with the champion's config, refit on all data, and promote through the
     gate (steps 3 and 4)."""
     from nextbest.training.cf import train_cf
-    from nextbest.training.tracking import REGISTERED_MODEL, TrackingConfig, promote_recommender
+    from nextbest.training.promotion import promote_recommender
+    from nextbest.training.tracking import REGISTERED_MODEL, TrackingConfig
 
     tracking = TrackingConfig(tracking_uri=tracking_uri)
     configs, label = champion_run_configs(tracking_uri, REGISTERED_MODEL)
@@ -458,7 +459,7 @@ def retrain(
         RetrainError: the features could not be rebuilt consistently.
     """
     from nextbest.features.splits import SplitError
-    from nextbest.training.cf import CFDataError
+    from nextbest.training.cf_data import CFDataError
 
     ds = data if isinstance(data, Dataset) else Dataset.at(data)
     ds.require()

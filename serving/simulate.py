@@ -142,8 +142,9 @@ def train_first_models(ds: Dataset, registry: str, config: SimulationConfig) -> 
     """Build features and train, register and promote both models once (the champions the first day serves)."""
     from nextbest.features.pipeline import build_features
     from nextbest.training.cf import train_cf
+    from nextbest.training.promotion import promote_recommender
     from nextbest.training.propensity_tuning import promote_propensity, train_propensity
-    from nextbest.training.tracking import TrackingConfig, promote_recommender
+    from nextbest.training.tracking import TrackingConfig
 
     build_features(ds)
     tracking = TrackingConfig(tracking_uri=registry)

@@ -169,8 +169,9 @@ def trained_world(tmp_path_factory) -> TrainedWorld:
     from nextbest.features.generate import WorldConfig, generate_world
     from nextbest.features.pipeline import build_features
     from nextbest.training.cf import train_cf
+    from nextbest.training.promotion import promote_recommender
     from nextbest.training.propensity_tuning import promote_propensity, train_propensity
-    from nextbest.training.tracking import TrackingConfig, promote_recommender
+    from nextbest.training.tracking import TrackingConfig
 
     root = tmp_path_factory.mktemp("trained-world")
     ds = Dataset.at(root / "world")

@@ -8,14 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
+from nextbest.features.completejourney import cj_action_catalog, cj_action_targets, cj_actions
 from nextbest.features.dataset import Dataset
-from nextbest.features.importers import (
-    EventImportConfig,
-    cj_action_catalog,
-    cj_action_targets,
-    cj_actions,
-    import_events,
-)
+from nextbest.features.importers import EventImportConfig, import_events
 from nextbest.features.schema import TIMESTAMP, validate
 from nextbest.training.affinity import action_target_items
 from nextbest.training.campaign_inputs import (

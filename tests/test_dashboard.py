@@ -472,7 +472,8 @@ def test_unbuilt_dataset_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_dashboard_uses_the_registered_champion(world, tmp_path):
     from nextbest.training.cf import train_cf
-    from nextbest.training.tracking import TrackingConfig, promote_recommender
+    from nextbest.training.promotion import promote_recommender
+    from nextbest.training.tracking import TrackingConfig
 
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     tracking = TrackingConfig(tracking_uri=uri)

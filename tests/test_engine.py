@@ -39,7 +39,8 @@ from nextbest.serving.engine import (
     Unauthorized,
     check_registry,
 )
-from nextbest.training.cf import prepare_cf_data, train_cf
+from nextbest.training.cf import train_cf
+from nextbest.training.cf_data import prepare_cf_data
 from nextbest.training.propensity import PropensityConfig, fit_propensity
 from nextbest.training.propensity_data import load_propensity_data
 from nextbest.training.tracking import TrackingConfig

@@ -8,14 +8,10 @@ import pytest
 import torch
 
 from nextbest.training.device import cuda_available, select_device
-from nextbest.training.propensity import (
-    PropensityConfig,
-    PropensityModel,
-    PropensityScorer,
-    evaluate_propensity,
-    fit_propensity,
-)
+from nextbest.training.propensity import PropensityConfig, PropensityModel, fit_propensity
 from nextbest.training.propensity_data import PropensityDataConfig, split_table
+from nextbest.training.propensity_eval import evaluate_propensity
+from nextbest.training.propensity_scorer import PropensityScorer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")]
 

@@ -10,16 +10,18 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from nextbest.features.dataset import Dataset
-from nextbest.features.importers import (
-    EventImportConfig,
-    ImportFileError,
-    ImportMappingError,
+from nextbest.features.completejourney import (
     age_band_midpoint,
     cj_action_catalog,
     cj_actions,
     cj_customers,
     cj_events,
+)
+from nextbest.features.dataset import Dataset
+from nextbest.features.importers import (
+    EventImportConfig,
+    ImportFileError,
+    ImportMappingError,
     epoch_to_timestamp,
     import_events,
     parse_mapping,

@@ -12,19 +12,17 @@ import polars as pl
 import pytest
 
 import nextbest.serving.policy
+from nextbest.serving.levers import PolicyState
 from nextbest.serving.policy import (
     DEFAULT_POLICY_PATH,
     ActionPolicy,
-    Condition,
     PolicyError,
-    PolicyState,
-    RuleScope,
     attach_catalog,
     load_policy,
-    parse_condition,
     policy_from_dict,
     unpoliced_actions,
 )
+from nextbest.serving.policy_rules import Condition, RuleScope, parse_condition
 from nextbest.serving.state_store import StateStore, StateStoreError, default_state_url, import_state_dir
 
 

@@ -599,9 +599,10 @@ def test_replaying_the_real_engines_log_reproduces_every_choice(tmp_path):
         RegisteredModel,
         ServingModels,
     )
-    from nextbest.serving.policy import PolicyState
+    from nextbest.serving.levers import PolicyState
     from nextbest.serving.policy_eval import load_profiles
-    from nextbest.training.cf import prepare_cf_data, train_cf
+    from nextbest.training.cf import train_cf
+    from nextbest.training.cf_data import prepare_cf_data
     from nextbest.training.propensity import PropensityConfig, fit_propensity
     from nextbest.training.propensity_data import load_propensity_data
     from nextbest.training.tracking import TrackingConfig

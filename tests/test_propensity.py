@@ -16,24 +16,13 @@ from nextbest.features.dataset import Dataset
 from nextbest.features.schema import validate
 from nextbest.training.device import DeviceError, cuda_available, select_device
 from nextbest.training.propensity import (
-    BaseRateBaseline,
     Calibration,
     PropensityConfig,
     PropensityModel,
     PropensityModelError,
-    PropensityScorer,
-    brier_score,
-    classification_metrics,
-    evaluate_propensity,
-    expected_calibration_error,
     fit_calibration,
     fit_platt,
     fit_propensity,
-    log_loss,
-    per_action_metrics,
-    reliability_plot,
-    reliability_table,
-    roc_auc,
 )
 from nextbest.training.propensity_data import (
     SNAPSHOT_AT,
@@ -52,6 +41,17 @@ from nextbest.training.propensity_data import (
     split_table,
     time_cutoffs,
 )
+from nextbest.training.propensity_eval import BaseRateBaseline, evaluate_propensity, reliability_plot
+from nextbest.training.propensity_metrics import (
+    brier_score,
+    classification_metrics,
+    expected_calibration_error,
+    log_loss,
+    per_action_metrics,
+    reliability_table,
+    roc_auc,
+)
+from nextbest.training.propensity_scorer import PropensityScorer
 
 T0 = datetime(2026, 1, 1)
 

@@ -12,8 +12,9 @@ from mlflow import MlflowClient
 
 from nextbest.features.dataset import Dataset
 from nextbest.features.generate import WorldConfig, generate_world
-from nextbest.training.propensity import PropensityConfig, PropensityModel, PropensityScorer
+from nextbest.training.propensity import PropensityConfig, PropensityModel
 from nextbest.training.propensity_data import load_propensity_data
+from nextbest.training.propensity_scorer import PropensityScorer
 from nextbest.training.propensity_tuning import (
     REGISTERED_MODEL,
     higher_is_better,

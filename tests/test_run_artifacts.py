@@ -20,14 +20,17 @@ from mlflow import MlflowClient
 from nextbest.features.dataset import Dataset
 from nextbest.features.generate import WorldConfig, generate_world
 from nextbest.features.pipeline import FeatureConfig, build_features, clean_events
-from nextbest.training.cf import prepare_cf_data, train_cf, tune_cf
+from nextbest.training.cf import train_cf
+from nextbest.training.cf_data import prepare_cf_data
+from nextbest.training.cf_tuning import tune_cf
 from nextbest.training.evaluation import EvaluationConfig
 from nextbest.training.plots import best_so_far
+from nextbest.training.promotion import promote_recommender
 from nextbest.training.propensity import PropensityConfig
 from nextbest.training.propensity_data import PropensityDataConfig, load_propensity_data
 from nextbest.training.propensity_tuning import train_propensity
 from nextbest.training.recommenders import config_for
-from nextbest.training.tracking import DataManifest, TrackingConfig, promote_recommender
+from nextbest.training.tracking import DataManifest, TrackingConfig
 
 # Slow: its fixtures train, log and register real models in MLflow (about 10 s before the first test).
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.slow]

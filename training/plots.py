@@ -1,5 +1,6 @@
 """Figures a reviewer looks at in MLflow: metrics by K, per-segment bars, Optuna's optimisation history and
-parameter importance (the propensity reliability diagram lives beside its report in ``training.propensity``).
+parameter importance (the propensity reliability diagram lives beside its report in
+``training.propensity_eval``).
 
 Figures are drawn on matplotlib ``Figure`` objects with the Agg canvas, so no GUI backend and no global
 pyplot state is touched.

@@ -1,4 +1,4 @@
-"""The action propensity model: a calibrated PyTorch cross network, its baselines, metrics and online scorer.
+"""The action propensity model: a calibrated PyTorch cross network, how it is trained and how it is saved.
 
 P(responded | customer, action, context) feeds the next best action's P × V × L, so what matters beyond ranking
 (AUC) is calibration: a 0.2 must mean one in five. The network is trained with a positive-class weight (rare
@@ -10,6 +10,9 @@ Learned state is saved without pickling objects: ``model.pt`` holds the network'
 ``catalog.parquet`` the action catalogue and, when the model reads the customer–action affinity,
 ``affinity.npz``/``affinity.json`` the CF item factors and target items it is computed from (the directory is
 self-contained: serving needs no recommender to compute it).
+
+Beside it: its metrics (:mod:`training.propensity_metrics`), its evaluation beside the baselines
+(:mod:`training.propensity_eval`) and the online scorer (:mod:`training.propensity_scorer`).
 """
 
 from __future__ import annotations
@@ -29,144 +32,40 @@ import numpy as np
 import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.stats import rankdata
 from torch import nn
 from tqdm.auto import tqdm
 
 from nextbest.features.errors import NextbestError
-from nextbest.features.schema import ACTION_ID, RESPONDED
+from nextbest.features.moved_names import moved_names
+from nextbest.features.schema import RESPONDED
 from nextbest.training.affinity import AFFINITY, ActionAffinity
 from nextbest.training.device import select_device
 from nextbest.training.encoder import EncodedRows, EncoderState, FeatureEncoder
-from nextbest.training.propensity_config import P_TRUE
+from nextbest.training.propensity_metrics import log_loss
 from nextbest.training.propensity_targets import PropensityData
 
 MODEL_FILE = "model.pt"
 META_FILE = "model.json"
 CATALOG_FILE = "catalog.parquet"
 FORMAT_VERSION = 1
-ECE_BINS = 10
-_EPS = 1e-15
 
 
 class PropensityModelError(NextbestError, ValueError):
     """A saved propensity model cannot be read (missing file, unknown format version)."""
 
 
-# --- metrics (pure functions) ------------------------------------------------------------------------------
-
-
-def _arrays(y_true: Any, y_prob: Any) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y_true, dtype=np.float64).ravel()
-    p = np.asarray(y_prob, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"y_true has {y.size} values but the scores have {p.size}")
-    return y, p
-
-
-def roc_auc(y_true: Any, y_score: Any) -> float:
-    """Area under the ROC curve (the Mann–Whitney statistic, ties counted half); NaN with one class only."""
-    y, s = _arrays(y_true, y_score)
-    pos = y > 0.5
-    n_pos = int(pos.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def log_loss(y_true: Any, y_prob: Any) -> float:
-    """Mean negative log-likelihood of binary outcomes (probabilities clipped to [1e-15, 1 - 1e-15])."""
-    y, p = _arrays(y_true, y_prob)
-    if y.size == 0:
-        return float("nan")
-    p = np.clip(p, _EPS, 1 - _EPS)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-def brier_score(y_true: Any, y_prob: Any) -> float:
-    """Mean squared difference between probability and outcome."""
-    y, p = _arrays(y_true, y_prob)
-    return float(np.mean((p - y) ** 2)) if y.size else float("nan")
-
-
-def _bin_index(p: np.ndarray, bins: int) -> np.ndarray:
-    # Equal-width bins [0, 0.1), …, [0.9, 1.0]: the last bin includes 1.
-    return np.minimum((np.clip(p, 0.0, 1.0) * bins).astype(np.int64), bins - 1)
-
-
-def reliability_table(y_true: Any, y_prob: Any, *, bins: int = ECE_BINS) -> pl.DataFrame:
-    """Per equal-width probability bin: count, mean predicted probability and observed response rate."""
-    y, p = _arrays(y_true, y_prob)
-    idx = _bin_index(p, bins)
-    n = np.bincount(idx, minlength=bins)
-    sum_p = np.bincount(idx, weights=p, minlength=bins)
-    sum_y = np.bincount(idx, weights=y, minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_p = np.where(n > 0, sum_p / np.maximum(n, 1), np.nan)
-        rate = np.where(n > 0, sum_y / np.maximum(n, 1), np.nan)
-    return pl.DataFrame(
-        {
-            "bin": np.arange(bins),
-            "lower": np.arange(bins) / bins,
-            "upper": (np.arange(bins) + 1) / bins,
-            "n": n,
-            "mean_predicted": mean_p,
-            "observed_rate": rate,
-        }
-    )
-
-
-def expected_calibration_error(y_true: Any, y_prob: Any, *, bins: int = ECE_BINS) -> float:
-    """ECE: the count-weighted mean of |observed rate − mean predicted probability| over equal-width bins."""
-    y, p = _arrays(y_true, y_prob)
-    if y.size == 0:
-        return float("nan")
-    idx = _bin_index(p, bins)
-    n = np.bincount(idx, minlength=bins)
-    gap = np.abs(np.bincount(idx, weights=y, minlength=bins) - np.bincount(idx, weights=p, minlength=bins))
-    # Σ_b n_b/N · |Σy_b/n_b − Σp_b/n_b| = Σ_b |Σy_b − Σp_b| / N
-    return float(gap[n > 0].sum() / y.size)
-
-
-def classification_metrics(y_true: Any, y_prob: Any) -> dict[str, float]:
-    """AUC, log-loss, Brier score and ECE (10 bins), with the row count and rates."""
-    y, p = _arrays(y_true, y_prob)
-    return {
-        "auc": roc_auc(y, p),
-        "log_loss": log_loss(y, p),
-        "brier": brier_score(y, p),
-        "ece": expected_calibration_error(y, p),
-        "n": float(y.size),
-        "positive_rate": float(y.mean()) if y.size else float("nan"),
-        "mean_predicted": float(p.mean()) if y.size else float("nan"),
-    }
-
-
-def per_action_metrics(
-    action_ids: Sequence[str] | np.ndarray, y_true: Any, predictions: Mapping[str, Any]
-) -> pl.DataFrame:
-    """One row per action: rows, responses, response rate, and each model's AUC, log-loss, Brier, ECE and mean
-    prediction (columns ``<model>_<metric>``), largest actions first."""
-    ids = np.asarray(action_ids).astype(str)
-    y = np.asarray(y_true, dtype=np.float64)
-    preds = {k: np.asarray(v, dtype=np.float64) for k, v in predictions.items()}
-    rows = []
-    for a in np.unique(ids):
-        mask = ids == a
-        row: dict[str, Any] = {
-            ACTION_ID: str(a),
-            "n": int(mask.sum()),
-            "responses": int(y[mask].sum()),
-            "response_rate": float(y[mask].mean()),
-        }
-        for name, p in preds.items():
-            m = classification_metrics(y[mask], p[mask])
-            for key in ("auc", "log_loss", "brier", "ece", "mean_predicted"):
-                row[f"{name}_{key}"] = m[key]
-        rows.append(row)
-    return pl.DataFrame(rows).sort(["n", ACTION_ID], descending=[True, False])
+# Moved out by the split, still importable from here: each is imported from its new module on first use (the
+# evaluation and the scorer import this module, so importing them back at the top would be a cycle).
+__getattr__ = moved_names(
+    __name__,
+    {
+        "nextbest.training.propensity_metrics": "ECE_BINS brier_score classification_metrics "
+        "expected_calibration_error log_loss per_action_metrics reliability_table roc_auc",
+        "nextbest.training.propensity_eval": "BaseRateBaseline PropensityReport evaluate_propensity "
+        "fit_logistic_regression reliability_plot",
+        "nextbest.training.propensity_scorer": "PropensityScorer find_model_dir load_propensity_model",
+    },
+)
 
 
 # --- config ------------------------------------------------------------------------------------------------
@@ -709,265 +608,3 @@ def _batched_loss(
         sl = slice(start, start + batch_size)
         total += float(loss_fn(net(cat[sl], num[sl]), target[sl])) * min(batch_size, n - start)
     return total / max(n, 1)
-
-
-# --- baselines ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BaseRateBaseline:
-    """Per-action response rate of the training period, shrunk towards the overall rate for small actions.
-
-    Attributes:
-        rates: action id → rate.
-        overall: the overall rate (for actions unseen in training).
-    """
-
-    rates: dict[str, float]
-    overall: float
-
-    @classmethod
-    def fit(
-        cls, action_ids: Sequence[str] | np.ndarray, y: np.ndarray, *, prior_rows: float = 10.0
-    ) -> BaseRateBaseline:
-        """Rates ``(responses + prior_rows · overall) / (rows + prior_rows)`` per action."""
-        frame = pl.DataFrame({ACTION_ID: np.asarray(action_ids).astype(str), "y": np.asarray(y, np.float64)})
-        overall = float(frame["y"].mean())
-        per = frame.group_by(ACTION_ID).agg(pl.col("y").sum().alias("s"), pl.len().alias("n"))
-        rates = {a: (s + prior_rows * overall) / (n + prior_rows) for a, s, n in per.iter_rows()}
-        return cls(rates=rates, overall=overall)
-
-    def predict(self, action_ids: Sequence[str] | np.ndarray) -> np.ndarray:
-        get = self.rates.get
-        return np.array([get(str(a), self.overall) for a in action_ids], dtype=np.float64)
-
-
-def fit_logistic_regression(
-    encoder: FeatureEncoder, rows: EncodedRows, y: np.ndarray, *, c: float = 1.0, max_iter: int = 300
-) -> Any:
-    """Logistic regression (scikit-learn) on the same inputs: one-hot categoricals plus the normalised numerics."""
-    from sklearn.linear_model import LogisticRegression
-
-    model = LogisticRegression(C=c, max_iter=max_iter, solver="lbfgs")
-    model.fit(encoder.one_hot_matrix(rows), np.asarray(y).astype(np.int64))
-    return model
-
-
-# --- evaluation --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PropensityReport:
-    """Test-period evaluation of the model beside its baselines (and the planted truth when known).
-
-    Attributes:
-        metrics: flat metrics (``auc``, ``log_loss``, ``brier``, ``ece``, ``baseline_*``, ``oracle_*``, …).
-        per_action: per-action table (see :func:`per_action_metrics`).
-        reliability: per model, the reliability table of the test period.
-        predictions: per model, the test-period probabilities (and ``y``, ``action_id``).
-    """
-
-    metrics: dict[str, float]
-    per_action: pl.DataFrame
-    reliability: dict[str, pl.DataFrame]
-    predictions: dict[str, np.ndarray]
-
-
-def evaluate_propensity(
-    fit: PropensityFit, data: PropensityData, *, baselines: bool = True
-) -> PropensityReport:
-    """Evaluate a fit on the held-out test period beside the base-rate and logistic-regression baselines.
-
-    Calibration was fitted on the validation period, so the test period shows whether it holds later on.
-    """
-    model = fit.model
-    encoder = model.encoder
-    y_train = _labels(data.train)
-    y_val = _labels(data.validation)
-    y_test = _labels(data.test)
-    enc_test = encoder.encode_frame(data.test)
-    test_logits = model.logits(enc_test)
-    val_logits = model.logits(fit.encoded_validation)
-    preds: dict[str, np.ndarray] = {
-        "model": model.calibration.apply(test_logits),
-        "uncalibrated": _sigmoid(test_logits.astype(np.float64)),
-    }
-    metrics: dict[str, float] = {}
-    if baselines:
-        base = BaseRateBaseline.fit(data.train[ACTION_ID].to_numpy(), y_train)
-        preds["base_rate"] = base.predict(data.test[ACTION_ID].to_numpy())
-        started = time.perf_counter()
-        logreg = fit_logistic_regression(encoder, fit.encoded_train, y_train)
-        metrics["logreg_train_seconds"] = time.perf_counter() - started
-        preds["logreg"] = logreg.predict_proba(encoder.one_hot_matrix(enc_test))[:, 1]
-        val_logreg = logreg.predict_proba(encoder.one_hot_matrix(fit.encoded_validation))[:, 1]
-        metrics["baseline_val_auc_logreg"] = roc_auc(y_val, val_logreg)
-    if data.has_truth and P_TRUE in data.test.columns:
-        truth = data.test[P_TRUE].cast(pl.Float64).to_numpy()
-        if np.isfinite(truth).all():
-            preds["oracle"] = truth
-    for name, p in preds.items():
-        m = classification_metrics(y_test, p)
-        prefix = {
-            "model": "",
-            "uncalibrated": "uncalibrated_",
-            "base_rate": "baseline_",
-            "logreg": "baseline_",
-            "oracle": "oracle_",
-        }[name]
-        suffix = {"base_rate": "_base_rate", "logreg": "_logreg"}.get(name, "")
-        for key in ("auc", "log_loss", "brier", "ece"):
-            metrics[f"{prefix}{key}{suffix}"] = m[key]
-    val_p = model.calibration.apply(val_logits)
-    metrics.update(
-        {
-            "val_auc": roc_auc(y_val, val_p),
-            "val_log_loss": log_loss(y_val, val_p),
-            "val_ece": expected_calibration_error(y_val, val_p),
-            "val_loss": fit.best_val_loss,
-            "test_positive_rate": float(y_test.mean()) if y_test.size else float("nan"),
-            "test_mean_predicted": float(preds["model"].mean()) if y_test.size else float("nan"),
-            "rows_train": float(data.train.height),
-            "rows_validation": float(data.validation.height),
-            "rows_test": float(data.test.height),
-            "best_epoch": float(fit.best_epoch),
-            "epochs_run": float(len(fit.history)),
-            "train_seconds": fit.train_seconds,
-            "rows_per_second": fit.rows_per_second,
-            "pos_weight": fit.pos_weight,
-        }
-    )
-    shown = {k: v for k, v in preds.items() if k != "uncalibrated"}
-    per_action = per_action_metrics(data.test[ACTION_ID].to_numpy(), y_test, shown)
-    reliability = {k: reliability_table(y_test, v) for k, v in preds.items()}
-    preds["y"] = y_test
-    return PropensityReport(
-        metrics=metrics, per_action=per_action, reliability=reliability, predictions=preds
-    )
-
-
-def reliability_plot(
-    report: PropensityReport, path: str | Path, *, title: str = "Propensity reliability (test)"
-) -> Path:
-    """Write a reliability diagram (mean predicted vs observed rate per bin) of every model as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 6))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect")
-    for name, table in report.reliability.items():
-        t = table.filter(pl.col("n") > 0)
-        ece = expected_calibration_error(report.predictions["y"], report.predictions[name])
-        ax.plot(t["mean_predicted"], t["observed_rate"], marker="o", label=f"{name} (ECE {ece:.3f})")
-    ax.set_xlabel("mean predicted probability")
-    ax.set_ylabel("observed response rate")
-    ax.set_title(title)
-    ax.legend(loc="upper left")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
-
-
-# --- online scoring ----------------------------------------------------------------------------------------
-
-
-class PropensityScorer:
-    """Scores actions for one customer in one forward pass (the service's path), on CPU.
-
-    Build with :meth:`load` from a saved model directory or an MLflow model URI.
-    """
-
-    def __init__(self, model: PropensityModel) -> None:
-        self.model = model.to("cpu")
-        self.model.net.eval()
-        self.encoder = model.encoder
-
-    @classmethod
-    def load(cls, path_or_uri: str | Path) -> PropensityScorer:
-        """Load from a directory written by :meth:`PropensityModel.save`, or an MLflow URI (``models:/name@alias``,
-        ``models:/m-…``, ``runs:/…``) of a model logged by :func:`training.propensity_tuning.train_propensity`."""
-        return cls(load_propensity_model(path_or_uri))
-
-    @property
-    def action_ids(self) -> list[str]:
-        return self.encoder.action_ids
-
-    @property
-    def affinity(self) -> ActionAffinity | None:
-        """The customer–action affinity model the network reads (None: it reads none)."""
-        return self.model.affinity
-
-    def affinities(self, item_weights: Mapping[str, float]) -> dict[str, float] | None:
-        """The customer's ``cf_affinity`` per action from their interaction weights by item id (all their
-        events so far, weighted as the features weight them); None when the model reads no affinity."""
-        return None if self.affinity is None else self.affinity.score_items(item_weights)
-
-    def score(
-        self,
-        customer_features: Mapping[str, Any],
-        action_ids: Sequence[str] | None = None,
-        channel: str | None = None,
-        *,
-        now: datetime | None = None,
-        affinities: Mapping[str, float] | None = None,
-    ) -> dict[str, float]:
-        """Calibrated response probabilities of ``action_ids`` (default: the whole catalogue) for one customer.
-
-        Args:
-            customer_features: the customer's profile row (``profiles.parquet`` columns; missing keys are
-                treated as unknown).
-            action_ids: actions to score; ids the model's catalogue does not know are left out of the answer.
-            channel: the request's channel.
-            now: the request time (default: the current UTC time).
-            affinities: action id → the customer's ``cf_affinity`` (:meth:`affinities`); without it the
-                affinity counts as missing.
-
-        Returns:
-            action id → probability, in the order asked.
-        """
-        at = now or datetime.now(UTC).replace(tzinfo=None)
-        ids = self.encoder.action_ids if action_ids is None else self.encoder.known_actions(action_ids)
-        if not ids:
-            return {}
-        rows = self.encoder.encode_one(customer_features, ids, channel, at, affinities=affinities)
-        return dict(zip(ids, self.probabilities([rows]).tolist(), strict=True))
-
-    def probabilities(self, batches: Sequence[EncodedRows]) -> np.ndarray:
-        """Calibrated probabilities of encoded rows (:meth:`FeatureEncoder.encode_one` of one or more customers),
-        in one forward pass: what :meth:`score` and the service's batched decisions both call."""
-        rows = EncodedRows(
-            np.concatenate([b.categorical for b in batches]), np.concatenate([b.numeric for b in batches])
-        )
-        return self.model.predict_rows(rows)
-
-    def score_frame(self, frame: pl.DataFrame) -> np.ndarray:
-        """Probabilities of exposure rows (the offline path), for comparison with :meth:`score`."""
-        return self.model.predict_proba(frame)
-
-
-def find_model_dir(root: Path) -> Path:
-    """The directory under ``root`` that holds a saved propensity model (``model.json`` beside ``model.pt``).
-
-    Raises:
-        PropensityModelError: there is none.
-    """
-    if (root / META_FILE).exists() and (root / MODEL_FILE).exists():
-        return root
-    for meta in sorted(root.rglob(META_FILE)):
-        if (meta.parent / MODEL_FILE).exists():
-            return meta.parent
-    raise PropensityModelError(f"no saved propensity model (model.json and model.pt) under {root}")
-
-
-def load_propensity_model(path_or_uri: str | Path, *, device: str = "cpu") -> PropensityModel:
-    """Load a :class:`PropensityModel` from a directory or an MLflow artifact/model URI."""
-    text = str(path_or_uri)
-    if "://" in text or text.startswith(("models:/", "runs:/")):
-        import mlflow
-
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
-        return PropensityModel.load(find_model_dir(local), device=device)
-    return PropensityModel.load(find_model_dir(Path(text)), device=device)

@@ -19,7 +19,7 @@ class PropensityPythonModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        from nextbest.training.propensity import load_propensity_model
+        from nextbest.training.propensity_scorer import load_propensity_model
 
         self.model = load_propensity_model(context.artifacts[PROPENSITY_ARTIFACT])
 

@@ -38,39 +38,29 @@ from nextbest.features.dataset import Dataset
 from nextbest.features.errors import NextbestError
 from nextbest.features.schema import CUSTOMER_ID, RESPONDED
 from nextbest.training import tracking as tracking_module
-from nextbest.training.propensity import (
-    PropensityConfig,
-    PropensityFit,
-    PropensityReport,
-    evaluate_propensity,
-    fit_propensity,
-    log_loss,
-    reliability_plot,
-    roc_auc,
-)
+from nextbest.training.promotion import PromotionDecision, promote
+from nextbest.training.propensity import PropensityConfig, PropensityFit, fit_propensity
 from nextbest.training.propensity_data import (
     PropensityData,
     PropensityDataConfig,
     champion_affinity_config,
     load_propensity_data,
 )
+from nextbest.training.propensity_eval import PropensityReport, evaluate_propensity, reliability_plot
+from nextbest.training.propensity_metrics import log_loss, roc_auc
 from nextbest.training.registry import PROPENSITY
+from nextbest.training.studies import log_trial_run, register_study_best, start_study
 from nextbest.training.tracking import (
     DataManifest,
-    PromotionDecision,
     TrackingConfig,
     flat_params,
     log_run_inputs,
-    log_trial_run,
     mask_credentials,
-    promote,
     quiet_mlflow,
     register_logged_model,
-    register_study_best,
     resolve_tracking_uri,
     run_name,
     run_tags,
-    start_study,
     use_tracking,
     version_description,
 )

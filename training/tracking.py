@@ -1,10 +1,11 @@
-"""MLflow tracking: where runs go, what every run carries, logging the pyfunc model, registry aliases, promotion.
+"""MLflow tracking: where runs go, what every run carries, logging the pyfunc model, registry aliases.
 
 Tracking URI: ``TrackingConfig.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else
 ``sqlite:///<cwd>/mlruns/mlflow.db``. With a SQLite URI, artifacts go to ``artifacts/`` beside the database
 file (``mlruns/artifacts`` by default). One experiment per dataset, named after the dataset directory.
 Registered model ``nextbest-recommender``; new models get the alias ``challenger``, and
-:func:`promote_recommender` moves ``champion`` to it only when it is better on the validation metric.
+:func:`training.promotion.promote_recommender` moves ``champion`` to it only when it is better on the validation
+metric. Optuna studies and their runs are :mod:`training.studies`.
 
 What a reviewer sees, the same for the recommender and the propensity model:
 
@@ -29,7 +30,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -40,12 +40,8 @@ from pydantic import BaseModel, ConfigDict
 
 from nextbest.features.dataset import Dataset
 from nextbest.features.errors import NextbestError
-from nextbest.training.registry import (
-    CHALLENGER,
-    CHAMPION,
-    PREVIOUS_CHAMPION,
-    version_by_alias,
-)
+from nextbest.features.moved_names import moved_names
+from nextbest.training.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION
 from nextbest.training.registry import RECOMMENDER as REGISTERED_MODEL
 
 MODEL_NAME_IN_RUN = "model"
@@ -63,6 +59,19 @@ ALIAS_PRECEDENCE = (CHAMPION, CHALLENGER, PREVIOUS_CHAMPION)
 """A run whose registered versions hold several aliases is tagged with the first of these it holds."""
 Stage = Literal["train", "study", "trial"]
 T = TypeVar("T")
+
+# Moved out by the split, still importable from here: each is imported from its new module on first use (those
+# modules import this one, so importing them back at the top would be a cycle). version_by_alias lives in
+# training.registry; callers imported it from here while the promotion gate here used it.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "nextbest.training.promotion": "PromotionDecision promote promote_recommender",
+        "nextbest.training.studies": "REGISTERED_BEST_ATTR StudyRun log_trial_run open_study register_study_best "
+        "start_study study_parent_run",
+        "nextbest.training.registry": "version_by_alias",
+    },
+)
 
 
 class TrackingConfig(BaseModel):
@@ -209,76 +218,6 @@ def _lost_a_race(exc: BaseException | None) -> bool:
 
 class StudyStorageError(NextbestError, RuntimeError):
     """An Optuna or MLflow store could not be opened (after retrying concurrent initialisation)."""
-
-
-def open_study(storage: str, name: str, *, direction: str, pruner: Any, seed: int) -> Any:
-    """Create the Optuna study ``name`` in ``storage``, or load it to resume or to join other workers.
-
-    Several workers may start at once against one RDB URL: the race to create the tables and the study is
-    retried (:func:`with_retries`). The TPE sampler is seeded with ``seed`` plus the trials already in the study,
-    so a resumed study draws a fresh stream, and uses the constant-liar heuristic so that concurrent workers do
-    not all sample next to the same promising point (give each worker its own ``seed``).
-    """
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with sqlite_init_lock(sqlite_path(storage)):  # creates the SQLite file's folder
-        study = with_retries(
-            lambda: optuna.create_study(
-                study_name=name, storage=storage, direction=direction, pruner=pruner, load_if_exists=True
-            ),
-            what=f"Optuna study {name!r} in {mask_credentials(storage)}",
-        )
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), constant_liar=True)
-    return study
-
-
-@dataclass
-class StudyRun:
-    """An Optuna study and, when tracking is on, the MLflow parent run its trials log under."""
-
-    study: Any
-    storage: str
-    client: Any = None
-    experiment_id: str = ""
-    parent_id: str | None = None
-
-
-def start_study(
-    tracking: TrackingConfig,
-    *,
-    storage: str | None,
-    name: str,
-    direction: str,
-    pruner: Any,
-    seed: int,
-    dataset: Dataset,
-    model: str,
-    objective: str,
-    default_experiment: str,
-) -> StudyRun:
-    """Open (create, resume or join) the study ``name`` in ``storage`` (default :func:`default_optuna_storage`)
-    and, with tracking on, its MLflow parent run (:func:`study_parent_run`) in the experiment of ``tracking``
-    (``default_experiment`` without one): what ``nextbest tune cf`` and ``tune propensity`` both start with."""
-    storage_url = storage or default_optuna_storage(tracking)
-    study = open_study(storage_url, name, direction=direction, pruner=pruner, seed=seed)
-    run = StudyRun(study, storage_url)
-    if tracking.enabled:
-        from mlflow import MlflowClient
-
-        run.experiment_id = use_tracking(tracking, default_experiment)
-        uri = resolve_tracking_uri(tracking)
-        run.client = MlflowClient(uri, uri)
-        run.parent_id = study_parent_run(
-            run.client,
-            study,
-            run.experiment_id,
-            model=model,
-            dataset=dataset,
-            storage=storage_url,
-            objective=objective,
-        )
-    return run
 
 
 def flat_params(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -429,146 +368,6 @@ def log_run_inputs(
         params=[Param(k, params[k]) for k in fresh],
         tags=[RunTag(k, v) for k, v in changed.items()],
     )
-
-
-def study_parent_run(
-    client: Any,
-    study: Any,
-    experiment_id: str,
-    *,
-    model: str,
-    dataset: Dataset,
-    storage: str,
-    objective: str,
-) -> str:
-    """An Optuna study's MLflow parent run: the one recorded on the study (resumed), or a new one.
-
-    The run is named ``<model> study · <dataset>`` and tagged with :func:`run_tags` (stage ``study``) and
-    ``optuna.study``; its id is kept in the study's user attributes.
-    """
-    from mlflow.exceptions import MlflowException
-
-    name = run_name(model, "study", dataset.root.resolve().name)
-    tags = {**run_tags(model, "study", dataset), "optuna.study": study.study_name}
-    known = study.user_attrs.get("mlflow_parent_run_id")
-    if known:
-        try:
-            if client.get_run(known).info.experiment_id == experiment_id:
-                # Runs of an older naming scheme get today's name and tags.
-                for key, value in {**tags, "mlflow.runName": name}.items():
-                    client.set_tag(known, key, value)
-                return known
-        except MlflowException:
-            pass
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
-    client.log_param(run.info.run_id, "study_name", study.study_name)
-    client.log_param(run.info.run_id, "storage", mask_credentials(storage))
-    client.log_param(run.info.run_id, "objective", objective)
-    # Workers that start together each find no parent and create one; all of them then adopt the earliest
-    # (ties broken by run id), and the others delete theirs, so the study ends with one parent run.
-    parents = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`optuna.study` = '{study.study_name}' and tags.`{TAG_STAGE}` = 'study'",
-        max_results=1000,
-    )
-    earliest = min(parents, key=lambda r: (r.info.start_time, r.info.run_id), default=run)
-    parent_id = earliest.info.run_id
-    if parent_id != run.info.run_id:
-        client.delete_run(run.info.run_id)
-    study.set_user_attr("mlflow_parent_run_id", parent_id)
-    return parent_id
-
-
-REGISTERED_BEST_ATTR = "nextbest_registered_best"
-"""The study user attribute recording the trial whose model was registered as the study's best, and what was
-logged for it (``{"trial": n, "logged": {...}}``)."""
-
-
-def register_study_best(
-    study: Any, trial: int, tracking: TrackingConfig, register: Callable[[], dict[str, Any]]
-) -> dict[str, Any]:
-    """Log and register trial ``trial``'s refitted model as the study's best, once, whichever worker gets here.
-
-    Workers of one study finish at different times, each with the best of the trials it could see. Under a lock
-    (a file beside a SQLite store; none for a server, where the window is the registry's own), the study's best
-    is read again: a worker whose trial is no longer the best registers nothing (the worker finishing last sees
-    every trial and registers the true best), and a trial already registered is not registered twice.
-
-    Args:
-        study: the Optuna study.
-        trial: the trial whose configuration was refitted.
-        tracking: where the registry is.
-        register: logs into the parent run and registers; returns what :func:`register_logged_model` returns.
-
-    Returns:
-        what was registered for the study's best (``version`` …), or ``{"registered_by": "another worker"}``.
-    """
-    with sqlite_init_lock(sqlite_path(resolve_tracking_uri(tracking))):
-        best = study.best_trial.number
-        done = study.user_attrs.get(REGISTERED_BEST_ATTR)
-        if done and done.get("trial") == best:
-            return dict(done["logged"])
-        if best != trial:
-            return {"registered_by": "another worker"}
-        logged = register()
-        plain = {k: v for k, v in logged.items() if v is None or isinstance(v, str | int | float | bool)}
-        study.set_user_attr(REGISTERED_BEST_ATTR, {"trial": trial, "logged": plain})
-        return logged
-
-
-def log_trial_run(
-    client: Any,
-    experiment_id: str,
-    *,
-    parent_run_id: str,
-    model: str,
-    dataset: Dataset,
-    study_name: str,
-    trial: int,
-    params: Mapping[str, str],
-    metrics: Mapping[str, float],
-    steps: Mapping[str, list[tuple[int, float]]] | None = None,
-    state: str,
-) -> str:
-    """One Optuna trial as a finished nested run (through the client, so that worker threads cannot mix runs).
-
-    Args:
-        client: an ``MlflowClient``.
-        experiment_id: the study's experiment.
-        parent_run_id: the study's parent run.
-        model, dataset: what the run name and the ``nextbest.*`` tags say.
-        study_name, trial: the Optuna study and trial number (``optuna.study``, ``optuna.trial`` tags).
-        params: the trial's sampled config, flat.
-        metrics: final metrics (non-finite values are left out).
-        steps: metric name → ``(step, value)`` pairs (learning curves).
-        state: ``COMPLETE``, ``PRUNED`` or ``FAIL`` (the ``optuna.state`` tag).
-
-    Returns:
-        the run id.
-    """
-    from mlflow.entities import Metric, Param, RunTag
-
-    tags = {
-        **run_tags(model, "trial", dataset),
-        "mlflow.parentRunId": parent_run_id,
-        "optuna.study": study_name,
-        "optuna.trial": str(trial),
-    }
-    run = client.create_run(
-        experiment_id, run_name=run_name(model, "trial", dataset.root.resolve().name, trial=trial), tags=tags
-    )
-    now = int(time.time() * 1000)
-    values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(float(v))]
-    for key, history in (steps or {}).items():
-        values += [Metric(key, float(v), now, int(step)) for step, v in history if math.isfinite(v)]
-    client.log_batch(
-        run.info.run_id,
-        metrics=values,
-        params=[Param(k, v) for k, v in params.items()],
-        tags=[RunTag("optuna.state", state)],
-    )
-    client.set_terminated(run.info.run_id, "FAILED" if state == "FAIL" else "FINISHED")
-    return run.info.run_id
 
 
 @contextmanager
@@ -748,189 +547,3 @@ def sync_alias_tags(client: Any, registered_model: str) -> dict[str, str | None]
         except MlflowException:
             continue  # a deleted run: nothing to show in the UI
     return best
-
-
-class PromotionDecision(BaseModel):
-    """The outcome of :func:`promote_recommender`.
-
-    Attributes:
-        promoted: whether ``champion`` now points at the challenger.
-        reason: one human-readable sentence saying why.
-        metric: the validation metric compared.
-        challenger_version, champion_version: registry versions (``champion_version`` before the decision).
-        challenger_value, champion_value: their logged validation values.
-    """
-
-    promoted: bool
-    reason: str
-    metric: str
-    registered_model: str
-    challenger_version: str | None = None
-    champion_version: str | None = None
-    challenger_value: float | None = None
-    champion_value: float | None = None
-
-
-def _logged_metric(client: Any, version: Any, metric: str) -> float | None:
-    if not version.run_id:
-        return None
-    value = client.get_run(version.run_id).data.metrics.get(metric)
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def promote(
-    tracking: TrackingConfig,
-    *,
-    metric: str,
-    higher: bool,
-    train_command: str,
-    min_improvement: float = 0.0,
-    data: str | Path | None = None,
-) -> PromotionDecision:
-    """Move ``champion`` to the challenger of ``tracking.registered_model`` only if it beats the champion on
-    the logged validation ``metric`` (``higher``: larger is better), and say why either way.
-
-    When ``champion`` moves, the runs' ``nextbest.alias`` tags follow (``champion`` on the new champion's run,
-    ``previous-champion`` on the old one's; see :func:`sync_alias_tags`).
-
-    Args:
-        tracking: where the registry is and which registered model.
-        metric: logged validation metric to compare.
-        higher: whether a larger value is better (AUC, NDCG) or worse (losses, ECE).
-        train_command: the command named when there is no model yet.
-        min_improvement: relative margin the challenger must win by (0.05 = 5 %).
-        data: if given, the challenger must have been trained on this dataset directory.
-
-    Returns:
-        the decision and its reason; the previous champion keeps the alias ``previous-champion``.
-    """
-    from mlflow import MlflowClient
-
-    uri = resolve_tracking_uri(tracking)
-    client = MlflowClient(uri, uri)
-    decision = _decide_and_move(
-        client,
-        tracking,
-        metric=metric,
-        higher=higher,
-        train_command=train_command,
-        min_improvement=min_improvement,
-        data=data,
-    )
-    if decision.promoted:
-        sync_alias_tags(client, tracking.registered_model)
-    return decision
-
-
-def _decide_and_move(
-    client: Any,
-    tracking: TrackingConfig,
-    *,
-    metric: str,
-    higher: bool,
-    train_command: str,
-    min_improvement: float,
-    data: str | Path | None,
-) -> PromotionDecision:
-    from mlflow.exceptions import MlflowException
-
-    uri = resolve_tracking_uri(tracking)
-    name = tracking.registered_model
-
-    def decide(promoted: bool, reason: str, **kw: Any) -> PromotionDecision:
-        return PromotionDecision(promoted=promoted, reason=reason, metric=metric, registered_model=name, **kw)
-
-    def by_alias(alias: str) -> Any | None:
-        return version_by_alias(client, name, alias)
-
-    def logged(version: Any) -> float | None:
-        return _logged_metric(client, version, metric)
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        return decide(False, f"no registered model {name!r} at {uri}: train one with '{train_command}' first")
-    challenger = by_alias(tracking.alias)
-    if challenger is None:
-        return decide(False, f"{name} has no {tracking.alias!r} version to promote")
-    cv = str(challenger.version)
-    c_value = logged(challenger)
-    if data is not None:
-        trained_on = (challenger.tags or {}).get("dataset")
-        wanted = str(Path(data).resolve())
-        if trained_on is not None and trained_on != wanted:
-            return decide(
-                False,
-                f"challenger v{cv} was trained on {trained_on}, not on {wanted}",
-                challenger_version=cv,
-                challenger_value=c_value,
-            )
-    if c_value is None:
-        return decide(False, f"challenger v{cv} has no logged {metric}", challenger_version=cv)
-    champion = by_alias(CHAMPION)
-    if champion is None:
-        client.set_registered_model_alias(name, CHAMPION, cv)
-        return decide(
-            True,
-            f"no champion yet: challenger v{cv} ({metric} {c_value:.4f}) becomes champion",
-            challenger_version=cv,
-            challenger_value=c_value,
-        )
-    pv = str(champion.version)
-    p_value = logged(champion)
-    common = {
-        "challenger_version": cv,
-        "champion_version": pv,
-        "challenger_value": c_value,
-        "champion_value": p_value,
-    }
-    if pv == cv:
-        return decide(False, f"challenger v{cv} is already the champion", **common)
-    if p_value is None:
-        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, pv)
-        client.set_registered_model_alias(name, CHAMPION, cv)
-        return decide(
-            True,
-            f"champion v{pv} has no logged {metric}; challenger v{cv} ({c_value:.4f}) replaces it",
-            **common,
-        )
-    if higher:
-        threshold = p_value * (1 + min_improvement)
-        better, relation = c_value > threshold, ">"
-    else:
-        threshold = p_value * (1 - min_improvement)
-        better, relation = c_value < threshold, "<"
-    margin = f" (champion {p_value:.4f} with a {min_improvement:.0%} margin)" if min_improvement else ""
-    if better:
-        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, pv)
-        client.set_registered_model_alias(name, CHAMPION, cv)
-        return decide(
-            True,
-            f"challenger v{cv} beats champion v{pv} on {metric}: {c_value:.4f} {relation} {threshold:.4f}{margin}",
-            **common,
-        )
-    return decide(
-        False,
-        f"challenger v{cv} does not beat champion v{pv} on {metric}: {c_value:.4f} is not {relation} "
-        f"{threshold:.4f}{margin}; champion unchanged",
-        **common,
-    )
-
-
-def promote_recommender(
-    tracking: TrackingConfig | None = None,
-    *,
-    metric: str = "ndcg_at_10",
-    min_improvement: float = 0.0,
-    data: str | Path | None = None,
-) -> PromotionDecision:
-    """Promote the recommender challenger if it beats the champion on ``metric`` (higher is better); see
-    :func:`promote`."""
-    return promote(
-        tracking or TrackingConfig(),
-        metric=metric,
-        higher=True,
-        train_command="nextbest train cf",
-        min_improvement=min_improvement,
-        data=data,
-    )

@@ -54,8 +54,8 @@ def _count_lines(counts: dict[str, Any]) -> list[str]:
 
 
 def cmd_data_import_cj(args: argparse.Namespace) -> None:
+    from nextbest.features.completejourney import import_completejourney
     from nextbest.features.dataset import Dataset
-    from nextbest.features.importers import import_completejourney
 
     ds = Dataset.at(_dataset_folder(args.out))
     summary = import_completejourney(ds, progress=_progress(args))

@@ -158,8 +158,9 @@ def _train_promote_export(
 ) -> None:
     """Tune and register a recommender and train a propensity model; promote each if it beats its champion;
     export the champions. Fills ``report``."""
-    from nextbest.training.cf import tune_cf
-    from nextbest.training.tracking import TrackingConfig, promote_recommender
+    from nextbest.training.cf_tuning import tune_cf
+    from nextbest.training.promotion import promote_recommender
+    from nextbest.training.tracking import TrackingConfig
 
     say(f"tuning ALS on {ds.root} ({config.trials} Optuna trials, tracked in MLflow)")
     tuned = tune_cf(

@@ -107,7 +107,7 @@ def _storage(url: str | None) -> str | None:
 
 
 def cmd_tune_cf(args: argparse.Namespace) -> None:
-    from nextbest.training.cf import tune_cf
+    from nextbest.training.cf_tuning import tune_cf
 
     result = tune_cf(
         args.data,
@@ -145,7 +145,7 @@ def _promote_and_export(args: argparse.Namespace, kind: str, decision: Any) -> N
 
 
 def cmd_promote_recommender(args: argparse.Namespace) -> None:
-    from nextbest.training.tracking import promote_recommender
+    from nextbest.training.promotion import promote_recommender
 
     decision = promote_recommender(_tracking(args), metric=args.metric, data=args.data)
     _promote_and_export(args, "recommender", decision)
