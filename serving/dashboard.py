@@ -74,6 +74,7 @@ from nextbest.serving.dashboard_simulation import (
 )
 from nextbest.serving.dashboard_view import Column, bar_chart, html_table
 from nextbest.serving.state_store import StateStore, redact
+from nextbest.training.registry import ChampionRecommender, load_champion_recommender
 
 if TYPE_CHECKING:
     from nextbest.training.recommender_bundle import RecommenderBundle
@@ -470,62 +471,6 @@ def render_dashboard(
 
 
 # --- the champion and the file ----------------------------------------------------------------------------------
-
-
-@dataclass
-class ChampionRecommender:
-    """The registered champion recommender, loaded.
-
-    Attributes:
-        bundle: the model with its histories.
-        label: ``nextbest-recommender v3 (champion, als)``.
-        dataset: the dataset it was trained on (its registry tag), if recorded.
-    """
-
-    bundle: RecommenderBundle
-    label: str
-    dataset: str | None = None
-
-
-def load_champion_recommender(
-    tracking_uri: str | None = None, *, registered_model: str | None = None, alias: str = "champion"
-) -> ChampionRecommender | None:
-    """The registry's ``alias`` version of the recommender, or None when there is no registry or no such version.
-
-    A SQLite tracking URI whose file does not exist counts as no registry (nothing is created). The registry is
-    read through a client of its own (no process-wide MLflow URI is set).
-
-    Args:
-        tracking_uri: the MLflow tracking/registry URI; default ``MLFLOW_TRACKING_URI`` or ``mlruns/mlflow.db``.
-        registered_model: the registered model name; default ``nextbest-recommender``.
-        alias: the alias to resolve.
-    """
-    from nextbest.training.registry import download_version
-    from nextbest.training.tracking import (
-        REGISTERED_MODEL,
-        resolve_tracking_uri,
-        sqlite_path,
-        version_by_alias,
-    )
-
-    uri = tracking_uri or resolve_tracking_uri()
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        return None
-    from mlflow import MlflowClient
-
-    from nextbest.training.recommender_bundle import find_bundle
-
-    name = registered_model or REGISTERED_MODEL
-    version = version_by_alias(MlflowClient(uri, uri), name, alias)
-    if version is None:
-        return None
-    bundle = find_bundle(download_version(uri, name, version.version))
-    if bundle is None:
-        return None
-    kind = bundle.metadata.get("model") or (version.tags or {}).get("model")
-    label = f"{name} v{version.version} ({alias}{', ' + kind if kind else ''})"
-    return ChampionRecommender(bundle, label, (version.tags or {}).get("dataset"))
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The model registry, one way in: the registered names, the aliases, a client and a version's files.
+"""The model registry, one way in: the registered names, the aliases, a client, a version's files and the
+champion recommender loaded (the dashboard's and the notebooks' way to it).
 
 Everything here takes the tracking URI it should use and passes it to MLflow explicitly; nothing sets MLflow's
 process-wide tracking or registry URI. A running service's model watcher, a dashboard build and a training job
@@ -7,6 +8,7 @@ in one process (a notebook, a test run) each read the registry they were given, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,51 @@ def download_version(uri: str, name: str, version: str | int, dst: str | Path | 
     """
     location = registry_client(uri).get_model_version_download_uri(name, str(version))
     return download_model(uri, location, dst)
+
+
+@dataclass
+class ChampionRecommender:
+    """The registered champion recommender, loaded.
+
+    Attributes:
+        bundle: the model with its histories.
+        label: ``nextbest-recommender v3 (champion, als)``.
+        dataset: the dataset it was trained on (its registry tag), if recorded.
+    """
+
+    bundle: Any  # training.recommender_bundle.RecommenderBundle
+    label: str
+    dataset: str | None = None
+
+
+def load_champion_recommender(
+    tracking_uri: str | None = None, *, registered_model: str | None = None, alias: str = "champion"
+) -> ChampionRecommender | None:
+    """The registry's ``alias`` version of the recommender, or None when there is no registry or no such version.
+
+    A SQLite tracking URI whose file does not exist counts as no registry (nothing is created). The registry is
+    read through a client of its own (no process-wide MLflow URI is set).
+
+    Args:
+        tracking_uri: the MLflow tracking/registry URI; default ``MLFLOW_TRACKING_URI`` or ``mlruns/mlflow.db``.
+        registered_model: the registered model name; default ``nextbest-recommender``.
+        alias: the alias to resolve.
+    """
+    from nextbest.training.tracking import resolve_tracking_uri, sqlite_path
+
+    uri = tracking_uri or resolve_tracking_uri()
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return None
+    from nextbest.training.recommender_bundle import find_bundle
+
+    name = registered_model or RECOMMENDER
+    version = version_by_alias(registry_client(uri), name, alias)
+    if version is None:
+        return None
+    bundle = find_bundle(download_version(uri, name, version.version))
+    if bundle is None:
+        return None
+    kind = bundle.metadata.get("model") or (version.tags or {}).get("model")
+    label = f"{name} v{version.version} ({alias}{', ' + kind if kind else ''})"
+    return ChampionRecommender(bundle, label, (version.tags or {}).get("dataset"))
