@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,16 +170,28 @@ class Dataset:
         return json.loads(self.manifest_path.read_text())
 
 
-def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
-    """Write ``df`` to ``path`` through a temporary file, so a crash never leaves half a file."""
+def _temporary(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other writer uses (process id and a random part): two processes
+    writing one file at the same moment each finish their own file, and the last rename wins whole."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _replace_with(path: Path, write: Callable[[Path], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    df.write_parquet(tmp)
-    os.replace(tmp, path)
+    tmp = _temporary(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
+    """Write ``df`` to ``path`` through a temporary file, so a crash never leaves half a file and a reader
+    never sees one."""
+    _replace_with(path, df.write_parquet)
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON to ``path`` through a temporary file (see :func:`write_parquet_atomic`)."""
+    _replace_with(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))

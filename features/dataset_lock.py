@@ -3,12 +3,19 @@
 * :class:`DatasetLock` — an exclusive lock on ``DIR/.retrain.lock`` (``flock``: released by the kernel when the
   holder exits, even by ``kill -9``, so it never goes stale). A second retrain is refused at once with the
   holder's pid and start time.
+* :func:`write_lock` — whoever rewrites the dataset's raw files or builds its features holds
+  ``DIR/.write.lock`` (the others wait for it): a retrain's fold and feature build, an erasure from
+  ``nextbest forget`` or from any worker or replica of a service sharing the dataset. Two of them never rewrite
+  one file at the same moment, and a build never reads a raw file that an erasure replaces under it (a lazy
+  Parquet scan that meets a file replaced between its plan and its read fails).
 * :func:`build_features_atomically` — ``features.pipeline.build_features`` writes each output file atomically
   but one after the other into ``DIR/features/``, so a reader in the middle of a build could see a new matrix
   beside old vocabularies. Here the features are built into a staging dataset beside it (``DIR/.features-next``,
   whose ``raw`` and erasure log are links to the dataset's own), and the finished folder takes the place of
   ``features/`` in one ``renameat2(RENAME_EXCHANGE)`` (two renames a few microseconds apart where the kernel or
-  file system lacks it).
+  file system lacks it), under the write lock.
+* :func:`erase_customers_atomically` — what ``nextbest forget`` and the service's erasure queue run: the
+  erasure of :func:`~features.pipeline.erase_customers` under the write lock, with the features rebuilt whole.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -26,10 +35,11 @@ from typing import Any
 
 from nextbest.features.dataset import Dataset, write_json_atomic
 from nextbest.features.errors import NextbestError
-from nextbest.features.pipeline import FeatureConfig, build_features
+from nextbest.features.pipeline import FeatureConfig, build_features, built_config, erase_customers
 from nextbest.features.privacy import ERASURE_LOG
 
 LOCK_FILE = ".retrain.lock"
+WRITE_LOCK_FILE = ".write.lock"
 STAGING = ".features-next"
 RETIRED = ".features-previous"
 
@@ -39,15 +49,25 @@ class RetrainLockedError(NextbestError, RuntimeError):
 
 
 class DatasetLock:
-    """An exclusive, non-blocking lock on a dataset (``with DatasetLock(ds, "retrain"): …``).
+    """An exclusive lock on a dataset (``with DatasetLock(ds, "retrain"): …``).
+
+    Args:
+        ds: the dataset.
+        job: what the holder does, for the message a refused job gets.
+        lock_file: the lock's file in the dataset's folder (one lock per kind of job).
+        wait: wait for the holder to finish instead of refusing at once.
 
     Raises:
-        RetrainLockedError: on entry, when another process (or another ``DatasetLock`` in this one) holds it.
+        RetrainLockedError: on entry, when another process (or another ``DatasetLock`` in this one) holds it and
+            ``wait`` is False.
     """
 
-    def __init__(self, ds: Dataset, job: str = "retrain") -> None:
-        self.path = ds.root / LOCK_FILE
+    def __init__(
+        self, ds: Dataset, job: str = "retrain", *, lock_file: str = LOCK_FILE, wait: bool = False
+    ) -> None:
+        self.path = ds.root / lock_file
         self.job = job
+        self.wait = wait
         self._handle: Any = None
 
     def __enter__(self) -> DatasetLock:
@@ -56,7 +76,7 @@ class DatasetLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")  # held for the lock's lifetime
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 handle.close()
@@ -140,25 +160,57 @@ def swap_in(new: Path, live: Path) -> None:
     shutil.rmtree(retired)
 
 
+def write_lock(ds: Dataset, job: str) -> DatasetLock:
+    """The lock held while the dataset's raw files are rewritten or its features built (waits for the holder;
+    see the module docstring). Not re-entrant: a holder passes ``locked=True`` to the functions below."""
+    return DatasetLock(ds, job, lock_file=WRITE_LOCK_FILE, wait=True)
+
+
 def build_features_atomically(
-    ds: Dataset, config: FeatureConfig | None = None, *, progress: bool = False
+    ds: Dataset, config: FeatureConfig | None = None, *, progress: bool = False, locked: bool = False
 ) -> dict[str, Any]:
     """:func:`~features.pipeline.build_features` into a staging folder, then swapped in whole (see the module
-    docstring); returns the manifest. Nothing of the live features changes when the build fails."""
+    docstring), under :func:`write_lock` unless the caller holds it (``locked``); returns the manifest. Nothing
+    of the live features changes when the build fails."""
     ds.require()
-    staging = Dataset.at(ds.root / STAGING)
-    if staging.root.exists():
-        shutil.rmtree(staging.root)  # left by a build that did not finish
-    staging.root.mkdir()
-    try:
-        _link(ds.raw_dir, staging.raw_dir)
-        if (ds.root / ERASURE_LOG).exists():
-            _link(ds.root / ERASURE_LOG, staging.root / ERASURE_LOG)
-        manifest = build_features(staging, config, progress=progress)
-        # The manifest names the dataset it describes, not the staging folder it was written in.
-        manifest["dataset"] = str(ds.root)
-        write_json_atomic(manifest, staging.manifest_path)
-        swap_in(staging.features_dir, ds.features_dir)
-    finally:
-        shutil.rmtree(staging.root, ignore_errors=True)
+    with nullcontext() if locked else write_lock(ds, "feature build"):
+        staging = Dataset.at(ds.root / STAGING)
+        if staging.root.exists():
+            shutil.rmtree(staging.root)  # left by a build that did not finish
+        staging.root.mkdir()
+        try:
+            _link(ds.raw_dir, staging.raw_dir)
+            if (ds.root / ERASURE_LOG).exists():
+                _link(ds.root / ERASURE_LOG, staging.root / ERASURE_LOG)
+            manifest = build_features(staging, config, progress=progress)
+            # The manifest names the dataset it describes, not the staging folder it was written in.
+            manifest["dataset"] = str(ds.root)
+            write_json_atomic(manifest, staging.manifest_path)
+            swap_in(staging.features_dir, ds.features_dir)
+        finally:
+            shutil.rmtree(staging.root, ignore_errors=True)
     return manifest
+
+
+def erase_customers_atomically(
+    ds: Dataset,
+    customer_ids: Sequence[str],
+    *,
+    config: FeatureConfig | None = None,
+    rebuild: bool = True,
+    progress: bool = False,
+    locked: bool = False,
+) -> dict[str, Any]:
+    """:func:`~features.pipeline.erase_customers` under :func:`write_lock` (unless the caller holds it:
+    ``locked``), the features rebuilt once into a staging folder and swapped in whole, so that a service reading
+    them meanwhile never sees half a build. Same arguments and report."""
+    if not locked:
+        with write_lock(ds, "erasure"):
+            return erase_customers_atomically(
+                ds, customer_ids, config=config, rebuild=rebuild, progress=progress, locked=True
+            )
+    report = erase_customers(ds, customer_ids, rebuild=False)
+    rebuilt = rebuild and ds.manifest_path.exists() and report["total_rows_removed"] > 0
+    if rebuilt:
+        build_features_atomically(ds, config or built_config(ds), progress=progress, locked=True)
+    return {**report, "features_rebuilt": rebuilt}

@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from nextbest.features.pipeline import erase_customers
+from nextbest.features.dataset_lock import erase_customers_atomically, write_lock
 from nextbest.features.privacy import ERASURE_LOG, erasure_ids
 from nextbest.features.schema import CUSTOMER_ID
 from nextbest.serving import api
@@ -205,7 +205,11 @@ class Engine:
         """The live customers and the erased ids."""
         self.channels = sorted(set(self.policy.named_channels()) | set(self.data.channels))
         """The channels a request may name: the policy's and those the propensity model knows."""
-        self.erasures = ErasureQueue(self.store, lambda ids: erase_customers(self.data.dataset, ids))
+        self.erasures = ErasureQueue(
+            self.store,
+            lambda ids: erase_customers_atomically(self.data.dataset, ids, locked=True),
+            exclusive=lambda: write_lock(self.data.dataset, "erasure"),
+        )
         self._decider = Decider(
             self.policy, self.levers, self.ledger, self.decision_log, self.store, self._lock, self._is_erased
         )

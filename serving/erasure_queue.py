@@ -7,6 +7,11 @@ of its request and taking about one feature build; an erasure left unfinished by
 up again when the service starts, and one that fails is tried again every minute. ``POST /erasure`` reports
 its state.
 
+Every worker and replica of a service runs a queue on the one state store, and they may share one dataset: a
+batch is worked under an exclusive lock (:func:`features.dataset_lock.write_lock`, shared with ``nextbest
+forget``), and whoever gets the lock takes what is still queued then, so one erasure is done once, by one of
+them, and two never rewrite the dataset's files at the same moment.
+
 Two tables of the state store (:mod:`serving.state_store`):
 
 * ``erasure_queue`` — the erasures still to do. It holds the customer's id (the dataset cannot be searched
@@ -22,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,10 +51,18 @@ class ErasureQueue:
         store: the state store holding the queue and the states.
         erase: erases customers from the dataset (one feature rebuild for all of them) and returns a report
             with ``total_rows_removed``.
+        exclusive: the lock a batch is worked under (entered by the worker thread, which waits for it); none by
+            default.
     """
 
-    def __init__(self, store: StateStore, erase: Callable[[list[str]], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        erase: Callable[[list[str]], dict[str, Any]],
+        exclusive: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> None:
         self._erase = erase
+        self._exclusive = exclusive
         self.store = store
         self._wake = threading.Condition()
         self._stopped = False
@@ -97,14 +111,22 @@ class ErasureQueue:
         while True:
             with self._wake:
                 # Another replica's requests are in the store only: look again every second.
-                while not self._stopped and not (batch := self.store.queued_erasures()):
+                while not self._stopped and not self.store.queued_erasures():
                     self._wake.wait(1.0)
                 if self._stopped:
                     return
-            # Everything queued so far goes in one batch: one feature rebuild for all of it.
-            self._work(batch)
+            with self._exclusive():
+                # Everything still queued once the lock is ours (another worker may have done part of it
+                # meanwhile) goes in one batch: one feature rebuild for all of it.
+                batch = self.store.queued_erasures()
+                done = self._work(batch) if batch else True
+            if not done:  # the batch stays in the queue: retried after a pause (the lock free meanwhile)
+                with self._wake:
+                    if not self._stopped:
+                        self._wake.wait(RETRY_SECONDS)
 
-    def _work(self, batch: list[tuple[str, str]]) -> None:
+    def _work(self, batch: list[tuple[str, str]]) -> bool:
+        """Erase ``batch`` from the dataset and record the outcome; False when it failed."""
         ids = [erasure_id for erasure_id, _ in batch]
         requested = {i: (s.requested_at if (s := self.status(i)) else _now()) for i in ids}
         with self._wake:
@@ -115,14 +137,14 @@ class ErasureQueue:
             logger.exception("the dataset erasure of %d customer(s) failed", len(batch))
             with self._wake:
                 self._mark(requested, "failed", error=" ".join(str(e).split())[:500] or type(e).__name__)
-                self._wake.wait(RETRY_SECONDS)
-            return
+            return False
         with self._wake:
             rows = int(report.get("total_rows_removed", 0)) if len(ids) == 1 else None
             finished = self._statuses(requested, "done", rows_removed=rows)
             self.store.finish_erasures(ids, [f.model_dump(mode="json") for f in finished])
             self._wake.notify_all()
         logger.info("dataset erasure of %d customer(s) done", len(ids))
+        return True
 
     @staticmethod
     def _statuses(requested: dict[str, datetime], state: ErasureState, **fields: Any) -> list[ErasureStatus]:

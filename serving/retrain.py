@@ -7,10 +7,12 @@ Safe to run from cron while the service runs. In order, under the dataset's lock
    store's change sequence: the first retrain reads a consistent snapshot of every stored event) and the
    exposures its decisions and their responses make (:func:`~features.live_exposures.exposures_from_decisions`) are
    validated, deduplicated and erasure-checked and appended to ``raw/`` as new parts (:mod:`features.live_fold`).
-   The store is only read: the service goes on writing to it.
+   The store is only read: the service goes on writing to it. The fold and the build below each hold the
+   dataset's write lock (:func:`~features.dataset_lock.write_lock`): an erasure the service runs meanwhile
+   waits for them, or they for it.
 2. **Features** are rebuilt with the config they were last built with, into a staging folder that replaces
    ``features/`` in one step (:func:`~features.dataset_lock.build_features_atomically`); a service reading the
-   old features meanwhile never sees half of a build. An erasure that lands during the build triggers another.
+   old features meanwhile never sees half of a build.
 3. **Challengers**: the recommender and the propensity model are trained with their champions' configurations
    as logged in the registry (no tuning; the defaults where there is no champion yet). The recommender is
    evaluated on the held-out periods as always, then refit on every event up to now (``refit="all"``), and its
@@ -38,7 +40,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from nextbest.features.dataset import Dataset
-from nextbest.features.dataset_lock import DatasetLock, build_features_atomically
+from nextbest.features.dataset_lock import DatasetLock, build_features_atomically, write_lock
 from nextbest.features.errors import NextbestError
 from nextbest.features.live_exposures import DECISION_COLUMNS, exposures_from_decisions
 from nextbest.features.live_fold import (
@@ -468,7 +470,8 @@ def retrain(
         steps = tqdm(total=4, desc="retrain", unit="step", disable=not progress)
         try:
             steps.set_postfix_str("folding live data")
-            fold = fold_service_data(ds, store, window=window, delivered_channels=delivered_channels)
+            with write_lock(ds, "retrain (fold)"):  # an erasure of the service's waits, and is waited for
+                fold = fold_service_data(ds, store, window=window, delivered_channels=delivered_channels)
             steps.update()
             if not force and fold["events"]["folded"] == 0 and fold["exposures"]["folded"] == 0:
                 why = "nothing new since the last retrain: features and models left as they are (--force retrains)"

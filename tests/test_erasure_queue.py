@@ -12,6 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 import nextbest.serving.erasure_queue as erasure_queue
+from nextbest.features.dataset import Dataset
+from nextbest.features.dataset_lock import write_lock
 from nextbest.serving.erasure_queue import ErasureQueue
 from nextbest.serving.state_store import StateStore, default_state_url, erasures
 
@@ -104,6 +106,38 @@ def test_a_failed_erasure_stays_queued_and_is_retried(tmp_path, monkeypatch):
     assert queue.wait_idle(10)
     assert queue.status(status.erasure_id).state == "done" and eraser.batches == [["C4"]]
     queue.stop()
+
+
+def test_queues_sharing_a_store_and_a_dataset_do_each_erasure_once_one_at_a_time(tmp_path):
+    """Two workers (or replicas) run a queue each on one state store and one dataset: every erasure is done
+    once, by one of them, and never two at the same moment (the dataset's write lock, a real ``flock``)."""
+    ds = Dataset.at(tmp_path / "data")
+    active, most, lock = [0], [0], threading.Lock()
+
+    class Counting(Eraser):
+        def __call__(self, ids: list[str]) -> dict[str, Any]:
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            time.sleep(0.2)  # a feature rebuild's worth of overlap, if the lock let them overlap
+            try:
+                return super().__call__(ids)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+    erasers = [Counting(), Counting()]
+    queues = [ErasureQueue(store(tmp_path), e, exclusive=lambda: write_lock(ds, "erasure")) for e in erasers]
+    for q in queues:
+        q.start()
+    submitted = [queues[i % 2].submit(f"C{i}") for i in range(6)]
+    assert queues[0].wait_idle(20) and queues[1].wait_idle(20)
+    for q in queues:
+        q.stop()
+    done = sorted(c for e in erasers for batch in e.batches for c in batch)
+    assert done == [f"C{i}" for i in range(6)]  # each once
+    assert most[0] == 1
+    assert all(queues[0].status(s.erasure_id).state == "done" for s in submitted)
 
 
 @pytest.mark.parametrize("days", [0, 1])

@@ -121,8 +121,15 @@ def test_an_erasure_through_one_replica_reaches_the_other(replicas):
     item = a.ds.read("items")["item_id"][3]
     b.post("/events", {"events": [{"customer_id": c, "item_id": item, "event_type": "view"}]})
     assert eventually(lambda: a.post("/profile", {"customer_id": c}).json()["live_events"])
-    assert a.post("/forget", {"customer_id": c}).status_code == 200
+    forgot = a.post("/forget", {"customer_id": c})
+    assert forgot.status_code == 200
     assert eventually(lambda: not b.post("/profile", {"customer_id": c}).json()["live_events"])
+    # The dataset's erasure is done once, by one of the replicas (they share the dataset and take turns on its
+    # write lock), and either reports it.
+    erasure = {"erasure_id": forgot.json()["erasure_id"]}
+    assert eventually(lambda: b.post("/erasure", erasure).json()["state"] == "done", timeout=180)
+    assert c not in pl.read_parquet(a.ds.features_dir / "profiles.parquet")["customer_id"].to_list()
+    assert a.ds.read("events").filter(pl.col("customer_id") == c).height == 0
     assert not b.post("/profile", {"customer_id": c}).json()["known"]
     r = b.post("/events", {"events": [{"customer_id": c, "item_id": item, "event_type": "view"}]})
     assert r.status_code == 410

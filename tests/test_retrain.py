@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import uuid
 from datetime import datetime, timedelta
 
@@ -13,7 +14,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from nextbest.features.dataset_lock import DatasetLock, RetrainLockedError, build_features_atomically
+from nextbest.features.dataset import write_parquet_atomic
+from nextbest.features.dataset_lock import (
+    DatasetLock,
+    RetrainLockedError,
+    build_features_atomically,
+    erase_customers_atomically,
+)
 from nextbest.features.live_exposures import exposures_from_decisions
 from nextbest.features.live_fold import (
     FoldState,
@@ -334,6 +341,77 @@ def test_features_are_built_beside_the_live_ones_and_swapped_in_whole(tiny_datas
     assert not (ds.features_dir / "stale.txt").exists()  # a whole new folder, not files over the old ones
     assert second["row_counts"] == first["row_counts"]
     assert sorted(p.name for p in ds.root.iterdir() if p.name.startswith(".features")) == []
+
+
+def test_writers_of_one_file_at_the_same_moment_never_leave_half_a_file(tmp_path):
+    """Two processes (here threads) writing one file each finish their own temporary file; the last rename
+    wins whole, a reader never meets half a file, and no temporary file is left."""
+    path = tmp_path / "profiles.parquet"
+    frames = [pl.DataFrame({"customer_id": [f"{w}-{i}" for i in range(20_000)]}) for w in "AB"]
+    write_parquet_atomic(frames[0], path)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer(df: pl.DataFrame) -> None:
+        try:
+            for _ in range(25):
+                write_parquet_atomic(df, path)
+        except BaseException as e:  # reported by the assertion below
+            failures.append(e)
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                first = pl.read_parquet(path)["customer_id"][0]
+                assert first in ("A-0", "B-0")
+            except BaseException as e:  # reported by the assertion below
+                failures.append(e)
+                return
+
+    threads = [threading.Thread(target=writer, args=(df,)) for df in frames]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert failures == []
+    assert pl.read_parquet(path).height == 20_000
+    assert [p.name for p in tmp_path.iterdir()] == ["profiles.parquet"]
+
+
+def test_two_workers_erasing_one_dataset_at_once_lose_neither_erasure(tiny_dataset):
+    """The workers and replicas of one service share the dataset: their erasures and a retrain's feature build
+    wait for each other (the write lock), so both customers are gone from every file and the features, the build
+    never reads a file replaced under it, and nothing is left in the dataset's folder."""
+    ds = tiny_dataset
+    build_features_atomically(ds)
+    reports: dict[str, dict] = {}
+    failures: list[BaseException] = []
+
+    def erase(customer_id: str) -> None:
+        try:
+            reports[customer_id] = erase_customers_atomically(ds, [customer_id])
+        except BaseException as e:  # reported by the assertion below
+            failures.append(e)
+
+    builder = threading.Thread(target=build_features_atomically, args=(ds,))  # a retrain's build beside them
+    workers = [threading.Thread(target=erase, args=(c,)) for c in ("C1", "C2")]
+    for t in [builder, *workers]:
+        t.start()
+    for t in [builder, *workers]:
+        t.join()
+    assert failures == []
+    assert all(r["features_rebuilt"] and r["total_rows_removed"] > 0 for r in reports.values())
+    left = set(ds.read("events")["customer_id"].to_list())
+    assert not left & {"C1", "C2", "W1"}  # W1: C1's linked cookie
+    assert {"C3", "C4"} <= left
+    profiled = set(pl.read_parquet(ds.features_dir / "profiles.parquet")["customer_id"].to_list())
+    assert not profiled & {"C1", "C2"} and profiled
+    assert {p.name for p in ds.root.iterdir() if not p.name.startswith(".")} >= {"raw", "features"}
+    assert not [p for p in ds.root.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".features-")]
 
 
 def test_a_fold_interrupted_before_its_commit_is_rolled_back(tiny_dataset):

@@ -139,10 +139,10 @@ def _split_lines(manifest: dict[str, Any]) -> list[str]:
 
 def cmd_forget(args: argparse.Namespace) -> None:
     from nextbest.features.dataset import Dataset
-    from nextbest.features.pipeline import erase_customers
+    from nextbest.features.dataset_lock import erase_customers_atomically
 
     ds = Dataset.at(args.data)
-    report = erase_customers(
+    report = erase_customers_atomically(
         ds,
         [args.customer_id],
         config=_feature_config(args.config) if args.config else None,
