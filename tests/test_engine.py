@@ -446,6 +446,35 @@ def test_erasure_leaves_no_trace_and_survives_a_restart(trained, tmp_path):
     assert kept in restarted.live_customers()
 
 
+def test_erasure_is_one_rule_offline_and_online(trained, tmp_path):
+    """The same customers erased offline (``nextbest forget``: ``features.privacy.forget`` on the dataset) and
+    online (``/forget``: ``Engine.forget``) erase the same ids — the customer, every id linked to them and every
+    ``<system>:<id>`` form (``features.privacy.erasure_ids``) — as the keyed digests each path logs show."""
+    from nextbest.features.privacy import erasure_ids, forget
+
+    offline, online = tmp_path / "offline", tmp_path / "online"
+    shutil.copytree(trained.ds.root, offline)
+    shutil.copytree(trained.ds.root, online)
+    identities = trained.ds.scan("identities", required=False)
+    engine = make_engine(trained, tmp_path / "state", data=online)
+    try:
+        linked = [c for c in consenting_known(engine, 200) if len(erasure_ids(identities, c)) > 1][:2]
+        assert len(linked) == 2  # customers with cookies or e-mail ids linked to them
+        for c in linked:
+            forget(Dataset.at(offline), c)
+            engine.forget(api.CustomerRequest(customer_id=c), f"Bearer {TOKEN}")
+        assert engine.erasures.wait_idle(120)
+    finally:
+        engine.close()
+
+    def logged(root: Path) -> set[str]:
+        return {json.loads(line)["hmac"] for line in (root / ERASURE_LOG).read_text().splitlines()}
+
+    key = erasure_key()
+    expected = {id_digest(i, key) for c in linked for i in erasure_ids(identities, c)}
+    assert logged(offline) == logged(online) == expected
+
+
 def test_the_service_logs_keep_to_the_retention_window(trained, tmp_path):
     state = tmp_path / "state"
     engine = make_engine(trained, state)
