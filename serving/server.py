@@ -21,10 +21,114 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from nextbest.serving.api import ROUTES
 from nextbest.serving.engine import EngineConfig, EngineLoadError, check_models
 from nextbest.serving.gate import APP_TOKEN_ENV, HOST_ENV, ExposureError, check_exposure
 
 SERVICE = "nextbest.serving.service:NextBest"
+SERVICE_NAME = "nextbest"
+"""The BentoML service's name (its settings live under ``services.nextbest`` in BentoML's configuration)."""
+OVERRIDES_ENV = "BENTOML_CONFIG_OVERRIDES"
+"""BentoML's own variable: JSON merged over the service's decorator settings when BentoML starts it."""
+
+DEFAULT_THREADS = 8
+"""Threads for the blocking endpoints (``NEXTBEST_THREADS``)."""
+DEFAULT_MAX_BATCH = 64
+"""Most requests one engine call answers (``NEXTBEST_MAX_BATCH``; 1: no batching)."""
+SERVICE_DEFAULTS: dict[str, Any] = {
+    "workers": 1,
+    "traffic": {"timeout": 30},
+    # One log line per request costs about a tenth of a request's time: off unless asked for.
+    "logging": {"access": {"enabled": False}},
+    # BentoML opens several OpenTelemetry spans per request, even with no exporter configured, at a cost of a
+    # fair share of a millisecond: off for the API routes unless asked for.
+    "tracing": {"excluded_urls": list(ROUTES)},
+    # Prometheus metrics on /metrics: a fifth of a millisecond per request.
+    "metrics": {"enabled": True},
+}
+"""The service's BentoML settings when nothing asks otherwise (the ``@bentoml.service`` decorator's: fixed,
+read from nothing at import)."""
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool | None:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise EngineLoadError(f"{name}={env[name]!r} is not a yes/no value: use 1 or 0")
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise EngineLoadError(f"{name}={env[name]!r} is not a whole number of at least 1")
+    return value
+
+
+def max_batch(env: Mapping[str, str]) -> int:
+    """``NEXTBEST_MAX_BATCH`` (default 64), read when the service starts.
+
+    Raises:
+        EngineLoadError: not a whole number of at least 1.
+    """
+    return _count(env, "NEXTBEST_MAX_BATCH", DEFAULT_MAX_BATCH)
+
+
+def thread_count(env: Mapping[str, str]) -> int:
+    """``NEXTBEST_THREADS`` (default 8).
+
+    Raises:
+        EngineLoadError: not a whole number of at least 1.
+    """
+    return _count(env, "NEXTBEST_THREADS", DEFAULT_THREADS)
+
+
+def bentoml_overrides(env: Mapping[str, str], workers: int = 1) -> dict[str, Any]:
+    """The settings of the service's BentoML server that ``env`` asks for, as the value of
+    ``BENTOML_CONFIG_OVERRIDES`` (``{"services": {"nextbest": {...}}}``; empty when it asks for nothing): the
+    workers, ``NEXTBEST_ACCESS_LOG``, ``NEXTBEST_TRACING`` and ``NEXTBEST_METRICS``. BentoML merges them over
+    :data:`SERVICE_DEFAULTS` when it starts the service, so they are read at start, never at import.
+
+    ``NEXTBEST_THREADS`` is the exception: BentoML 1.4.39 sizes the blocking endpoints' thread limiter from the
+    decorator's own dictionary (``_bentoml_impl/server/app.py``, ``_to_thread``), never from its merged
+    configuration, so the service module reads it when BentoML imports it in the worker
+    (:data:`SERVICE_DEFAULTS` stays fixed; ``serving.service`` passes :func:`thread_count` beside it).
+
+    Raises:
+        EngineLoadError: a variable holds a value that is not a yes/no.
+    """
+    service: dict[str, Any] = {}
+    if workers != 1:
+        service["workers"] = workers
+    if _flag(env, "NEXTBEST_ACCESS_LOG"):
+        service["logging"] = {"access": {"enabled": True}}
+    if _flag(env, "NEXTBEST_TRACING"):
+        service["tracing"] = {"excluded_urls": []}
+    if _flag(env, "NEXTBEST_METRICS") is False:
+        service["metrics"] = {"enabled": False}
+    return {"services": {SERVICE_NAME: service}} if service else {}
+
+
+def _merged(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (
+            _merged(out[key], value)
+            if isinstance(value, Mapping) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 3000
 
@@ -39,14 +143,26 @@ def service_env(
     workers: int = 1,
 ) -> dict[str, str]:
     """The environment of the service process: ``base`` (default ``os.environ``) plus the config's variables,
-    the address it listens on, the worker count and, when given, the app key (else ``NEXTBEST_APP_TOKEN`` as in
-    ``base``)."""
+    the address it listens on, the BentoML settings asked for (the worker count, ``threads`` and the
+    variables of :func:`bentoml_overrides`, merged into ``BENTOML_CONFIG_OVERRIDES``) and, when given, the app
+    key (else ``NEXTBEST_APP_TOKEN`` as in ``base``).
+
+    Raises:
+        EngineLoadError: fewer than one worker, or a server variable with a value it cannot take.
+    """
     if workers < 1:
         raise EngineLoadError(f"--workers must be at least 1, got {workers}")
     env = dict(os.environ if base is None else base)
-    if workers != 1:
-        options = env.get("BENTOML_CONFIG_OPTIONS", "")
-        env["BENTOML_CONFIG_OPTIONS"] = f"{options} services.nextbest.workers={workers}".strip()
+    if threads is not None:
+        env["NEXTBEST_THREADS"] = str(threads)
+    thread_count(env)  # refused here, in one line, rather than in the worker
+    overrides = bentoml_overrides(env, workers)
+    if overrides:
+        try:
+            given = json.loads(env.get(OVERRIDES_ENV) or "{}")
+        except ValueError:
+            raise EngineLoadError(f"{OVERRIDES_ENV} is not JSON: {env[OVERRIDES_ENV][:200]!r}") from None
+        env[OVERRIDES_ENV] = json.dumps(_merged(given if isinstance(given, dict) else {}, overrides))
     env[HOST_ENV] = host
     if app_token:
         env[APP_TOKEN_ENV] = app_token
@@ -65,8 +181,6 @@ def service_env(
         env["NEXTBEST_ADMIN_TOKEN"] = config.admin_token
     else:
         env.pop("NEXTBEST_ADMIN_TOKEN", None)
-    if threads is not None:
-        env["NEXTBEST_THREADS"] = str(threads)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     # BentoML would otherwise phone home with usage statistics.
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")

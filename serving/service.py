@@ -4,9 +4,14 @@ Configuration comes from the environment (see :meth:`serving.engine.EngineConfig
 ``NEXTBEST_STATE_DIR``, ``MLFLOW_TRACKING_URI``, ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_CHALLENGER_SHARE``,
 ``NEXTBEST_POLICY``, ``NEXTBEST_CLOCK``; the keys and limits of the request gate (:mod:`serving.gate`:
 ``NEXTBEST_APP_TOKEN``, ``NEXTBEST_ADMIN_TOKEN``, ``NEXTBEST_MAX_BODY_BYTES``, 1 MiB); the erasure key
-(:mod:`features.privacy`); and for the server itself ``NEXTBEST_THREADS`` (threads for the blocking endpoints,
-default 8), ``NEXTBEST_MAX_BATCH`` (64; 1 turns batching off), ``NEXTBEST_ACCESS_LOG`` and ``NEXTBEST_TRACING``
-(both off), ``NEXTBEST_METRICS`` (on), ``NEXTBEST_LOG_LEVEL`` (INFO). Models and data load in a background
+(:mod:`features.privacy`); ``NEXTBEST_MAX_BATCH`` (64; 1 turns batching off) and ``NEXTBEST_LOG_LEVEL`` (INFO).
+All of it is read when a worker starts. The BentoML server's own settings (the decorator's,
+:data:`serving.server.SERVICE_DEFAULTS`) are fixed; ``nextbest serve`` turns ``--workers``,
+``NEXTBEST_ACCESS_LOG`` and ``NEXTBEST_TRACING`` (both off) and ``NEXTBEST_METRICS`` (on) into BentoML's
+``BENTOML_CONFIG_OVERRIDES`` (:func:`serving.server.bentoml_overrides`), which BentoML applies when it starts
+the service; with a bare ``bentoml serve``, set ``BENTOML_CONFIG_OVERRIDES`` yourself. ``NEXTBEST_THREADS``
+(threads for the blocking endpoints, default 8) is the one setting read when BentoML imports this module in the
+worker: BentoML 1.4.39 sizes its thread limiter from the decorator's arguments only. Models and data load in a background
 thread, so ``/livez`` answers at once and ``/readyz`` only once everything is loaded. The live state
 and its logs live in the state store (:mod:`serving.state_store`), which every worker and replica shares.
 
@@ -26,6 +31,7 @@ with their 4xx status. Every refusal is one log line; only a 5xx logs a tracebac
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import threading
@@ -36,7 +42,6 @@ import bentoml
 from starlette.responses import JSONResponse
 
 from nextbest.serving.api import (
-    ROUTES,
     CustomerRequest,
     ErasureRequest,
     ErasureStatus,
@@ -66,23 +71,9 @@ from nextbest.serving.openapi import complete_spec
 
 with bentoml.importing():
     from nextbest.serving.engine import Engine, EngineConfig, EngineLoadError, ServiceError, one_line
-    from nextbest.serving.server import check_start
-
-SERVICE_NAME = "nextbest"
+    from nextbest.serving.server import SERVICE_DEFAULTS, SERVICE_NAME, check_start, max_batch, thread_count
 
 logger = logging.getLogger("nextbest.service")
-
-THREADS = int(os.environ.get("NEXTBEST_THREADS", "8"))
-MAX_BATCH = int(os.environ.get("NEXTBEST_MAX_BATCH", "64"))
-"""Most ``/recommend`` requests answered by one call (1: no batching)."""
-API_ROUTES = tuple(ROUTES)
-METRICS = os.environ.get("NEXTBEST_METRICS", "1").lower() not in ("0", "false", "no")
-"""Prometheus metrics on ``/metrics`` (a fifth of a millisecond per request; ``NEXTBEST_METRICS=0`` drops them)."""
-TRACING = os.environ.get("NEXTBEST_TRACING", "").lower() in ("1", "true", "yes")
-"""OpenTelemetry spans per request (BentoML opens several per request, even with no exporter configured, at
-a cost of a fair share of a millisecond): off for the API routes unless asked for."""
-ACCESS_LOG = os.environ.get("NEXTBEST_ACCESS_LOG", "").lower() in ("1", "true", "yes")
-"""One log line per request costs about a tenth of a request's time; off unless asked for."""
 
 
 class AdaptiveBatcher:
@@ -182,27 +173,25 @@ def start_problem(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-@bentoml.service(
-    name=SERVICE_NAME,
-    workers=1,
-    threads=THREADS,
-    traffic={"timeout": 30},
-    logging={"access": {"enabled": ACCESS_LOG}},
-    tracing={"excluded_urls": [] if TRACING else list(API_ROUTES)},
-    metrics={"enabled": METRICS},
-)
+# BentoML reads ``threads`` from this dictionary only (see serving.server.bentoml_overrides): the one setting
+# read when BentoML imports the module in the worker; the others come from BENTOML_CONFIG_OVERRIDES at start.
+@bentoml.service(name=SERVICE_NAME, threads=thread_count(os.environ), **copy.deepcopy(SERVICE_DEFAULTS))
 class NextBest:
     """nextbest: follow-up purchases, action propensities and the next best action, in real time."""
 
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self.load_error: str | None = None
-        self.recommend_batcher = AdaptiveBatcher(self._recommend_many, max_batch=MAX_BATCH)
-        self.decision_batcher = AdaptiveBatcher(self._decide_many, max_batch=MAX_BATCH)
         self.config: EngineConfig | None = None
         # BentoML shows warnings only; the service's own lines (start, refusals, erasures) are worth reading.
         logging.getLogger("nextbest").setLevel(os.environ.get("NEXTBEST_LOG_LEVEL", "INFO").upper())
-        problem = start_problem()
+        try:
+            self.max_batch = max_batch(os.environ)
+            problem = start_problem()
+        except EngineLoadError as e:
+            self.max_batch, problem = 1, one_line(e)
+        self.recommend_batcher = AdaptiveBatcher(self._recommend_many, max_batch=self.max_batch)
+        self.decision_batcher = AdaptiveBatcher(self._decide_many, max_batch=self.max_batch)
         if problem is not None:
             self.load_error = problem
             logger.error("nextbest: cannot start: %s", problem)
@@ -249,7 +238,7 @@ class NextBest:
         return self.engine.next_best_action_many(requests)
 
     async def _batched(self, batcher: AdaptiveBatcher, request: Any, single: Callable[[Engine], Any]) -> Any:
-        if self.engine is None or MAX_BATCH <= 1:
+        if self.engine is None or self.max_batch <= 1:
             return self._call(single)
         answer = await batcher.submit(request)
         if isinstance(answer, ServiceError):
