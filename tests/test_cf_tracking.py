@@ -98,6 +98,7 @@ def test_study_logs_parent_and_nested_runs_and_registers_challenger(study, track
         assert f"evaluation/{name}" in artifacts, artifacts
 
 
+@pytest.mark.slow  # loads the registered model through MLflow's pyfunc
 def test_pyfunc_from_the_registry_matches_the_in_memory_model(study, tracking, prepared):
     result, _ = study
     mlflow.set_tracking_uri(tracking.tracking_uri)

@@ -175,6 +175,7 @@ def test_reload_swaps_a_new_champion_under_concurrent_requests(engine_on_copy):
     assert engine.reload_models().swapped is False
 
 
+@pytest.mark.slow  # rebuilds the world's features
 def test_rebuilt_features_are_reloaded_with_the_live_state_kept(trained_world, tmp_path):
     from nextbest.features.pipeline import build_features
 

@@ -853,6 +853,7 @@ def test_affinity_online_equals_offline_and_travels_with_the_model(affinity_worl
         assert p[row["action_id"]] == pytest.approx(float(offline[k]), abs=1e-6)
 
 
+@pytest.mark.slow  # trains and registers an ALS through MLflow
 def test_affinity_takes_the_registered_als_trained_on_the_same_data(affinity_world, tmp_path):
     import mlflow
     from mlflow import MlflowClient

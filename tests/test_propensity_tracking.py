@@ -47,6 +47,7 @@ def test_tracking_defaults_to_the_propensity_registry():
     assert propensity_tracking(TrackingConfig(registered_model="mine")).registered_model == "mine"
 
 
+@pytest.mark.slow  # trains, logs and registers through MLflow
 def test_train_logs_a_run_registers_the_challenger_and_it_loads_back(world):
     ds, data, root = world
     tracking = _tracking(root, "train")
@@ -120,6 +121,7 @@ def test_tune_logs_nested_trial_runs_and_registers_the_best(world):
     assert "auc" in parent.data.metrics and parent.data.tags["nextbest.stage"] == "study"
 
 
+@pytest.mark.slow  # trains and registers two models through MLflow
 def test_promote_moves_champion_only_to_a_better_challenger(world):
     ds, data, root = world
     tracking = _tracking(root, "promote")

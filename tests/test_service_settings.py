@@ -113,6 +113,7 @@ def started_with(env: dict[str, str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two fresh interpreters importing BentoML
 def test_bentoml_applies_the_settings_when_the_service_starts(tmp_path):
     config = EngineConfig(data=tmp_path / "data", state_dir=tmp_path / "state")
     plain = started_with({})
