@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from typing import Any
 
 from nextbest.features.dataset import Dataset, write_json_atomic
 from nextbest.features.errors import NextbestError
-from nextbest.features.pipeline import FeatureConfig, build_features, built_config, erase_customers
+from nextbest.features.pipeline import FeatureConfig, build_features, erase_customers
 from nextbest.features.privacy import ERASURE_LOG
 
 LOCK_FILE = ".retrain.lock"
@@ -204,13 +205,12 @@ def erase_customers_atomically(
     """:func:`~features.pipeline.erase_customers` under :func:`write_lock` (unless the caller holds it:
     ``locked``), the features rebuilt once into a staging folder and swapped in whole, so that a service reading
     them meanwhile never sees half a build. Same arguments and report."""
-    if not locked:
-        with write_lock(ds, "erasure"):
-            return erase_customers_atomically(
-                ds, customer_ids, config=config, rebuild=rebuild, progress=progress, locked=True
-            )
-    report = erase_customers(ds, customer_ids, rebuild=False)
-    rebuilt = rebuild and ds.manifest_path.exists() and report["total_rows_removed"] > 0
-    if rebuilt:
-        build_features_atomically(ds, config or built_config(ds), progress=progress, locked=True)
-    return {**report, "features_rebuilt": rebuilt}
+    with nullcontext() if locked else write_lock(ds, "erasure"):
+        return erase_customers(
+            ds,
+            customer_ids,
+            config=config,
+            rebuild=rebuild,
+            progress=progress,
+            build=functools.partial(build_features_atomically, locked=True),
+        )

@@ -6,7 +6,7 @@ import json
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from importlib import metadata
@@ -110,12 +110,15 @@ def erase_customers(
     config: FeatureConfig | None = None,
     rebuild: bool = True,
     progress: bool = False,
+    build: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Erase customers and every id linked to them from ``ds`` (:func:`features.privacy.forget`), then rebuild
     the features once (with ``config``, default the config they were last built with) so that none of them
     remains; no rebuild when nothing was found.
 
-    What ``nextbest forget`` and the service's erasure queue both run.
+    ``build`` builds the features (``build(ds, config, progress=…)``; default :func:`build_features`).
+    ``nextbest forget`` and the service's erasure queue run this through
+    :func:`features.dataset_lock.erase_customers_atomically`, which builds beside the live features.
 
     Returns:
         ``ids_erased``, ``rows_removed`` (per file), ``total_rows_removed`` and ``features_rebuilt``.
@@ -127,7 +130,7 @@ def erase_customers(
         removed.update(report["rows_removed"])
     rebuilt = rebuild and ds.manifest_path.exists() and sum(removed.values()) > 0
     if rebuilt:
-        build_features(ds, config or built_config(ds), progress=progress)
+        (build or build_features)(ds, config or built_config(ds), progress=progress)
     return {
         "ids_erased": ids_erased,
         "rows_removed": dict(removed),

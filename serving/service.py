@@ -11,8 +11,8 @@ All of it is read when a worker starts. The BentoML server's own settings (the d
 ``BENTOML_CONFIG_OVERRIDES`` (:func:`serving.server.bentoml_overrides`), which BentoML applies when it starts
 the service; with a bare ``bentoml serve``, set ``BENTOML_CONFIG_OVERRIDES`` yourself. ``NEXTBEST_THREADS``
 (threads for the blocking endpoints, default 8) is the one setting read when BentoML imports this module in the
-worker: BentoML 1.4.39 sizes its thread limiter from the decorator's arguments only. Models and data load in a background
-thread, so ``/livez`` answers at once and ``/readyz`` only once everything is loaded. The live state
+worker: BentoML 1.4.39 sizes its thread limiter from the decorator's arguments only. Models and data load in a
+background thread, so ``/livez`` answers at once and ``/readyz`` only once everything is loaded. The live state
 and its logs live in the state store (:mod:`serving.state_store`), which every worker and replica shares.
 
 ``/recommend`` and ``/next_best_action`` run on the event loop through an :class:`AdaptiveBatcher`: requests
