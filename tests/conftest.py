@@ -15,6 +15,10 @@ import polars as pl
 import pytest
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores: one OpenMP thread each (torch's), or their threads fight over them
+    # (measured: the inner loop on two processes took 93 s with torch's default threads, 77 s with one).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Erasures made by the tests (and the servers they start) key their digests with a key of the test run's own,
 # never the key of the machine's user.
 os.environ.setdefault(
@@ -187,6 +191,65 @@ def trained_world(tmp_path_factory) -> TrainedWorld:
     )
     assert promote_propensity(tracking).promoted
     return TrainedWorld(ds, uri)
+
+
+@dataclass(frozen=True)
+class EngineWorld:
+    """A small generated world with features built and the models trained in memory, without MLflow (for the
+    suites that call the engine directly; the registry path is covered by ``trained_world``)."""
+
+    ds: Dataset
+    als: Any
+    popularity: Any
+    propensity: Any
+
+    def copy(self, folder: Path) -> Dataset:
+        """A copy of the dataset in ``folder`` (for a test that changes it: erasure edits the dataset)."""
+        shutil.copytree(self.ds.root, folder)
+        return Dataset.at(folder)
+
+    def models(self, *, challenger: bool = False) -> Any:
+        """The serving models: ALS as the recommender champion (popularity as challenger when asked), the
+        network as the propensity champion."""
+        from nextbest.serving.arms import CHALLENGER, CHAMPION
+        from nextbest.serving.engine import (
+            PROPENSITY_MODEL,
+            RECOMMENDER_MODEL,
+            RegisteredModel,
+            ServingModels,
+        )
+
+        recommender = {CHAMPION: RegisteredModel(RECOMMENDER_MODEL, "1", CHAMPION, self.als)}
+        if challenger:
+            recommender[CHALLENGER] = RegisteredModel(RECOMMENDER_MODEL, "2", CHALLENGER, self.popularity)
+        return ServingModels(
+            recommender=recommender,
+            propensity={CHAMPION: RegisteredModel(PROPENSITY_MODEL, "1", CHAMPION, self.propensity)},
+        )
+
+
+@pytest.fixture(scope="session")
+def engine_world(tmp_path_factory) -> EngineWorld:
+    """Trained once per test run in a few seconds; tests that change the dataset take a copy."""
+    from nextbest.features.generate import WorldConfig, generate_world
+    from nextbest.features.pipeline import build_features
+    from nextbest.training.cf import train_cf
+    from nextbest.training.cf_data import prepare_cf_data
+    from nextbest.training.propensity import PropensityConfig, fit_propensity
+    from nextbest.training.propensity_data import load_propensity_data
+    from nextbest.training.tracking import TrackingConfig
+
+    ds = Dataset.at(tmp_path_factory.mktemp("engine") / "world")
+    generate_world(WorldConfig(customers=300, days=120, seed=3), ds)
+    build_features(ds)
+    off = TrackingConfig(enabled=False)
+    prepared = prepare_cf_data(ds, with_test=False)
+    als = train_cf(ds, "als", {"factors": 16, "iterations": 8}, tracking=off, prepared=prepared, threads=1)
+    pop = train_cf(ds, "popularity", tracking=off, prepared=prepared)
+    fit = fit_propensity(
+        load_propensity_data(ds), PropensityConfig(epochs=2, hidden_sizes=[32], batch_size=512), device="cpu"
+    )
+    return EngineWorld(ds, als.bundle, pop.bundle, fit.model)
 
 
 @dataclass

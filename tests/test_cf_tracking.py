@@ -111,6 +111,7 @@ def test_pyfunc_from_the_registry_matches_the_in_memory_model(study, tracking, p
     assert loaded.metadata.signature is not None
 
 
+@pytest.mark.slow  # needs the module's Optuna study with MLflow runs: ~7 s
 def test_study_resumes_from_its_storage(study, world, prepared, tracking):
     result, storage = study
     again = tune_cf(world, "als", trials=1, storage=storage, tracking=tracking, prepared=prepared, seed=2)
@@ -126,6 +127,7 @@ def test_study_resumes_from_its_storage(study, world, prepared, tracking):
         assert again.best_trial == result.best_trial and second == first
 
 
+@pytest.mark.slow  # needs the module's Optuna study with MLflow runs
 def test_promotion_needs_a_better_challenger(study, world, prepared, tracking):
     first = promote_recommender(tracking)
     assert first.promoted and "no champion yet" in first.reason

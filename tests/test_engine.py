@@ -11,7 +11,6 @@ import json
 import shutil
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -19,8 +18,6 @@ import polars as pl
 import pytest
 
 from nextbest.features.dataset import Dataset
-from nextbest.features.generate import WorldConfig, generate_world
-from nextbest.features.pipeline import build_features
 from nextbest.features.privacy import ERASURE_LOG, erasure_key, id_digest
 from nextbest.serving import api
 from nextbest.serving.arms import CHALLENGER, CHAMPION, assign_arm
@@ -33,18 +30,11 @@ from nextbest.serving.engine import (
     EngineLoadError,
     Forbidden,
     NotFound,
-    RegisteredModel,
     ServingData,
-    ServingModels,
     Unauthorized,
     check_registry,
 )
-from nextbest.training.cf import train_cf
-from nextbest.training.cf_data import prepare_cf_data
-from nextbest.training.propensity import PropensityConfig, fit_propensity
-from nextbest.training.propensity_data import load_propensity_data
-from nextbest.training.tracking import TrackingConfig
-from tests.conftest import stored_state
+from tests.conftest import EngineWorld, stored_state
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -52,39 +42,19 @@ TOKEN = "engine-test-token"
 NOW = {"now": "2026-04-30T12:00:00"}
 
 
-@dataclass
-class Trained:
-    ds: Dataset
-    als: object
-    popularity: object
-    propensity: object
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Trained:
-    ds = Dataset.at(tmp_path_factory.mktemp("engine") / "world")
-    generate_world(WorldConfig(customers=300, days=120, seed=3), ds)
-    build_features(ds)
-    off = TrackingConfig(enabled=False)
-    prepared = prepare_cf_data(ds, with_test=False)
-    als = train_cf(ds, "als", {"factors": 16, "iterations": 8}, tracking=off, prepared=prepared, threads=1)
-    pop = train_cf(ds, "popularity", tracking=off, prepared=prepared)
-    fit = fit_propensity(
-        load_propensity_data(ds), PropensityConfig(epochs=2, hidden_sizes=[32], batch_size=512), device="cpu"
-    )
-    return Trained(ds, als.bundle, pop.bundle, fit.model)
+def trained(engine_world: EngineWorld) -> EngineWorld:
+    return engine_world
 
 
-def make_engine(trained: Trained, state: Path, *, data: Path | None = None, challenger: bool = False, **cfg):
-    recommender = {CHAMPION: RegisteredModel(RECOMMENDER_MODEL, "1", CHAMPION, trained.als)}
-    if challenger:
-        recommender[CHALLENGER] = RegisteredModel(RECOMMENDER_MODEL, "2", CHALLENGER, trained.popularity)
-    models = ServingModels(
-        recommender=recommender,
-        propensity={CHAMPION: RegisteredModel(PROPENSITY_MODEL, "1", CHAMPION, trained.propensity)},
-    )
+def make_engine(
+    trained: EngineWorld, state: Path, *, data: Path | None = None, challenger: bool = False, **cfg
+):
     cfg.setdefault("admin_token", TOKEN)
-    return Engine(EngineConfig(data=data or trained.ds.root, state_dir=state, **cfg), models)
+    return Engine(
+        EngineConfig(data=data or trained.ds.root, state_dir=state, **cfg),
+        trained.models(challenger=challenger),
+    )
 
 
 @pytest.fixture
@@ -241,7 +211,7 @@ def test_similar_items_share_attributes_and_unknown_items_are_404(engine):
 # --- consent ------------------------------------------------------------------------------------------------
 
 
-def customers_with(trained: Trained, **consent: bool) -> list[str]:
+def customers_with(trained: EngineWorld, **consent: bool) -> list[str]:
     state = pl.read_parquet(trained.ds.features_dir / "consent_state.parquet")
     for purpose, granted in consent.items():
         state = state.filter(pl.col(purpose) == granted)

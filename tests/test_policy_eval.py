@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -274,6 +275,7 @@ def test_replaying_the_logging_policy_reproduces_every_logged_choice(policy):
     assert by[("ips", "acceptance")]["estimate"] == rewards["accepted"].mean()
 
 
+@pytest.mark.slow  # replays 6,000 logged decisions under three policies: ~6 s
 def test_a_candidate_favouring_the_action_the_log_shows_better_is_estimated_higher(policy, tmp_path):
     records, responses = make_log(policy, 6000, epsilon=0.3, seed=2)
     better_b = tmp_path / "better_b.toml"
@@ -405,10 +407,14 @@ def test_report_lines_show_every_candidate_and_estimator(policy):
 # --- the command on a state store -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def filled_store(tmp_path: Path, policy: ActionPolicy) -> str:
-    url = f"sqlite:///{tmp_path / 'state.db'}"
-    store = StateStore(url)
+@pytest.fixture(scope="module")
+def store_template(tmp_path_factory) -> Path:
+    """A state store with a logged policy's 150 decisions and their responses, written once per module."""
+    folder = tmp_path_factory.mktemp("policy-store")
+    (folder / "policy.toml").write_text(POLICY_TOML, encoding="utf-8")
+    policy = load_policy(folder / "policy.toml")
+    path = folder / "state.db"
+    store = StateStore(f"sqlite:///{path}")
     records, responses = make_log(policy, 150, epsilon=0.2, seed=7)
     log = DecisionLog(store)
     for record in records:
@@ -416,7 +422,14 @@ def filled_store(tmp_path: Path, policy: ActionPolicy) -> str:
     for row in responses.iter_rows(named=True):
         store.add_response(row)
     store.close()
-    return url
+    return path
+
+
+@pytest.fixture
+def filled_store(tmp_path: Path, store_template: Path) -> str:
+    """A copy of the filled store per test: what one test writes, no other sees."""
+    shutil.copyfile(store_template, tmp_path / "state.db")
+    return f"sqlite:///{tmp_path / 'state.db'}"
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -584,6 +597,7 @@ def test_the_dashboard_section_shows_the_current_policy_and_epsilon(tmp_path, po
 # --- parity with the service ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # generates a world and runs the real engine's decisions: ~6 s
 def test_replaying_the_real_engines_log_reproduces_every_choice(tmp_path):
     """Decisions of the real engine (the shipped policy's rules, consent, channels and contact caps on a small
     generated world) replayed under the current policy and levers: every logged choice comes back."""

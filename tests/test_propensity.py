@@ -672,6 +672,7 @@ def test_device_choice_falls_back_to_cpu():
 # --- a generated world -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # generates a world and trains the network and a baseline on it: ~6 s
 def test_generated_world_beats_logistic_regression_and_is_calibrated(tmp_path):
     from nextbest.features.generate import WorldConfig, generate_world
     from nextbest.training.propensity_data import load_propensity_data

@@ -4,6 +4,7 @@ model watcher and a training job in one process cannot redirect each other's run
 from __future__ import annotations
 
 import mlflow
+import pytest
 
 from nextbest.serving.engine_config import EngineConfig
 from nextbest.serving.models import load_serving_models
@@ -15,6 +16,9 @@ from nextbest.training.registry import (
     registry_client,
     version_by_alias,
 )
+
+# both read the session's trained_world: training and registering its models through MLflow takes ~20 s
+pytestmark = pytest.mark.slow
 
 
 def test_loading_champions_reads_the_given_registry_and_leaves_the_global_uri_alone(trained_world, tmp_path):

@@ -1,7 +1,7 @@
 """Responses tied to decisions (validation, idempotence, storage, erasure, the v1 → v2 store migration) and
 ε-greedy exploration with logged probabilities (the formula, the explored share, rules never explored away).
 
-Pure parts are tested on hand-made decisions; the engine on the trained world (``trained_world``), each test with
+Pure parts are tested on hand-made decisions; the engine on a small world trained without MLflow (``engine_world``), each test with
 its own state store.
 """
 
@@ -381,16 +381,10 @@ def test_responses_are_stored_once_erased_with_the_customer_and_trimmed(tmp_path
 
 
 @pytest.fixture(scope="module")
-def loaded(trained_world, tmp_path_factory) -> Iterator[Engine]:
+def loaded(engine_world, tmp_path_factory) -> Iterator[Engine]:
     """Models and data loaded once; each test builds its own engine (own state, own policy) on them."""
     state = tmp_path_factory.mktemp("responses-state")
-    config = EngineConfig(
-        data=trained_world.ds.root,
-        state_dir=state,
-        tracking_uri=trained_world.tracking_uri,
-        model_poll_seconds=0,
-    )
-    engine = Engine.load(config)
+    engine = Engine(EngineConfig(data=engine_world.ds.root, state_dir=state), engine_world.models())
     yield engine
     engine.close()
 
@@ -542,8 +536,8 @@ def test_shown_accepted_converted_are_stored_once_each_and_a_retry_is_acknowledg
     ]
 
 
-def test_erasure_removes_the_customers_responses(trained_world, loaded, tmp_path):
-    ds = trained_world.copy(tmp_path / "world")  # erasure edits the dataset
+def test_erasure_removes_the_customers_responses(engine_world, loaded, tmp_path):
+    ds = engine_world.copy(tmp_path / "world")  # erasure edits the dataset
     config = loaded.config.model_copy(
         update={"data": ds.root, "state_dir": tmp_path / "state", "admin_token": TOKEN}
     )

@@ -13,6 +13,10 @@ self-contained: serving needs no recommender to compute it).
 
 Beside it: its metrics (:mod:`training.propensity_metrics`), its evaluation beside the baselines
 (:mod:`training.propensity_eval`) and the online scorer (:mod:`training.propensity_scorer`).
+
+Why it is a little longer than the project's ~600 lines: the network, its calibration, its file format and the
+loop that fits it change together (a new layer is a new config field, a new tensor to save and a new step in the
+fit); everything that reads a fitted model (metrics, evaluation, scoring) already lives in the modules above.
 """
 
 from __future__ import annotations
