@@ -10,9 +10,9 @@ export OPENBLAS_NUM_THREADS ?= 1
 export MLFLOW_TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 # Test files run on this many processes (pytest-xdist; a file's tests stay on one process so its module
 # fixtures are built once): two for the inner loop (-m 'not slow': 150 s on one process here, 77-81 s on two),
-# one for the full suite, whose servers, subprocesses and training jobs need the two cores to themselves (on two
-# processes it took 19 min here, against about 9 on one in CI). PYTEST_WORKERS=0 runs everything in this
-# process, e.g. to step through with pdb.
+# one for the full suite, whose servers, subprocesses and training jobs start processes of their own (on two it
+# took 19 min here against 21 on one, measured the same day: too little to gain for timing-sensitive load tests
+# sharing the cores). PYTEST_WORKERS=0 runs everything in this process, e.g. to step through with pdb.
 PYTEST_WORKERS ?= $(if $(findstring not slow,$(PYTEST_ARGS)),2,0)
 
 .PHONY: run test install lint format clean lock
