@@ -38,23 +38,22 @@ CONFIG = Path(__file__).resolve().parent / "configs" / "completejourney-recommen
 TUNED_ALS = {"factors": 16, "regularization": 1.25, "alpha": 0.10, "iterations": 14}
 
 
-def fit_parts(period: Any) -> dict[str, Any]:
-    """The repeat (TIFU), EASE and ALS parts fitted once on ``period``, with their fit seconds."""
+def fit_parts(period: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """The repeat (TIFU), EASE and ALS parts fitted once on ``period``, and their fit seconds, by part."""
     from nextbest.training.cf import fit_recommender
     from nextbest.training.recommenders import ALSConfig, EASEConfig, TIFUConfig
 
     tifu = TIFUConfig.model_validate_json(CONFIG.read_text())
     parts: dict[str, Any] = {}
+    fit_s: dict[str, float] = {}
     for name, kind, config in (
         ("repeat", "tifu", tifu),
         ("cf", "ease", EASEConfig()),
         ("knn", "als", ALSConfig(**TUNED_ALS)),
     ):
-        model, seconds = fit_recommender(kind, config, period)
-        parts[name] = model
-        parts[f"{name}_fit_s"] = seconds
-        _log(f"{name} ({kind}) fitted in {seconds:.1f} s")
-    return parts
+        parts[name], fit_s[name] = fit_recommender(kind, config, period)
+        _log(f"{name} ({kind}) fitted in {fit_s[name]:.1f} s")
+    return parts, fit_s
 
 
 def grid(parts: dict[str, Any], task: Any) -> list[dict[str, Any]]:
@@ -66,12 +65,9 @@ def grid(parts: dict[str, Any], task: Any) -> list[dict[str, Any]]:
     for knn_weight in KNN_WEIGHTS:
         for repeat_weight in REPEAT_WEIGHTS:
             knn = parts["knn"] if knn_weight > 0 else None
+            mix = {"knn": knn.config, "knn_weight": knn_weight} if knn is not None else {}
             config = BlendConfig(
-                repeat=parts["repeat"].config,
-                cf=parts["cf"].config,
-                knn=knn.config if knn is not None else None,
-                knn_weight=knn_weight if knn is not None else 0.3,
-                repeat_weight=repeat_weight,
+                repeat=parts["repeat"].config, cf=parts["cf"].config, repeat_weight=repeat_weight, **mix
             )
             blend = BlendRecommender.from_parts(config, parts["repeat"], parts["cf"], knn)
             row = {
@@ -113,11 +109,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     ds = ensure_dataset(args.data)
     tune = prepare_cf_data(ds, with_test=False)
-    validation = grid(fit_parts(tune.train), tune.validation)
+    validation = grid(fit_parts(tune.train)[0], tune.validation)
     chosen = choose(validation)
     _log(f"chosen on validation: repeat {chosen['repeat_weight']}, ALS {chosen['knn_weight']}")
     data = prepare_cf_data(ds)
-    parts = fit_parts(data.full)
+    parts, fit_s = fit_parts(data.full)
     test = grid(parts, data.test)
     at_test = next(
         r
@@ -137,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "test": {k: at_test[k] for k in ("ndcg_at_10", "new_ndcg_at_10")},
         "best_test_ndcg_at_10": max(r["ndcg_at_10"] for r in test),
         "best_test_new_ndcg_at_10": max(r["new_ndcg_at_10"] for r in test),
-        "fit_s": {k: parts[k] for k in ("repeat_fit_s", "cf_fit_s", "knn_fit_s")},
+        "fit_s": fit_s,
         "seconds": time.perf_counter() - started,
     }
     print(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -154,17 +156,36 @@ def tiny_dataset(tmp_path) -> Dataset:
     return ds
 
 
+@contextmanager
+def process_wide_mlflow_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs pointed at ``uri`` for the block, then put back."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+class _CopiesItsDataset:
+    ds: Dataset
+
+    def copy(self, folder: Path) -> Dataset:
+        """A copy of the dataset in ``folder`` (for a test that changes it: erasure edits the dataset)."""
+        shutil.copytree(self.ds.root, folder)
+        return Dataset.at(folder)
+
+
 @dataclass(frozen=True)
-class TrainedWorld:
+class TrainedWorld(_CopiesItsDataset):
     """A small generated world with features built and both models trained, registered and promoted."""
 
     ds: Dataset
     tracking_uri: str
-
-    def copy(self, folder: Path) -> Dataset:
-        """A copy of the dataset in ``folder`` (for a suite that changes it: erasure edits the dataset)."""
-        shutil.copytree(self.ds.root, folder)
-        return Dataset.at(folder)
 
 
 @pytest.fixture(scope="session")
@@ -194,7 +215,7 @@ def trained_world(tmp_path_factory) -> TrainedWorld:
 
 
 @dataclass(frozen=True)
-class EngineWorld:
+class EngineWorld(_CopiesItsDataset):
     """A small generated world with features built and the models trained in memory, without MLflow (for the
     suites that call the engine directly; the registry path is covered by ``trained_world``)."""
 
@@ -202,11 +223,6 @@ class EngineWorld:
     als: Any
     popularity: Any
     propensity: Any
-
-    def copy(self, folder: Path) -> Dataset:
-        """A copy of the dataset in ``folder`` (for a test that changes it: erasure edits the dataset)."""
-        shutil.copytree(self.ds.root, folder)
-        return Dataset.at(folder)
 
     def models(self, *, challenger: bool = False) -> Any:
         """The serving models: ALS as the recommender champion (popularity as challenger when asked), the

@@ -13,7 +13,7 @@ import pytest
 from nextbest.serving import api
 from nextbest.serving.engine import PROPENSITY_MODEL, RECOMMENDER_MODEL, Engine, EngineConfig, EngineLoadError
 from nextbest.serving.hot_swap import SwapLock, features_stamp
-from tests.conftest import RunningService, TrainedWorld
+from tests.conftest import RunningService, TrainedWorld, process_wide_mlflow_uri
 
 ADMIN_KEY = "hot-swap-admin-key"
 
@@ -30,20 +30,15 @@ def registry_copy(world: TrainedWorld, folder: Path) -> str:
 def promote_copy_of_champion(tracking_uri: str, name: str) -> str:
     """Register the champion's model again as a new version and make it the champion (what a promotion does to
     the registry); returns the new version."""
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri, tracking_uri)
     champion = client.get_model_version_by_alias(name, "champion")
     # MLflow resolves a "models:/m-…" source through a client on the process-wide URI, not this client's (its
-    # sqlalchemy_store says so in a TODO): point that URI here for the call and put it back, or the result
-    # depends on which test ran in this process before.
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    # sqlalchemy_store says so in a TODO): point that URI here for the call, or the result depends on which test
+    # ran in this process before.
+    with process_wide_mlflow_uri(tracking_uri):
         new = client.create_model_version(name, champion.source, run_id=champion.run_id)
-    finally:
-        mlflow.set_tracking_uri(previous)
     client.set_registered_model_alias(name, "champion", new.version)
     return str(new.version)
 

@@ -16,6 +16,7 @@ from nextbest.training.registry import (
     registry_client,
     version_by_alias,
 )
+from tests.conftest import process_wide_mlflow_uri
 
 # both read the session's trained_world: training and registering its models through MLflow takes ~20 s
 pytestmark = pytest.mark.slow
@@ -23,10 +24,7 @@ pytestmark = pytest.mark.slow
 
 def test_loading_champions_reads_the_given_registry_and_leaves_the_global_uri_alone(trained_world, tmp_path):
     elsewhere = f"sqlite:///{tmp_path}/someone-elses.db"
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(elsewhere)
-    mlflow.set_registry_uri(elsewhere)
-    try:
+    with process_wide_mlflow_uri(elsewhere):
         client = registry_client(trained_world.tracking_uri)
         for name in (RECOMMENDER, PROPENSITY):
             champion = version_by_alias(client, name, CHAMPION)
@@ -40,9 +38,6 @@ def test_loading_champions_reads_the_given_registry_and_leaves_the_global_uri_al
         assert models.labels()["recommender"][CHAMPION].startswith(f"{RECOMMENDER}/")
         assert mlflow.get_tracking_uri() == elsewhere
         assert mlflow.get_registry_uri() == elsewhere
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
 
 
 def test_a_missing_alias_is_none_not_an_error(trained_world):

@@ -1,8 +1,8 @@
 """Responses tied to decisions (validation, idempotence, storage, erasure, the v1 → v2 store migration) and
 ε-greedy exploration with logged probabilities (the formula, the explored share, rules never explored away).
 
-Pure parts are tested on hand-made decisions; the engine on a small world trained without MLflow (``engine_world``), each test with
-its own state store.
+Pure parts are tested on hand-made decisions; the engine on a small world trained without MLflow
+(``engine_world``), each test with its own state store.
 """
 
 from __future__ import annotations
