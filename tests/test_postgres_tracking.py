@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ import sqlalchemy as sa
 from mlflow import MlflowClient
 
 from nextbest.serving.server import free_port
-from nextbest.training.tracking import REGISTERED_MODEL
+from nextbest.training.tracking import REGISTERED_MODEL, registry_write_lock
 from tests.conftest import RunningService
 from tests.test_study_workers import check_one_shared_study
 
@@ -160,6 +161,27 @@ def test_two_tune_processes_share_one_study_on_postgresql(postgres, trained_worl
 
     # MLflow on PostgreSQL: one parent run, a nested run per trial, the best registered once.
     check_one_shared_study(uri, study, summaries, WORKERS * TRIALS, WORKERS)
+
+
+def test_the_registry_write_lock_holds_a_second_holder_back_on_postgresql(postgres):
+    """Two workers registering a shared study's best on a PostgreSQL store take turns (the advisory lock)."""
+    uri = postgres.database("nextbest_registry_lock")
+    order: list[str] = []
+
+    def second() -> None:
+        with registry_write_lock(uri, "register best of shared"):
+            order.append("second")
+
+    with registry_write_lock(uri, "register best of shared"):
+        worker = threading.Thread(target=second)
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive() and order == []  # waiting for the lock
+        with registry_write_lock(uri, "another name"):  # another name is another lock
+            order.append("other")
+        order.append("first")
+    worker.join(30)
+    assert order == ["other", "first", "second"]
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from nextbest.training.tracking import (
     TrackingConfig,
     default_optuna_storage,
     mask_credentials,
+    registry_write_lock,
     resolve_tracking_uri,
     run_name,
     run_tags,
@@ -155,7 +156,8 @@ def register_study_best(
     """Log and register trial ``trial``'s refitted model as the study's best, once, whichever worker gets here.
 
     Workers of one study finish at different times, each with the best of the trials it could see. Under a lock
-    (a file beside a SQLite store; none for a server, where the window is the registry's own), the study's best
+    (:func:`registry_write_lock`: a file beside a SQLite store, an advisory lock in a PostgreSQL one; none for an
+    MLflow server, which offers none, so two workers there can still register one trial twice), the study's best
     is read again: a worker whose trial is no longer the best registers nothing (the worker finishing last sees
     every trial and registers the true best), and a trial already registered is not registered twice.
 
@@ -168,7 +170,7 @@ def register_study_best(
     Returns:
         what was registered for the study's best (``version`` …), or ``{"registered_by": "another worker"}``.
     """
-    with sqlite_init_lock(sqlite_path(resolve_tracking_uri(tracking))):
+    with registry_write_lock(resolve_tracking_uri(tracking), f"nextbest register best of {study.study_name}"):
         best = study.best_trial.number
         done = study.user_attrs.get(REGISTERED_BEST_ATTR)
         if done and done.get("trial") == best:

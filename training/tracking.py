@@ -176,6 +176,37 @@ def sqlite_init_lock(db: Path | None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextmanager
+def registry_write_lock(uri: str, name: str):
+    """Hold an exclusive lock named ``name`` on the tracking store at ``uri`` across processes and machines: the
+    SQLite file's ``.init.lock`` (:func:`sqlite_init_lock`), a session-level advisory lock on a PostgreSQL store,
+    nothing for an MLflow server URL (it offers no lock)."""
+    db = sqlite_path(uri)
+    if db is not None:
+        with sqlite_init_lock(db):
+            yield
+        return
+    if not uri.startswith("postgresql"):
+        yield
+        return
+    import hashlib
+
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    engine = sa.create_engine(uri, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
+
+
 def with_retries(work: Callable[[], T], *, what: str, attempts: int = 8) -> T:
     """``work()``, retried with a short randomised back-off when the database says another writer got there
     first (tables or a row created concurrently, a locked SQLite file): how several tuning workers can start
