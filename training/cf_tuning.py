@@ -96,6 +96,8 @@ def suggest_config(trial: Any, model: str) -> BaseModel:
         return config_for(
             "tifu",
             {
+                "half_life_days": trial.suggest_float("half_life_days", 7.0, 365.0, log=True),
+                "due_weight": trial.suggest_float("due_weight", 0.0, 1.0),
                 "horizon_days": trial.suggest_float("horizon_days", 1.0, 90.0, log=True),
                 "lapse_intervals": trial.suggest_float("lapse_intervals", 0.5, 50.0, log=True),
                 "neighbours": trial.suggest_int("neighbours", 5, 500, log=True),
