@@ -45,6 +45,7 @@ from nextbest.features.schema import RESPONDED
 from nextbest.training.affinity import AFFINITY, ActionAffinity
 from nextbest.training.device import select_device
 from nextbest.training.encoder import EncodedRows, EncoderState, FeatureEncoder
+from nextbest.training.numeric_encoding import PiecewiseLinearEncoding, quantile_edges
 from nextbest.training.propensity_metrics import log_loss
 from nextbest.training.propensity_targets import PropensityData
 
@@ -99,6 +100,9 @@ class PropensityConfig(BaseModel):
         min_category_count: categorical values seen fewer times in training are treated as unknown.
         action_dropout: share of training rows whose action id is hidden (set to unknown), so that the model
             learns what an action it has not seen is like from its attributes (new campaigns).
+        numeric_bins: each numeric input is also given piecewise-linearly over this many quantile bins of the
+            training rows (:mod:`training.numeric_encoding`), so the network can cut an input where a tree
+            would; 0: the normalised value only.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -118,6 +122,7 @@ class PropensityConfig(BaseModel):
     calibration: Literal["platt", "temperature", "isotonic", "none"] = "platt"
     min_category_count: int = Field(5, ge=1)
     action_dropout: float = Field(0.1, ge=0, lt=1)
+    numeric_bins: int = Field(0, ge=0, le=64)
 
     @classmethod
     def load(cls, path: str | Path) -> PropensityConfig:
@@ -234,6 +239,8 @@ class PropensityNet(nn.Module):
         cross_layers: number of cross layers.
         cross_rank: rank of the cross layers' weights (0: full rank).
         dropout: dropout after each hidden layer.
+        numeric_bins: piecewise-linear bins per numeric input, beside its value (0: none); the edges are a
+            buffer set from the training rows (:meth:`set_numeric_edges`).
     """
 
     def __init__(
@@ -246,8 +253,10 @@ class PropensityNet(nn.Module):
         cross_layers: int = 2,
         cross_rank: int = 32,
         dropout: float = 0.1,
+        numeric_bins: int = 0,
     ) -> None:
         super().__init__()
+        self.numeric_encoding = PiecewiseLinearEncoding(n_numeric, numeric_bins) if numeric_bins else None
         cards = torch.tensor(list(cardinalities), dtype=torch.long)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(cards, 0)[:-1]])
         # Offsets follow from the cardinalities, which the saved metadata holds: not part of the state dict.
@@ -255,7 +264,7 @@ class PropensityNet(nn.Module):
         self.embedding = nn.Embedding(int(cards.sum()), embedding_dim)
         # Small initial embeddings: an action or value never seen in training stays near "no effect".
         nn.init.normal_(self.embedding.weight, std=0.01)
-        width = len(cardinalities) * embedding_dim + n_numeric
+        width = len(cardinalities) * embedding_dim + n_numeric * (1 + numeric_bins)
 
         def cross_layer() -> nn.Module:
             if cross_rank <= 0 or cross_rank >= width:
@@ -273,8 +282,16 @@ class PropensityNet(nn.Module):
         self.head = nn.Linear(head_in, 1)
         self._has_deep = bool(hidden_sizes)
 
+    def set_numeric_edges(self, numeric: np.ndarray) -> None:
+        """Set the piecewise-linear bins from the training rows' encoded numerics (no-op without bins)."""
+        if self.numeric_encoding is not None:
+            bins = self.numeric_encoding.edges.shape[1] - 1
+            self.numeric_encoding.set_edges(quantile_edges(numeric, bins))
+
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         emb = self.embedding(categorical + self.offsets).flatten(1)
+        if self.numeric_encoding is not None:
+            numeric = torch.cat([numeric, self.numeric_encoding(numeric)], dim=1)
         x0 = torch.cat([emb, numeric], dim=1)
         parts = []
         if len(self.cross):
@@ -415,6 +432,7 @@ def build_net(cardinalities: Sequence[int], n_numeric: int, config: PropensityCo
         cross_layers=config.cross_layers,
         cross_rank=config.cross_rank,
         dropout=config.dropout,
+        numeric_bins=config.numeric_bins,
     )
 
 
@@ -519,7 +537,9 @@ def fit_propensity(
     pos_weight = positive_weight(y_train, config.imbalance)
 
     with deterministic(config.seed, dev):
-        net = build_net(encoder.cardinalities, encoder.n_numeric, config).to(dev)
+        net = build_net(encoder.cardinalities, encoder.n_numeric, config)
+        net.set_numeric_edges(enc_train.numeric)
+        net = net.to(dev)
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=dev))
         optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         cat = torch.from_numpy(enc_train.categorical).to(dev)

@@ -415,6 +415,7 @@ def suggest_propensity_config(trial: Any, base: PropensityConfig) -> PropensityC
             "cross_layers": trial.suggest_int("cross_layers", 0, 3),
             "hidden_sizes": [max(16, width // 2**i) for i in range(layers)],
             "batch_size": trial.suggest_categorical("batch_size", [256, 512, 1024, 2048]),
+            "numeric_bins": trial.suggest_categorical("numeric_bins", [0, 8, 16]),
         }
     )
 
