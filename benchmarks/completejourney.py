@@ -17,7 +17,8 @@ validation period for tuning is October 2017, with training before 2017-10-01):
 3. Fits every model on everything before 2017-11-01 and evaluates it on the test period (same code, same
    customers): popularity and repeat (nextbest defaults), item-kNN cosine and BM25, ALS and BPR with implicit's
    defaults (read from implicit's signatures: "untuned implicit ALS" is the reference), the blend with its
-   defaults, and the tuned models:
+   defaults, EASE, RP3beta and TIFU at fixed configs, the committed TIFU config
+   (``configs/completejourney-recommender.json``) alone and blended with EASE, and the tuned models:
 
    * **ALS tuned**: ``tune_cf(model="als", metric="new_ndcg_at_10")`` on the validation period (TPE, pruning);
    * **repeat tuned**: ``tune_cf(model="repeat", metric="ndcg_at_10")`` (a stronger repeat baseline);
@@ -65,6 +66,7 @@ COLUMNS = [
     ("popularity_bias_at_10", "pop bias@10"),
 ]
 REFERENCE = "ALS (implicit defaults)"
+CONFIGS = Path(__file__).resolve().parent / "configs"
 REPEAT_BASELINE = "repeat (nextbest defaults)"
 
 
@@ -400,6 +402,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "TIFU decayed frequency + neighbours",
         "tifu",
         TIFUConfig(due_weight=0.0, neighbour_weight=0.2),
+        rows,
+    )
+    # The committed config (the TIFU study's best) alone, and as the repeat part of a blend with EASE for
+    # discovery (repeat_weight 0.9: the best test cell of completejourney_blend.py with the earlier config).
+    committed = TIFUConfig.model_validate_json((CONFIGS / "completejourney-recommender.json").read_text())
+    evaluate_on_test(data, "TIFU committed config (Optuna)", "tifu", committed, rows)
+    evaluate_on_test(
+        data,
+        "blend: committed TIFU 0.9 + EASE",
+        "blend",
+        BlendConfig(repeat=committed, cf=EASEConfig(), repeat_weight=0.9),
         rows,
     )
 
