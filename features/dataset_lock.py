@@ -16,6 +16,8 @@
   file system lacks it), under the write lock.
 * :func:`erase_customers_atomically` — what ``nextbest forget`` and the service's erasure queue run: the
   erasure of :func:`~features.pipeline.erase_customers` under the write lock, with the features rebuilt whole.
+* :func:`advisory_lock_key` — the key of a named PostgreSQL advisory lock, one derivation for every lock of ours
+  in a shared database (the state store's per-customer locks, the registry's write lock).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -43,6 +46,12 @@ LOCK_FILE = ".retrain.lock"
 WRITE_LOCK_FILE = ".write.lock"
 STAGING = ".features-next"
 RETIRED = ".features-previous"
+
+
+def advisory_lock_key(name: str) -> int:
+    """A PostgreSQL advisory-lock key for ``name``: the first 8 bytes of its BLAKE2b digest, as a signed 64-bit
+    integer (``pg_advisory_lock`` takes a ``bigint``)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 class RetrainLockedError(NextbestError, RuntimeError):

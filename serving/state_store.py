@@ -44,6 +44,7 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from nextbest.features.dataset_lock import advisory_lock_key
 from nextbest.features.errors import NextbestError
 from nextbest.features.schema import (
     CHANNEL,
@@ -283,11 +284,6 @@ def _migrate_1_to_2(c: Connection) -> None:
 
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}
 """Version N → the step that brings a store of version N to N + 1."""
-
-
-def _lock_key(customer_id: str) -> int:
-    """A customer's advisory-lock key: the first 8 bytes of its BLAKE2b digest, as a signed 64-bit integer."""
-    return int.from_bytes(hashlib.blake2b(customer_id.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 # --- the store -------------------------------------------------------------------------------------------------
@@ -566,7 +562,9 @@ class StateStore:
         and record the contact and the decision through the connection it yields; all of it commits together."""
         with self.engine.begin() as c:
             if self.dialect == "postgresql":
-                c.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(customer_id)})
+                c.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_lock_key(customer_id)}
+                )
             # SQLite: the transaction began IMMEDIATE, which holds the database's write lock until the commit.
             yield c
 

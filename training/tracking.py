@@ -189,12 +189,12 @@ def registry_write_lock(uri: str, name: str):
     if not uri.startswith("postgresql"):
         yield
         return
-    import hashlib
-
     import sqlalchemy as sa
     from sqlalchemy.pool import NullPool
 
-    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    from nextbest.features.dataset_lock import advisory_lock_key
+
+    key = advisory_lock_key(name)
     engine = sa.create_engine(uri, poolclass=NullPool)
     try:
         with engine.connect() as connection:
