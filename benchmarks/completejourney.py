@@ -66,7 +66,8 @@ COLUMNS = [
     ("popularity_bias_at_10", "pop bias@10"),
 ]
 REFERENCE = "ALS (implicit defaults)"
-CONFIGS = Path(__file__).resolve().parent / "configs"
+RECOMMENDER_CONFIG = Path(__file__).resolve().parent / "configs" / "completejourney-recommender.json"
+"""The committed recommender configuration (issue 14; other tools read this name)."""
 REPEAT_BASELINE = "repeat (nextbest defaults)"
 
 
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     # The committed config (the TIFU study's best) alone, and as the repeat part of a blend with EASE for
     # discovery (repeat_weight 0.9: the best test cell of completejourney_blend.py with the earlier config).
-    committed = TIFUConfig.model_validate_json((CONFIGS / "completejourney-recommender.json").read_text())
+    committed = TIFUConfig.model_validate_json(RECOMMENDER_CONFIG.read_text())
     evaluate_on_test(data, "TIFU committed config (Optuna)", "tifu", committed, rows)
     evaluate_on_test(
         data,

@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script, this file's folder is first on sys.path: the split, the data and the log of the main benchmark.
-from completejourney import OUT, _log, ensure_dataset
+from completejourney import OUT, RECOMMENDER_CONFIG, _log, ensure_dataset
 
 REPEAT_WEIGHTS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
 KNN_WEIGHTS = [0.0, 0.2, 0.4]
-CONFIG = Path(__file__).resolve().parent / "configs" / "completejourney-recommender.json"
 # implicit ALS as tuned for new_ndcg_at_10 on the validation period (README, "Models past ALS").
 TUNED_ALS = {"factors": 16, "regularization": 1.25, "alpha": 0.10, "iterations": 14}
 
@@ -43,7 +42,7 @@ def fit_parts(period: Any) -> tuple[dict[str, Any], dict[str, float]]:
     from nextbest.training.cf import fit_recommender
     from nextbest.training.recommenders import ALSConfig, EASEConfig, TIFUConfig
 
-    tifu = TIFUConfig.model_validate_json(CONFIG.read_text())
+    tifu = TIFUConfig.model_validate_json(RECOMMENDER_CONFIG.read_text())
     parts: dict[str, Any] = {}
     fit_s: dict[str, float] = {}
     for name, kind, config in (

@@ -5,7 +5,8 @@ Usage::
     .venv/bin/python benchmarks/completejourney_trend.py [--data DIR] [--max-items 8000]
 
 EASE (8,000 most bought items, binary, λ 800) is fitted once per period (train before 2017-10-01 for October
-validation, before 2017-11-01 for the test period). Its scores, min-max scaled per customer, get ``w`` × the
+validation, before 2017-11-01 for the test period). Its scores, min-max scaled per customer as a blend scales
+its parts, get ``w`` × the
 item's recent popularity added: log(1 + customers whose latest purchase of the item is at most ``d`` days before
 the cut-off), scaled to a maximum of 1. Prints ``new_ndcg_at_10`` for each (d, w) on both periods.
 """
@@ -39,7 +40,7 @@ def probe(period: Any, task: Any, label: str, max_items: int) -> dict[tuple[int,
     """``new_ndcg_at_10`` of EASE plus each (days, weight) of recent popularity on ``task``."""
     from nextbest.training.cf import fit_recommender
     from nextbest.training.evaluation import score_metric
-    from nextbest.training.recommenders import EASEConfig
+    from nextbest.training.recommenders import BlendRecommender, EASEConfig
 
     model, seconds = fit_recommender("ease", EASEConfig(max_items=max_items), period)
     _log(f"{label}: EASE on {max_items} items fitted in {seconds:.0f} s")
@@ -53,8 +54,7 @@ def probe(period: Any, task: Any, label: str, max_items: int) -> dict[tuple[int,
 
             def scores(users, items, *, recalculate_user=False, _w=weight, _trend=trend):
                 x = ease_scores(users, items, recalculate_user=recalculate_user)
-                lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
-                return (x - lo) / np.maximum(hi - lo, 1e-12) + _w * _trend[None, :]
+                return BlendRecommender._scaled(x) + _w * _trend[None, :]
 
             model.scores = scores
             out[(days, weight)] = score_metric(model, task, "new_ndcg_at_10")

@@ -280,6 +280,17 @@ def true_matrix(x: pl.DataFrame, rows: pl.DataFrame, hidden: np.ndarray, *, sens
     return np.column_stack(cols)
 
 
+def gb_categoricals(cardinalities: Any) -> np.ndarray:
+    """Which encoded categorical inputs gradient boosting takes as categorical features: those of at most 255
+    values (``HistGradientBoostingClassifier``'s limit); the others are left out."""
+    return np.asarray(cardinalities) <= 255
+
+
+def gb_inputs(rows: Any, categoricals: np.ndarray) -> np.ndarray:
+    """Gradient boosting's matrix of encoded rows: the categoricals ``categoricals`` selects, then every numeric."""
+    return np.column_stack([rows.categorical[:, categoricals], rows.numeric]).astype(np.float64)
+
+
 def gradient_boosting_aucs(
     x_learn: np.ndarray,
     y_learn: np.ndarray,
@@ -365,14 +376,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fit = fit_propensity(data, PropensityConfig(), device="cpu")
     report = evaluate_propensity(fit, data, baselines=True)
     encoder = fit.model.encoder
-    small = np.asarray(encoder.cardinalities) <= 255  # HistGradientBoosting takes at most 255 categories
-
-    def observed(rows: Any) -> np.ndarray:
-        return np.column_stack([rows.categorical[:, small], rows.numeric]).astype(np.float64)
-
-    x_obs = np.vstack([observed(fit.encoded_train), observed(fit.encoded_validation)])
+    small = gb_categoricals(encoder.cardinalities)
+    x_obs = np.vstack([gb_inputs(fit.encoded_train, small), gb_inputs(fit.encoded_validation, small)])
     aucs["GB, observed inputs"] = gradient_boosting_aucs(
-        x_obs, y_learn, observed(encoder.encode_frame(test)), y, int(small.sum()), args.gb_seeds
+        x_obs, y_learn, gb_inputs(encoder.encode_frame(test), small), y, int(small.sum()), args.gb_seeds
     )
     aucs["network (default PropensityConfig)"] = [roc_auc(y, report.predictions["model"])]
     aucs["logreg"] = [roc_auc(y, report.predictions["logreg"])]

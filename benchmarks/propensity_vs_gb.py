@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     from benchmarks.propensity import propensity_world
-    from benchmarks.propensity_ceiling import gradient_boosting_aucs
+    from benchmarks.propensity_ceiling import gb_categoricals, gb_inputs, gradient_boosting_aucs
     from nextbest.training.encoder import FeatureEncoder
     from nextbest.training.propensity import PropensityConfig, fit_propensity
     from nextbest.training.propensity_data import load_propensity_data
@@ -60,11 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     encoder = FeatureEncoder.fit(
         data.train, data.catalog, data.customer_columns, min_count=PropensityConfig().min_category_count
     )
-    small = np.asarray(encoder.cardinalities) <= 255  # HistGradientBoosting takes at most 255 categories
-    x_train, x_val, x_test = (
-        np.column_stack([e.categorical[:, small], e.numeric]).astype(np.float64)
-        for e in (encoder.encode_frame(f) for f in frames)
-    )
+    small = gb_categoricals(encoder.cardinalities)
+    x_train, x_val, x_test = (gb_inputs(encoder.encode_frame(f), small) for f in frames)
     categorical = np.arange(x_train.shape[1]) < int(small.sum())
     rows: dict[str, dict[str, Any]] = {}
 
