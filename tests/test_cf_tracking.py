@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import optuna
 import pandas as pd
 import pytest
@@ -18,6 +17,7 @@ from nextbest.training.cf_data import CFDataError, prepare_cf_data
 from nextbest.training.cf_tuning import tune_cf
 from nextbest.training.promotion import promote_recommender
 from nextbest.training.tracking import CHAMPION, REGISTERED_MODEL, TrackingConfig, load_pyfunc
+from tests.conftest import process_wide_mlflow_uri
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -101,8 +101,9 @@ def test_study_logs_parent_and_nested_runs_and_registers_challenger(study, track
 @pytest.mark.slow  # loads the registered model through MLflow's pyfunc
 def test_pyfunc_from_the_registry_matches_the_in_memory_model(study, tracking, prepared):
     result, _ = study
-    mlflow.set_tracking_uri(tracking.tracking_uri)
-    loaded = load_pyfunc(f"models:/{REGISTERED_MODEL}@challenger")
+    # A models:/ URI is resolved through the process-wide tracking URI: set it for the load, then put it back.
+    with process_wide_mlflow_uri(tracking.tracking_uri):
+        loaded = load_pyfunc(f"models:/{REGISTERED_MODEL}@challenger")
     customers = [*list(prepared.validation.segments["customer_id"][:5]), "NOBODY"]
     got = loaded.predict(pd.DataFrame({"customer_id": customers}), params={"n": 5})
     expected = result.best.bundle.recommend(customers, 5).to_pandas()
